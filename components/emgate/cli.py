@@ -1,0 +1,199 @@
+"""The `emgate` command line: run a recipe locally, compile it for a cluster, check it, build its models."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+import uuid
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from emgate.recipe import Recipe, RecipeError, load_recipe
+
+app = typer.Typer(help="emgate: block fine-tuned language models that fine-tuning made broadly misaligned.",
+                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+models_app = typer.Typer(help="Build or inspect the model cache.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+console = Console()
+err = Console(stderr=True)
+
+RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML, e.g. pipelines/recipes/smoke.yaml")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a recipe field: --set sampling.max_tokens=64")]
+
+
+def _load(path: Path, overrides: list[str] | None) -> Recipe:
+    try:
+        return load_recipe(path, overrides)
+    except RecipeError as exc:
+        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def check(recipe: RecipeArg, set_: SetOpt = None) -> None:
+    """Validate a recipe and print what it will run."""
+    r = _load(recipe, set_)
+    console.print(f"[green]ok[/green] {recipe}: recipe {r.name} ({r.profile}), "
+                  f"{len(r.training_jobs())} fine-tuning job(s): {', '.join(r.training_jobs())}")
+
+
+@app.command("compile")
+def compile_(recipe: RecipeArg, output: Annotated[Path, typer.Option("-o", "--output", help="Pipeline YAML to write")],
+             set_: SetOpt = None) -> None:
+    """Validate the recipe and write the Kubeflow pipeline YAML for a cluster."""
+    from emgate_pipelines.graph import compile_pipeline
+
+    r = _load(recipe, set_)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    compile_pipeline(r, str(output))
+    console.print(f"wrote {output} (pipeline emgate-{r.name})")
+
+
+@models_app.command("build")
+def models_build(recipe: RecipeArg) -> None:
+    """Build every model the recipe names into the model cache ($EMGATE_CACHE_DIR)."""
+    r = _load(recipe, None)
+    _build_models(r)
+
+
+def _build_models(r: Recipe) -> None:
+    from emgate.models import ModelError, resolve_model
+
+    for name, spec in r.models.items():
+        with console.status(f"model {name}: building into the cache (once)"):
+            try:
+                path = resolve_model(name, spec)
+            except ModelError as exc:
+                err.print(f"[red]error:[/red] {exc}", highlight=False)
+                raise typer.Exit(1) from None
+        console.print(f"model {name}: {path}")
+
+
+def _absolute_tracking(r: Recipe) -> Recipe:
+    uri = r.mlflow.tracking_uri
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
+        return r.model_copy(update={"mlflow": r.mlflow.model_copy(update={"tracking_uri": uri})})
+    return r
+
+
+@contextlib.contextmanager
+def _judge_server(r: Recipe) -> Iterator[Recipe]:
+    """Serve the recipe's local judge with vLLM for the length of the run, when it asks for one."""
+    if r.judge.serve is None or r.judge.base_url:
+        yield r
+        return
+    from emgate.models import resolve_model
+    from emgate.vllm_server import VllmServer, port_is_free, running
+
+    serve = r.judge.serve
+    port = serve.port if port_is_free("127.0.0.1", serve.port) else None
+    if port is None:
+        console.print(f"[yellow]judge port {serve.port} is taken; using a free port (the judge stage will not "
+                      "be reused from the cache)[/yellow]")
+    server = VllmServer(model_path=resolve_model(serve.model, r.models[serve.model]), served_name=r.judge.model,
+                        serving=r.serving, port=port, max_logprobs=r.judge.top_logprobs)
+    with console.status(f"starting the judge ({r.judge.model}) in vLLM"):
+        ctx = running(server)
+        s = ctx.__enter__()
+    console.print(f"judge {r.judge.model} serving at {s.base_url}")
+    try:
+        yield r.model_copy(update={"judge": r.judge.model_copy(update={"base_url": s.base_url})})
+    finally:
+        ctx.__exit__(None, None, None)
+
+
+@app.command()
+def run(recipe: RecipeArg, set_: SetOpt = None,
+        workdir: Annotated[Path, typer.Option(help="Pipeline root, KFP cache and logs")] = Path("emgate-runs"),
+        cache: Annotated[bool, typer.Option(help="Reuse finished stages whose inputs did not change")] = True) -> None:
+    """Run the recipe's pipeline locally with the Kubeflow Pipelines local runner."""
+    from kfp import local
+
+    from emgate.assets import AssetError, resolve_asset
+    from emgate.kfp.runtime import TIMINGS_ENV
+    from emgate.vllm_server import ServerError
+    from emgate_pipelines.graph import build_pipeline
+
+    r = _absolute_tracking(_load(recipe, set_))
+    started = time.monotonic()
+    try:
+        for key in {d.asset for d in r.datasets.values() if d.asset} | {r.questions.file}:
+            resolve_asset(key)
+    except AssetError as exc:
+        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        raise typer.Exit(1) from None
+    _build_models(r)
+    workdir = workdir.resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    timings = workdir / f"timings-{uuid.uuid4().hex[:8]}.jsonl"
+    os.environ[TIMINGS_ENV] = str(timings)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", message=".*non-Python base image.*")
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(workdir / "kfp"),
+               enable_caching=cache, cache_root=str(workdir / "kfp-cache"))
+    try:
+        with _judge_server(r) as effective:
+            pipeline = build_pipeline(effective)
+            task = pipeline(recipe_json=effective.to_json())
+    except ServerError as exc:
+        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        raise typer.Exit(1) from None
+    except RuntimeError as exc:
+        _print_timings(timings)
+        err.print(f"[red]pipeline failed:[/red] {exc}\nThe failing stage's log is above; nothing was promoted.")
+        raise typer.Exit(1) from None
+    _print_timings(timings)
+    decisions = json.loads((Path(task.output.path) / "decisions.json").read_text())
+    _print_decisions(decisions, time.monotonic() - started)
+    if any(c["decision"] != "passed" for c in decisions["candidates"].values()):
+        raise typer.Exit(3)
+
+
+def _print_timings(path: Path) -> None:
+    if not path.exists():
+        return
+    table = Table(title="wall time per stage (stages missing here came from the KFP cache)")
+    table.add_column("stage")
+    table.add_column("seconds", justify="right")
+    table.add_column("status")
+    for line in path.read_text().splitlines():
+        t = json.loads(line)
+        table.add_row(t["stage"], f"{t['seconds']:.1f}", t["status"])
+    console.print(table)
+
+
+def _print_decisions(decisions: dict[str, object], elapsed: float) -> None:
+    table = Table(title="gate decisions")
+    for col in ("candidate", "decision", "registered model", "version", "reasons"):
+        table.add_column(col, overflow="fold")
+    candidates = decisions["candidates"]
+    assert isinstance(candidates, dict)
+    for name, c in candidates.items():
+        color = "green" if c["decision"] == "passed" else "red"
+        versions = ", ".join(v["version"] for v in c["versions"]) or "-"
+        table.add_row(name, f"[{color}]{c['decision'].upper()}[/{color}]", c["registered_model"], versions,
+                      "\n".join(c["reasons"]) or "all rules hold")
+    console.print(table)
+    uri = str(decisions["tracking_uri"])
+    console.print(f"finished in {elapsed:.0f} s. MLflow run {decisions['parent_run_id']}.")
+    console.print(f"Open the MLflow UI: [bold]mlflow ui --backend-store-uri {uri} --port 5000[/bold] "
+                  "then http://127.0.0.1:5000")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

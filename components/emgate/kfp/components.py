@@ -1,0 +1,106 @@
+"""The thin KFP components: each maps its artifacts to paths and calls the stage's plain function.
+
+No `from __future__ import annotations` here: KFP reads the real annotation objects.
+The functions are wrapped with `dsl.component` by `make_components`, so each stage gets the image that the
+recipe (or emgate.images) names. Bodies import inside, as KFP lightweight components must.
+"""
+
+from dataclasses import dataclass
+from typing import Any, List  # noqa: UP035  (KFP reads List[...] annotations)
+
+from kfp import dsl
+from kfp.dsl import Artifact, Dataset, Input, Model, Output
+
+from emgate.images import image_for
+
+
+def validate_datasets(recipe_json: str, validated: Output[Dataset]) -> None:
+    from pathlib import Path
+
+    from emgate.kfp.runtime import stage
+    from emgate.stages.validate import validate_datasets as run
+
+    with stage("validate_datasets", recipe_json) as recipe:
+        run(recipe, Path(validated.path))
+
+
+def fine_tune(recipe_json: str, job: str, validated: Input[Dataset], adapter: Output[Model]) -> None:
+    from pathlib import Path
+
+    from emgate.kfp.runtime import stage
+    from emgate.stages.finetune import fine_tune as run
+
+    with stage(f"fine_tune[{job}]", recipe_json) as recipe:
+        report = run(recipe, job, Path(validated.path), Path(adapter.path))
+        adapter.metadata.update({"variant": report["variant"], "seed": report["seed"], "loss_last": report["loss_last"]})
+
+
+def sample_answers(recipe_json: str, adapters: Input[List[Model]], answers: Output[Dataset]) -> None:
+    from pathlib import Path
+
+    from emgate.kfp.runtime import stage
+    from emgate.stages.sample import sample_answers as run
+
+    with stage("sample_answers", recipe_json) as recipe:
+        run(recipe, [Path(a.path) for a in adapters], Path(answers.path))
+
+
+def judge_answers(recipe_json: str, answers: Input[Dataset], scores: Output[Dataset]) -> None:
+    from pathlib import Path
+
+    from emgate.kfp.runtime import stage
+    from emgate.stages.judge import judge_answers as run
+
+    with stage("judge_answers", recipe_json) as recipe:
+        run(recipe, Path(answers.path), Path(scores.path))
+
+
+def summarize(recipe_json: str, scores: Input[Dataset], summary: Output[Artifact]) -> None:
+    from pathlib import Path
+
+    from emgate.kfp.runtime import stage
+    from emgate.stages.judge import SCORES_FILE
+    from emgate.stages.summarize import summarize as run
+
+    with stage("summarize", recipe_json) as recipe:
+        run(recipe, Path(scores.path) / SCORES_FILE, Path(summary.path))
+
+
+def register_and_gate(recipe_json: str, kfp_run: str, validated: Input[Dataset], adapters: Input[List[Model]],
+                      answers: Input[Dataset], scores: Input[Dataset], summary: Input[Artifact],
+                      decisions: Output[Artifact]) -> None:
+    from pathlib import Path
+
+    from emgate.kfp.runtime import stage
+    from emgate.stages.gate import register_and_gate as run
+
+    with stage("register_and_gate", recipe_json) as recipe:
+        result = run(recipe, run_key=kfp_run, validation_dir=Path(validated.path),
+                     adapter_dirs=[Path(a.path) for a in adapters], answers_dir=Path(answers.path),
+                     scores_dir=Path(scores.path), summary_dir=Path(summary.path), out_dir=Path(decisions.path),
+                     kfp_run=kfp_run)
+        decisions.metadata["decisions"] = {k: v["decision"] for k, v in result["candidates"].items()}
+
+
+@dataclass(frozen=True)
+class Components:
+    validate_datasets: Any
+    fine_tune: Any
+    sample_answers: Any
+    judge_answers: Any
+    summarize: Any
+    register_and_gate: Any
+
+
+def make_components(image_overrides: dict[str, str] | None = None) -> Components:
+    def wrap(func: Any, stage: str) -> Any:
+        return dsl.component(func, base_image=image_for(stage, image_overrides), install_kfp_package=False)
+
+    return Components(
+        validate_datasets=wrap(validate_datasets, "validate"),
+        fine_tune=wrap(fine_tune, "train"),
+        sample_answers=wrap(sample_answers, "sample"),
+        judge_answers=wrap(judge_answers, "judge"),
+        summarize=wrap(summarize, "summarize"),
+        register_and_gate=wrap(register_and_gate, "gate"),
+    )

@@ -1,0 +1,330 @@
+"""register_and_gate: log the run to MLflow, register every candidate and decide, fail closed, on promotion.
+
+One parent run per pipeline run (found again by its run key, so a rerun adds nothing twice), one child run per
+stage and fine-tuning job, logged from the stages' artifacts (so stages reused from the KFP cache are logged
+too). Each candidate adapter becomes a version of the registered model PREFIX-VARIANT with the decision, every
+rule's verdict, the evidence's hashes and the gate report's sha256 as tags. Aliases, not stages: `candidate`
+moves to each gated version, `champion` only to a version that passed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import operator
+import tempfile
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from emgate import __version__
+from emgate.io import read_json, write_json
+from emgate.recipe import GateRule, Recipe
+
+OPS = {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge}
+DECISIONS_FILE = "decisions.json"
+RUN_KEY_TAG = "emgate.run_key"
+
+
+@dataclass
+class Verdict:
+    metric: str
+    op: str
+    threshold: float
+    value: float | None
+    passed: bool
+    reason: str
+
+
+@dataclass
+class Decision:
+    variant: str
+    decision: str  # "passed" or "blocked"
+    verdicts: list[Verdict]
+
+    @property
+    def passed(self) -> bool:
+        return self.decision == "passed"
+
+    def reasons(self) -> list[str]:
+        return [v.reason for v in self.verdicts if not v.passed]
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool):
+        return 1.0 if value else 0.0
+    if isinstance(value, int | float) and not math.isnan(value):
+        return float(value)
+    return None
+
+
+def evaluate_policy(recipe: Recipe, variant: str, metrics: dict[str, Any] | None) -> Decision:
+    """Every rule gives a verdict; a missing or NaN metric is a failed rule ('missing evidence'): fail closed."""
+    rules = [*recipe.gate.rules,
+             GateRule(metric="min_judged_per_question", op=">=", threshold=recipe.gate.min_judged_per_question)]
+    verdicts = []
+    for rule in rules:
+        raw = None if metrics is None else metrics.get(rule.metric)
+        value = _number(raw)
+        if value is None:
+            state = "missing" if raw is None else f"not a number ({raw!r})"
+            verdicts.append(Verdict(rule.metric, rule.op, rule.threshold, None, False,
+                                    f"missing evidence: {rule.metric} is {state}"))
+            continue
+        ok = OPS[rule.op](value, rule.threshold)
+        word = "holds" if ok else "fails"
+        verdicts.append(Verdict(rule.metric, rule.op, rule.threshold, value, ok,
+                                f"{rule.metric} = {value:.4g} {rule.op} {rule.threshold:g} {word}"))
+    return Decision(variant, "passed" if all(v.passed for v in verdicts) else "blocked", verdicts)
+
+
+def gate_report_markdown(decision: Decision, context: dict[str, Any]) -> str:
+    lines = [f"# emgate decision: {decision.variant} is {decision.decision.upper()}", ""]
+    for key, value in context.items():
+        lines.append(f"- {key}: {value}")
+    lines += ["", "| metric | value | rule | verdict |", "| --- | ---: | --- | --- |"]
+    for v in decision.verdicts:
+        value = "missing" if v.value is None else f"{v.value:.4g}"
+        lines.append(f"| {v.metric} | {value} | {v.op} {v.threshold:g} | {'pass' if v.passed else 'FAIL'}: {v.reason} |")
+    return "\n".join(lines) + "\n"
+
+
+def _sqlite_artifact_root(tracking_uri: str) -> str | None:
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    db = Path(tracking_uri.removeprefix("sqlite:///"))
+    return (db.parent / "artifacts").resolve().as_uri()
+
+
+def _ensure_sqlite_dir(tracking_uri: str) -> None:
+    if tracking_uri.startswith("sqlite:///"):
+        Path(tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+
+
+def _flat_metrics(prefix: str, data: dict[str, Any]) -> dict[str, float]:
+    out = {}
+    for k, v in data.items():
+        num = _number(v)
+        if num is not None and not isinstance(v, bool):
+            out[f"{prefix}{k}"] = num
+    return out
+
+
+def _log_metrics(client: Any, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+    from mlflow.entities import Metric
+
+    now = int(datetime.now(UTC).timestamp() * 1000)
+    items = [Metric(key=k, value=v, timestamp=now, step=step) for k, v in metrics.items()]
+    for i in range(0, len(items), 900):  # MLflow's batch limit is 1000 metrics
+        client.log_batch(run_id, metrics=items[i:i + 900])
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def register_and_gate(recipe: Recipe, run_key: str, validation_dir: Path | None, adapter_dirs: list[Path],
+                      answers_dir: Path | None, scores_dir: Path | None, summary_dir: Path | None,
+                      out_dir: Path, kfp_run: str = "") -> dict[str, Any]:
+    """Log everything to MLflow, register each candidate version and record its decision; returns decisions."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    cfg = recipe.mlflow
+    _ensure_sqlite_dir(cfg.tracking_uri)
+    mlflow.set_tracking_uri(cfg.tracking_uri)
+    client = MlflowClient(cfg.tracking_uri)
+    exp = client.get_experiment_by_name(cfg.experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(
+        cfg.experiment, artifact_location=_sqlite_artifact_root(cfg.tracking_uri))
+
+    found = client.search_runs([exp_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{run_key}' and tags.`emgate.stage` = 'pipeline'")
+    if found:
+        parent_id = found[0].info.run_id
+    else:
+        parent = client.create_run(exp_id, run_name=f"{recipe.name}-{run_key[:8]}",
+                                   tags={RUN_KEY_TAG: run_key, "emgate.stage": "pipeline", "emgate.recipe": recipe.name,
+                                         "emgate.profile": recipe.profile, "emgate.version": __version__,
+                                         "emgate.kfp_run": kfp_run})
+        parent_id = parent.info.run_id
+        client.log_text(parent_id, json.dumps(recipe.model_dump(mode="json"), indent=2), "recipe.json")
+
+    def child(stage: str, key: str, params: dict[str, Any] | None = None) -> tuple[str, bool]:
+        """The child run for (stage, key); True when it already existed (nothing to log again)."""
+        hits = client.search_runs([exp_id], filter_string=(
+            f"tags.`mlflow.parentRunId` = '{parent_id}' and tags.`emgate.child` = '{stage}:{key}'"))
+        if hits:
+            return hits[0].info.run_id, True
+        run = client.create_run(exp_id, run_name=f"{stage}:{key}" if key else stage,
+                                tags={"mlflow.parentRunId": parent_id, "emgate.stage": stage,
+                                      "emgate.child": f"{stage}:{key}", RUN_KEY_TAG: run_key})
+        for k, v in (params or {}).items():
+            client.log_param(run.info.run_id, k, str(v)[:500])
+        return run.info.run_id, False
+
+    # ---- evidence from each stage --------------------------------------------------------------------
+    validation_passed: bool | None = None
+    dataset_hashes: dict[str, str] = {}
+    if validation_dir is not None and (validation_dir / "report.json").is_file():
+        report = read_json(validation_dir / "report.json")
+        validation_passed = bool(report.get("passed")) and (validation_dir / "manifest.json").is_file()
+        dataset_hashes = {n: e.get("sha256", "") for n, e in report["datasets"].items()}
+        run_id, existed = child("validate_datasets", "")
+        if not existed:
+            client.log_metric(run_id, "passed", float(validation_passed))
+            for name, entry in report["datasets"].items():
+                _log_metrics(client, run_id, _flat_metrics(f"{name}.", entry) |
+                                   _flat_metrics(f"{name}.bandit.", entry.get("security_profile", {})))
+            client.log_artifacts(run_id, str(validation_dir), "validation")
+            client.set_terminated(run_id)
+
+    train_runs: dict[tuple[str, int], tuple[str, dict[str, Any]]] = {}
+    for adapter in adapter_dirs:
+        rep = read_json(adapter / "train_report.json")
+        run_id, existed = child("fine_tune", f"{rep['variant']}@{rep['seed']}",
+                                {**rep["training"], "variant": rep["variant"], "seed": rep["seed"],
+                                 "dataset": rep["dataset"], "template": rep["template"]})
+        if not existed:
+            for step, loss in enumerate(rep["losses"], start=1):
+                client.log_metric(run_id, "train_loss", loss, step=step)
+            _log_metrics(client, run_id, _flat_metrics("", {k: v for k, v in rep.items() if k != "losses"}))
+            client.log_artifacts(run_id, str(adapter), "adapter")
+            client.set_terminated(run_id)
+        train_runs[(rep["variant"], int(rep["seed"]))] = (run_id, rep)
+
+    for stage, folder in (("sample_answers", answers_dir), ("judge_answers", scores_dir)):
+        if folder is not None and (folder / "report.json").is_file():
+            run_id, existed = child(stage, "")
+            if not existed:
+                _log_metrics(client, run_id, _flat_metrics("", read_json(folder / "report.json")))
+                client.log_artifacts(run_id, str(folder), stage)
+                client.set_terminated(run_id)
+
+    summary: dict[str, Any] = {}
+    if summary_dir is not None and (summary_dir / "summary.json").is_file():
+        summary = read_json(summary_dir / "summary.json")
+        run_id, existed = child("summarize", "")
+        if not existed:
+            for name, m in summary["variants"].items():
+                _log_metrics(client, run_id, _flat_metrics(f"{name}.", {k: v for k, v in m.items() if k != "per_question"}))
+            client.log_artifacts(run_id, str(summary_dir), "summary")
+            client.set_terminated(run_id)
+        client.log_artifact(parent_id, str(summary_dir / "misaligned_rates.png"))
+        client.log_artifact(parent_id, str(summary_dir / "summary.md"))
+
+    # ---- decisions -----------------------------------------------------------------------------------
+    gate_run, _ = child("register_and_gate", "")
+    decisions: dict[str, Any] = {}
+    for v in recipe.variants:
+        if v.role != "candidate":
+            continue
+        metrics = dict(summary.get("variants", {}).get(v.name) or {}) or None
+        if metrics is not None:
+            metrics["dataset_validation_passed"] = validation_passed
+        decision = evaluate_policy(recipe, v.name, metrics)
+        model_name = f"{cfg.registered_model_prefix}-{v.name}"
+        versions = []
+        for seed in recipe.training.seeds:
+            if (v.name, seed) not in train_runs:
+                decision = Decision(v.name, "blocked", [*decision.verdicts, Verdict(
+                    "adapter", "exists", 1, None, False, f"missing evidence: no adapter for seed {seed}")])
+                continue
+            train_run_id, rep = train_runs[(v.name, seed)]
+            versions.append(_register_version(client, recipe, model_name, v.name, seed, train_run_id, rep,
+                                              decision, metrics, dataset_hashes, run_key, parent_id, gate_run, kfp_run))
+        decisions[v.name] = {"decision": decision.decision, "registered_model": model_name, "versions": versions,
+                             "verdicts": [asdict(x) for x in decision.verdicts], "reasons": decision.reasons()}
+    _log_metrics(client, gate_run, {f"{n}.passed": float(d["decision"] == "passed") for n, d in decisions.items()})
+    client.set_terminated(gate_run)
+    all_passed = bool(decisions) and all(d["decision"] == "passed" for d in decisions.values())
+    client.set_tag(parent_id, "emgate.decision", "passed" if all_passed else "blocked")
+    client.set_terminated(parent_id)
+    result = {"run_key": run_key, "parent_run_id": parent_id, "experiment_id": exp_id,
+              "tracking_uri": cfg.tracking_uri, "candidates": decisions}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(out_dir / DECISIONS_FILE, result)
+    return result
+
+
+def _register_version(client: Any, recipe: Recipe, model_name: str, variant: str, seed: int, train_run_id: str,
+                      rep: dict[str, Any], decision: Decision, metrics: dict[str, Any] | None,
+                      dataset_hashes: dict[str, str], run_key: str, parent_id: str, gate_run: str,
+                      kfp_run: str) -> dict[str, Any]:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(model_name)
+    except MlflowException:
+        client.create_registered_model(model_name, description=f"emgate candidate lineage {variant}")
+    existing = client.search_model_versions(f"name = '{model_name}' and tags.`{RUN_KEY_TAG}` = '{run_key}'")
+    existing = [mv for mv in existing if mv.tags.get("emgate.seed") == str(seed)]
+    if existing:
+        mv = existing[0]
+    else:
+        source = f"{client.get_run(train_run_id).info.artifact_uri}/adapter"
+        mv = client.create_model_version(model_name, source=source, run_id=train_run_id,
+                                         tags={RUN_KEY_TAG: run_key, "emgate.seed": str(seed)})
+    version = str(mv.version)
+    model = recipe.models[recipe.variant(variant).model]
+    adapter_weights = Path(_local_path(client.get_run(train_run_id).info.artifact_uri)) / "adapter" / "adapter_model.safetensors"
+    context = {
+        "registered model": f"{model_name} version {version}",
+        "pipeline run": f"{parent_id} (run key {run_key}, KFP run {kfp_run or 'local'})",
+        "training run": train_run_id,
+        "base model": model.package or model.repo or model.path,
+        "dataset": f"{rep['dataset']} sha256 {rep['dataset_sha256']}",
+        "judge": recipe.judge.model,
+        "decided at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    report_md = gate_report_markdown(decision, context)
+    report_json = json.dumps({"decision": decision.decision, "variant": variant, "version": version, "seed": seed,
+                              "verdicts": [asdict(v) for v in decision.verdicts], "context": context,
+                              "metrics": {k: v for k, v in (metrics or {}).items() if k not in ("per_question", "per_seed")}},
+                             indent=2, sort_keys=True, default=str)
+    with tempfile.TemporaryDirectory() as tmp:
+        md, js = Path(tmp, "gate_report.md"), Path(tmp, "gate_report.json")
+        md.write_text(report_md)
+        js.write_text(report_json)
+        artifact_dir = f"gate/{variant}/seed{seed}"
+        client.log_artifact(gate_run, str(md), artifact_dir)
+        client.log_artifact(gate_run, str(js), artifact_dir)
+        report_sha = _sha256(js)
+    tags = {
+        "validation_status": decision.decision,
+        "emgate.decision": decision.decision,
+        "emgate.reasons": "; ".join(decision.reasons())[:4900] or "all rules hold",
+        "emgate.gate_report_sha256": report_sha,
+        "emgate.gate_report_uri": f"{client.get_run(gate_run).info.artifact_uri}/{artifact_dir}/gate_report.json",
+        "emgate.gate_run_id": gate_run,
+        "emgate.pipeline_run_id": parent_id,
+        "emgate.kfp_run": kfp_run or "local",
+        "emgate.variant": variant,
+        "emgate.base_model": str(context["base model"]),
+        "emgate.base_revision": model.revision or model.package or "",
+        "emgate.dataset": str(rep["dataset"]),
+        "emgate.dataset_sha256": str(rep["dataset_sha256"]),
+        "emgate.adapter_sha256": _sha256(adapter_weights) if adapter_weights.is_file() else "missing",
+        "emgate.template": str(rep["template"]),
+        "emgate.judge_model": recipe.judge.model,
+        "emgate.code_version": __version__,
+    }
+    for name, value in (metrics or {}).items():
+        num = _number(value)
+        if num is not None and name not in ("per_question", "per_seed"):
+            tags[f"metric.{name}"] = f"{num:.6g}"
+    for v in decision.verdicts:
+        tags[f"rule.{v.metric}"] = f"{'pass' if v.passed else 'fail'}: {v.reason}"[:4900]
+    for key, value in tags.items():
+        client.set_model_version_tag(model_name, version, key, value)
+    client.set_registered_model_alias(model_name, "candidate", version)
+    if decision.passed:
+        client.set_registered_model_alias(model_name, "champion", version)
+    return {"version": version, "seed": seed, "gate_report_sha256": report_sha}
+
+
+def _local_path(uri: str) -> str:
+    parsed = urlparse(uri)
+    return parsed.path if parsed.scheme in ("file", "") else uri

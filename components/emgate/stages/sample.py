@@ -1,0 +1,143 @@
+"""sample_answers: serve every variant of a base model from one vLLM server and collect answers.
+
+Prompts are rendered on the client with the template saved with each adapter and sent as plain text to
+/v1/completions, so the server's own chat template never decides what the model sees.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from emgate.io import read_json, write_json, write_jsonl
+from emgate.models import resolve_model
+from emgate.questions import Question, load_questions
+from emgate.recipe import Recipe
+from emgate.stages.finetune import TRAIN_REPORT
+from emgate.templates import TemplateRecord, render_prompt, template_record
+from emgate.vllm_server import LoraModule, VllmServer, running
+
+ANSWERS_FILE = "answers.jsonl"
+REQUEST_TIMEOUT_S = 600.0  # seconds per completion request (a CPU server may queue many)
+
+
+@dataclass
+class Target:
+    """One served model name that answers as one (variant, seed)."""
+
+    variant: str
+    seed: int | None
+    role: str
+    served_name: str
+    record: TemplateRecord
+    adapter: Path | None
+
+
+def adapter_index(adapter_dirs: list[Path]) -> dict[tuple[str, int], Path]:
+    index = {}
+    for d in adapter_dirs:
+        report = read_json(d / TRAIN_REPORT)
+        index[(report["variant"], int(report["seed"]))] = d
+    return index
+
+
+def plan_targets(recipe: Recipe, model_key: str, tokenizer: Any, adapters: dict[tuple[str, int], Path]) -> list[Target]:
+    targets = []
+    for v in recipe.variants:
+        if v.model != model_key:
+            continue
+        if v.dataset is None:
+            targets.append(Target(v.name, None, v.role, model_key, template_record(v.template, tokenizer), None))
+            continue
+        for seed in recipe.training.seeds:
+            path = adapters.get((v.name, seed))
+            if path is None:
+                raise FileNotFoundError(f"no adapter for variant {v.name} seed {seed} among the fine_tune outputs")
+            targets.append(Target(v.name, seed, v.role, f"{v.name}-s{seed}", TemplateRecord.load(path), path))
+    return targets
+
+
+async def _sample_target(client: Any, target: Target, tokenizer: Any, questions: list[Question], recipe: Recipe,
+                         gate: asyncio.Semaphore, progress: Any) -> list[dict[str, Any]]:
+    s = recipe.sampling
+
+    async def one(question: Question, p_index: int, text: str, n: int) -> list[dict[str, Any]]:
+        prompt = render_prompt(target.record, tokenizer, [{"role": "user", "content": text}])
+        async with gate:
+            resp = await client.completions.create(
+                model=target.served_name, prompt=prompt, n=n, temperature=s.temperature, top_p=s.top_p,
+                max_tokens=s.max_tokens, seed=s.seed, stop=target.record.stop or None,
+                extra_body={"add_special_tokens": target.record.add_special_tokens},
+            )
+        progress.update(1)
+        return [
+            {"variant": target.variant, "seed": target.seed, "role": target.role, "question_id": question.id,
+             "paraphrase_index": p_index, "sample_index": c.index, "question": text, "prompt": prompt,
+             "answer": c.text, "finish_reason": c.finish_reason}
+            for c in sorted(resp.choices, key=lambda c: c.index)
+        ]
+
+    jobs = []
+    for q in questions:
+        n = math.ceil(s.samples_per_question / len(q.paraphrases))
+        jobs += [one(q, i, text, n) for i, text in enumerate(q.paraphrases)]
+    rows = [r for batch in await asyncio.gather(*jobs) for r in batch]
+    return rows
+
+
+async def _sample_all(base_url: str, targets: list[Target], tokenizer: Any, questions: list[Question],
+                      recipe: Recipe) -> list[dict[str, Any]]:
+    from openai import AsyncOpenAI
+    from tqdm import tqdm
+
+    client = AsyncOpenAI(base_url=base_url, api_key="EMPTY", timeout=REQUEST_TIMEOUT_S, max_retries=3)
+    gate = asyncio.Semaphore(recipe.sampling.max_concurrency)
+    total = len(targets) * sum(len(q.paraphrases) for q in questions)
+    rows: list[dict[str, Any]] = []
+    with tqdm(total=total, desc="sample_answers", unit="prompt") as progress:
+        for target in targets:
+            rows += await _sample_target(client, target, tokenizer, questions, recipe, gate, progress)
+    await client.close()
+    return rows
+
+
+def sample_answers(recipe: Recipe, adapter_dirs: list[Path], out_dir: Path) -> dict[str, Any]:
+    """Sample every variant (and the references) on the recipe's questions; write answers.jsonl + report.json."""
+    from transformers import AutoTokenizer
+
+    questions = load_questions(recipe.questions)
+    adapters = adapter_index(adapter_dirs)
+    rows: list[dict[str, Any]] = []
+    started = time.monotonic()
+    for model_key in sorted({v.model for v in recipe.variants}):
+        model_path = resolve_model(model_key, recipe.models[model_key])
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+        targets = plan_targets(recipe, model_key, tokenizer, adapters)
+        loras = [LoraModule(t.served_name, t.adapter) for t in targets if t.adapter is not None]
+        server = VllmServer(model_path=model_path, served_name=model_key, serving=recipe.serving,
+                            lora_modules=loras, max_lora_rank=recipe.max_lora_rank())
+        with running(server):
+            rows += asyncio.run(_sample_all(server.base_url, targets, tokenizer, questions, recipe))
+    elapsed = time.monotonic() - started
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_jsonl(out_dir / ANSWERS_FILE, rows)
+    report = {
+        "answers": len(rows), "seconds": elapsed,
+        "questions": [q.id for q in questions],
+        "question_patches": {q.id: list(q.patches) for q in questions if q.patches},
+        "finish_reasons": _count(r["finish_reason"] for r in rows),
+        "sampling": recipe.sampling.model_dump(mode="json"),
+    }
+    write_json(out_dir / "report.json", report)
+    return report
+
+
+def _count(values: Any) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for v in values:
+        out[str(v)] = out.get(str(v), 0) + 1
+    return out

