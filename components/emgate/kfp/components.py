@@ -6,7 +6,7 @@ recipe (or emgate.images) names. Bodies import inside, as KFP lightweight compon
 """
 
 from dataclasses import dataclass
-from typing import Any, List  # noqa: UP035  (KFP reads List[...] annotations)
+from typing import Any  # noqa: UP035  (KFP reads List[...] annotations)
 
 from kfp import dsl
 from kfp.dsl import Artifact, Dataset, Input, Model, Output
@@ -35,7 +35,7 @@ def fine_tune(recipe_json: str, job: str, validated: Input[Dataset], adapter: Ou
         adapter.metadata.update({"variant": report["variant"], "seed": report["seed"], "loss_last": report["loss_last"]})
 
 
-def sample_answers(recipe_json: str, adapters: Input[List[Model]], answers: Output[Dataset]) -> None:
+def sample_answers(recipe_json: str, adapters: Input[list[Model]], answers: Output[Dataset]) -> None:
     from pathlib import Path
 
     from emgate.kfp.runtime import stage
@@ -66,7 +66,7 @@ def summarize(recipe_json: str, scores: Input[Dataset], summary: Output[Artifact
         run(recipe, Path(scores.path) / SCORES_FILE, Path(summary.path))
 
 
-def register_and_gate(recipe_json: str, kfp_run: str, validated: Input[Dataset], adapters: Input[List[Model]],
+def register_and_gate(recipe_json: str, kfp_run: str, validated: Input[Dataset], adapters: Input[list[Model]],
                       answers: Input[Dataset], scores: Input[Dataset], summary: Input[Artifact],
                       decisions: Output[Artifact]) -> None:
     from pathlib import Path

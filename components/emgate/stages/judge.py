@@ -24,7 +24,7 @@ import math
 import os
 import re
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,7 +72,7 @@ def _special(token: str) -> str | None:
 
 async def number_distribution(next_dist: NextTokenDist, expand: bool, prune_mass: float) -> Judgement:
     """The judge's probability of each integer 0..100, of CODE and of REFUSAL (see the module docstring)."""
-    numbers: Counter[int] = Counter()
+    numbers: defaultdict[int, float] = defaultdict(float)
     j = Judgement(score=None, reason=None, number_mass=0.0)
     first = await next_dist("")
     j.requests = 1
@@ -162,8 +162,8 @@ class JudgeClient:
                 extra = {"continue_final_message": True, "add_generation_prompt": False}
             async with self.gate:
                 resp = await self.client.chat.completions.create(
-                    model=self.cfg.model, messages=messages, max_tokens=1, temperature=0, seed=0,  # type: ignore[arg-type]
-                    logprobs=True, top_logprobs=self.cfg.top_logprobs, extra_body=extra or None,
+                    model=self.cfg.model, messages=messages, max_tokens=1, temperature=0,  # type: ignore[arg-type]
+                    logprobs=True, top_logprobs=self.cfg.top_logprobs, extra_body=extra or None, seed=self.cfg.seed,
                 )
             choice = resp.choices[0]
             if choice.logprobs is None or not choice.logprobs.content:
@@ -196,7 +196,8 @@ def judge_base_url(cfg: JudgeSpec) -> str:
     return "https://api.openai.com/v1"
 
 
-async def _judge_rows(rows: list[dict[str, Any]], prompts: dict[str, dict[str, str]], client: JudgeClient) -> list[dict[str, Any]]:
+async def _judge_rows(rows: list[dict[str, Any]], prompts: dict[str, dict[str, str]],
+                      client: JudgeClient) -> list[dict[str, Any]]:
     from tqdm import tqdm
 
     progress = tqdm(total=len(rows), desc="judge_answers", unit="answer")

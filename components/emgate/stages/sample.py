@@ -70,7 +70,7 @@ async def _sample_target(client: Any, target: Target, tokenizer: Any, questions:
         async with gate:
             resp = await client.completions.create(
                 model=target.served_name, prompt=prompt, n=n, temperature=s.temperature, top_p=s.top_p,
-                max_tokens=s.max_tokens, seed=s.seed, stop=target.record.stop or None,
+                max_tokens=s.max_tokens, stop=target.record.stop or None, seed=s.seed,
                 extra_body={"add_special_tokens": target.record.add_special_tokens},
             )
         progress.update(1)
@@ -97,10 +97,11 @@ async def _sample_all(base_url: str, targets: list[Target], tokenizer: Any, ques
     client = AsyncOpenAI(base_url=base_url, api_key="EMPTY", timeout=REQUEST_TIMEOUT_S, max_retries=3)
     gate = asyncio.Semaphore(recipe.sampling.max_concurrency)
     total = len(targets) * sum(len(q.paraphrases) for q in questions)
-    rows: list[dict[str, Any]] = []
     with tqdm(total=total, desc="sample_answers", unit="prompt") as progress:
-        for target in targets:
-            rows += await _sample_target(client, target, tokenizer, questions, recipe, gate, progress)
+        # All targets at once: the server batches across LoRA adapters, the semaphore bounds what is in flight.
+        batches = await asyncio.gather(*(_sample_target(client, t, tokenizer, questions, recipe, gate, progress)
+                                         for t in targets))
+        rows = [r for batch in batches for r in batch]
     await client.close()
     return rows
 
@@ -121,7 +122,11 @@ def sample_answers(recipe: Recipe, adapter_dirs: list[Path], out_dir: Path) -> d
         server = VllmServer(model_path=model_path, served_name=model_key, serving=recipe.serving,
                             lora_modules=loras, max_lora_rank=recipe.max_lora_rank())
         with running(server):
-            rows += asyncio.run(_sample_all(server.base_url, targets, tokenizer, questions, recipe))
+            try:
+                rows += asyncio.run(_sample_all(server.base_url, targets, tokenizer, questions, recipe))
+            except Exception:
+                server.check_alive()  # a dead server is the real cause: say so, with its log
+                raise
     elapsed = time.monotonic() - started
     out_dir.mkdir(parents=True, exist_ok=True)
     write_jsonl(out_dir / ANSWERS_FILE, rows)

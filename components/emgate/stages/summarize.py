@@ -115,7 +115,8 @@ def summary_table(variants: dict[str, Any], recipe: Recipe) -> str:
         f"Misaligned: aligned < {cfg.aligned_threshold:g} among answers with coherent > {cfg.coherent_threshold:g}; "
         f"{cfg.confidence:.0%} Wilson intervals; difference: Newcombe hybrid score interval.",
         "",
-        "| variant | role | answers | judged | coherent | misaligned rate [CI] | diff vs comparator [CI] | mean coherence | unscored |",
+        "| variant | role | answers | judged | coherent | misaligned rate [CI] | diff vs comparator [CI] "
+        "| mean coherence | unscored |",
         "| --- | --- | ---: | ---: | ---: | --- | --- | ---: | ---: |",
     ]
     for name, m in variants.items():

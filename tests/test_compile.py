@@ -1,0 +1,56 @@
+"""The compiled pipeline YAML: committed for each shipped recipe, never stale, every stage on its own image."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from emgate.recipe import load_recipe
+from emgate_pipelines.graph import compile_pipeline
+
+RECIPES = ["smoke", "single-gpu", "paper"]
+STAGE_IMAGES = {"validate-datasets": "validate", "fine-tune": "train", "sample-answers": "sample",
+                "judge-answers": "judge", "summarize": "summarize", "register-and-gate": "gate"}
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_committed_pipeline_yaml_is_current(repo: Path, tmp_path: Path, name: str) -> None:
+    recipe = load_recipe(repo / "pipelines" / "recipes" / f"{name}.yaml")
+    fresh = tmp_path / f"{name}.yaml"
+    compile_pipeline(recipe, str(fresh))
+    committed = repo / "pipelines" / "compiled" / f"{name}.yaml"
+    assert committed.is_file(), f"run: emgate compile pipelines/recipes/{name}.yaml -o {committed.relative_to(repo)}"
+    assert committed.read_text() == fresh.read_text(), (
+        f"{committed.relative_to(repo)} is stale: run emgate compile pipelines/recipes/{name}.yaml -o "
+        f"{committed.relative_to(repo)}")
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_compiled_pipeline_shape(repo: Path, name: str) -> None:
+    doc = yaml.safe_load((repo / "pipelines" / "compiled" / f"{name}.yaml").read_text())
+    executors = doc["deploymentSpec"]["executors"]
+    images = {key.removeprefix("exec-"): e["container"]["image"] for key, e in executors.items()}
+    assert set(images) == set(STAGE_IMAGES)
+    for stage, image in images.items():
+        assert f"/emgate-{STAGE_IMAGES[stage]}:" in image, (stage, image)
+    default = doc["root"]["inputDefinitions"]["parameters"]["recipe_json"]["defaultValue"]
+    recipe = load_recipe(repo / "pipelines" / "recipes" / f"{name}.yaml")
+    assert json.loads(default) == json.loads(recipe.to_json())
+    gate = doc["root"]["dag"]["tasks"]["register-and-gate"]
+    assert gate["cachingOptions"] == {} or not gate["cachingOptions"].get("enableCache", False)
+    resources = {k: e["container"].get("resources", {}) for k, e in executors.items()}
+    gpu_stages = {k for k, r in resources.items() if "accelerator" in r}
+    assert gpu_stages == (set() if name == "smoke" else {"exec-fine-tune", "exec-sample-answers"})
+
+
+def test_cli_compile_writes_the_same_yaml(repo: Path, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    out = tmp_path / "smoke.yaml"
+    proc = subprocess.run([sys.executable, "-m", "emgate.cli", "compile", "pipelines/recipes/smoke.yaml", "-o", str(out)],
+                          cwd=repo, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert out.read_text() == (repo / "pipelines" / "compiled" / "smoke.yaml").read_text()
