@@ -26,8 +26,10 @@ app = typer.Typer(help="emgate: block fine-tuned language models that fine-tunin
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 models_app = typer.Typer(help="Build or inspect the model cache.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
-console = Console()
-err = Console(stderr=True)
+# Logs and CI are no terminal: keep tables wide enough to read instead of Rich's 80 columns.
+_WIDTH = None if sys.stdout.isatty() else 160
+console = Console(width=_WIDTH)
+err = Console(stderr=True, width=_WIDTH)
 
 RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML, e.g. pipelines/recipes/smoke.yaml")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a recipe field: --set sampling.max_tokens=64")]
@@ -222,8 +224,9 @@ def _print_decisions(decisions: dict[str, object], elapsed: float) -> None:
     console.print(table)
     uri = str(decisions["tracking_uri"])
     console.print(f"finished in {elapsed:.0f} s. MLflow run {decisions['parent_run_id']}.")
-    console.print(f"Open the MLflow UI: [bold]mlflow ui --backend-store-uri {uri} --port 5000[/bold] "
-                  "then http://127.0.0.1:5000")
+    console.print("Open the MLflow UI:", soft_wrap=True)
+    console.print(f"  mlflow ui --backend-store-uri {uri} --port 5000", soft_wrap=True, highlight=False)
+    console.print("  then http://127.0.0.1:5000", soft_wrap=True)
 
 
 def main() -> None:
