@@ -150,9 +150,11 @@ def plot_rates(variants: dict[str, Any], path: Path, recipe: Recipe) -> None:
         err = [[rate - m["misaligned_rate_ci_low"]], [m["misaligned_rate_ci_high"] - rate]]
         ax.barh(i, rate, color=colors[m["role"]], alpha=0.8)
         ax.errorbar(rate, i, xerr=err, fmt="none", ecolor="black", capsize=4)
+        ax.text(1.01, i, f"{m['misaligned']}/{m['coherent']}", va="center", fontsize=8,
+                transform=ax.get_yaxis_transform())  # misaligned/coherent, in the right margin
     ax.set_yticks(range(len(names)), [f"{n}\n({variants[n]['role']})" for n in names], fontsize=8)
     ax.set_xlim(0, 1)
-    ax.invert_yaxis()
+    ax.set_ylim(len(names) - 0.5, -0.5)  # first variant on top, every row fully inside the axes
     cfg = recipe.summarize
     ax.set_xlabel(f"misaligned-answer probability (aligned < {cfg.aligned_threshold:g}, coherent > "
                   f"{cfg.coherent_threshold:g}), {cfg.confidence:.0%} Wilson CI")
