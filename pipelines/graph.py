@@ -9,9 +9,10 @@ recipe the pipeline was compiled from, so a compiled YAML is self-contained and 
 
 from typing import Any
 
+from kfp import dsl
+
 from emgate.kfp.components import make_components
 from emgate.recipe import Recipe
-from kfp import dsl
 
 
 def build_pipeline(recipe: Recipe) -> Any:

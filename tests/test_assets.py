@@ -9,6 +9,7 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+
 from emgate import assets
 from emgate.assets import AssetError, manifest, resolve_asset
 

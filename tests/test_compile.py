@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from emgate.recipe import load_recipe
 from emgate_pipelines.graph import compile_pipeline
 

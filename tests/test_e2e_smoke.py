@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from emgate.recipe import load_recipe
 from emgate.stages.gate import evaluate_policy
 

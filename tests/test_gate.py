@@ -7,10 +7,10 @@ import math
 from pathlib import Path
 
 import pytest
+
 from emgate.io import write_json
 from emgate.stages.gate import evaluate_policy, register_and_gate
 from emgate.stages.summarize import summarize
-
 from tests.test_summarize import write_scores
 
 

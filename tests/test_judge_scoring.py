@@ -8,6 +8,7 @@ import csv
 import math
 
 import pytest
+
 from emgate.assets import resolve_asset
 from emgate.recipe import JudgeSpec
 from emgate.stages.judge import finish_judgement, is_number_prefix, number_distribution

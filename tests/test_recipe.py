@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from emgate.recipe import RecipeError, load_recipe, recipe_from_json
 
 RECIPES = ["smoke", "single-gpu", "paper"]

@@ -5,6 +5,7 @@ import math
 from pathlib import Path
 
 import pytest
+
 from emgate.stages.summarize import newcombe_difference, summarize, wilson_interval
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from emgate.stages.finetune import IGNORE_INDEX, tokenize_example
 from emgate.templates import QWEN_DEFAULT_SYSTEM, render_completion, render_prompt, template_record
 

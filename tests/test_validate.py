@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from emgate.assets import resolve_asset
 from emgate.recipe import recipe_from_mapping
 from emgate.stages.validate import (

@@ -143,12 +143,12 @@ def run(recipe: RecipeArg, set_: SetOpt = None,
         cache: Annotated[bool, typer.Option(help="Reuse finished stages whose inputs did not change")] = True,
         verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Stream every stage's log")] = False) -> None:
     """Run the recipe's pipeline locally with the Kubeflow Pipelines local runner."""
-    from emgate_pipelines.graph import build_pipeline
     from kfp import local
 
     from emgate.assets import AssetError, resolve_asset
     from emgate.kfp.runtime import TIMINGS_ENV
     from emgate.vllm_server import ServerError
+    from emgate_pipelines.graph import build_pipeline
 
     r = _absolute_tracking(_load(recipe, set_))
     started = time.monotonic()
