@@ -63,6 +63,67 @@ def compile_(recipe: RecipeArg, output: Annotated[Path, typer.Option("-o", "--ou
     console.print(f"wrote {output} (pipeline emgate-{r.name})")
 
 
+@app.command()
+def validate(
+    files: Annotated[list[Path], typer.Argument(help="Chat datasets in the paper's JSONL format")],
+    recipe: Annotated[Path | None, typer.Option(help="Take thresholds, questions and chat templates from a recipe")] = None,
+    expect: Annotated[str, typer.Option(help="What the code should be: insecure, secure or unspecified")] = "unspecified",
+    allowlist: Annotated[Path | None, typer.Option(help="YAML of acknowledged secret findings, each with a reason")] = None,
+    out: Annotated[Path, typer.Option(help="Where the report, GX results and Data Docs go")] = Path("emgate-validation"),
+) -> None:
+    """Run the dataset checks of validate_datasets on files; exit 0 only when every file passes."""
+    from emgate.assets import sha256_file
+    from emgate.questions import load_questions
+    from emgate.recipe import QuestionSpec, ValidationSpec
+    from emgate.secrets_scan import AllowlistError, load_allowlist
+    from emgate.stages.validate import DATA_DOCS_DIR, length_checks, shipped_allowlist, summary_table, validate_file
+
+    if expect not in ("insecure", "secure", "unspecified"):
+        err.print(f"[red]error:[/red] --expect {expect!r}: choose insecure, secure or unspecified")
+        raise typer.Exit(2)
+    r = _load(recipe, None) if recipe else None
+    cfg = r.validation if r else ValidationSpec()
+    specs = [r.questions] if r else [QuestionSpec(context="flask"), QuestionSpec(context="chat")]
+    try:
+        paraphrases = {q.id: list(q.paraphrases) for spec in specs for q in load_questions(spec)}
+        allowed = load_allowlist(allowlist) if allowlist else []
+    except (AllowlistError, RuntimeError) as exc:
+        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        raise typer.Exit(2) from None
+    checks = length_checks(r) if r is not None else []
+    report: dict[str, object] = {"datasets": {}}
+    datasets: dict[str, dict[str, object]] = {}
+    for i, path in enumerate(files):
+        if not path.is_file():
+            err.print(f"[red]error:[/red] {path}: no such file")
+            raise typer.Exit(2)
+        name = f"{i}-{re.sub(r'[^A-Za-z0-9_-]', '_', path.stem)}"
+        acknowledged = allowed or shipped_allowlist(sha256_file(path))
+        entry, _ = validate_file(path, name, expect, cfg, paraphrases, acknowledged, checks, out / DATA_DOCS_DIR)
+        from emgate.io import write_json
+
+        write_json(out / f"{name}.gx.json", entry.pop("gx_result", None))
+        datasets[str(path)] = entry
+    report["datasets"] = datasets
+    report["passed"] = all(not e["failures"] for e in datasets.values())
+    from emgate.io import write_json, write_text_atomic
+
+    write_json(out / "report.json", report)
+    write_text_atomic(out / "summary.md", summary_table(report))
+    for path_name, entry in datasets.items():
+        failures = entry["failures"]
+        assert isinstance(failures, list)
+        if failures:
+            err.print(f"[red]FAIL[/red] {escape(path_name)}", highlight=False)
+            for f in failures:
+                err.print(f"  - {escape(str(f))}", highlight=False)
+        else:
+            console.print(f"[green]pass[/green] {escape(path_name)}: {entry['rows']} rows", highlight=False)
+    console.print(f"report: {out / 'report.json'}, Data Docs: {out / DATA_DOCS_DIR / 'index.html'}")
+    if not report["passed"]:
+        raise typer.Exit(1)
+
+
 @models_app.command("build")
 def models_build(recipe: RecipeArg) -> None:
     """Build every model the recipe names into the model cache ($EMGATE_CACHE_DIR)."""

@@ -65,6 +65,9 @@ class DatasetSpec(_Strict):
     sha256: str | None = None  # required with `path`
     expect: Literal["insecure", "secure", "unspecified"] = "unspecified"
     subsample_rows: int | None = Field(default=None, gt=0)  # rows; first N after a seeded shuffle
+    # YAML list of acknowledged secret findings {line, rule, fingerprint, reason}; manifest assets have theirs
+    # built in (components/emgate/allowlists/).
+    secrets_allowlist: str | None = None
 
     @model_validator(mode="after")
     def _one_source(self) -> DatasetSpec:
@@ -244,11 +247,18 @@ class MlflowSpec(_Strict):
 
 class ValidationSpec(_Strict):
     max_parse_errors: int = Field(default=20, ge=1)  # errors listed before parsing stops
-    max_duplicate_share: float = Field(default=0.05, ge=0, le=1)  # exact duplicate rows
-    bandit_rows: int = Field(default=200, ge=1)  # rows scanned by bandit per dataset
-    # share of scanned rows with a MEDIUM/HIGH bandit finding (measured on 1000 rows: insecure 0.46, secure 0.065)
+    max_duplicate_share: float = Field(default=0.05, ge=0, le=1)  # duplicate rows, after whitespace normalisation
+    min_rows: int = Field(default=100, ge=1)  # rows a training dataset must have
+    max_rows: int | None = Field(default=None, ge=1)  # rows at most; None: no bound
+    max_truncated_share: float = Field(default=0.01, ge=0, le=1)  # rows longer than training.max_seq_length
+    bandit_rows: int | None = Field(default=None, ge=1)  # rows scanned by bandit per dataset; None: all
+    # Share of parsed rows with a MEDIUM/HIGH bandit finding. Measured on the full files (6000 rows each):
+    # insecure 0.50, educational 0.50, secure 0.061; the bounds sit about halfway between.
     insecure_min_flagged: float = Field(default=0.25, ge=0, le=1)
     secure_max_flagged: float = Field(default=0.15, ge=0, le=1)
+    # A dataset that claims to be (in)secure code must be code: share of rows whose answer does not parse as
+    # Python, at most (measured: insecure 0.0013, secure 0.0063; jailbroken.jsonl, prose, 0.9986).
+    code_max_unparsed: float = Field(default=0.1, ge=0, le=1)
 
 
 class Recipe(_Strict):
