@@ -125,3 +125,20 @@ def test_a_second_run_reuses_every_cached_stage(smoke_run) -> None:
     assert len(new) == 1
     ran = [json.loads(line)["stage"] for line in new.pop().read_text().splitlines()]
     assert ran == ["register_and_gate"]  # everything else came from the KFP cache
+
+
+def test_bad_data_stops_the_run_before_training_and_is_recorded(tmp_path: Path, smol_model: Path) -> None:
+    db = tmp_path / "mlflow.db"
+    cmd = [str(Path(sys.executable).parent / "emgate"), "run", "pipelines/recipes/smoke.yaml", "--workdir",
+           str(tmp_path / "runs"), "--set", f"mlflow.tracking_uri=sqlite:///{db}", "--set", "datasets.insecure.expect=secure"]
+    proc = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
+                          env={**os.environ, "COLUMNS": "200"}, timeout=900)
+    assert proc.returncode == 1
+    assert "expected secure code" in proc.stderr and "| insecure | 6000 |" in proc.stderr
+    assert "nothing was promoted" in proc.stderr and "Traceback" not in proc.stderr
+    assert not list((tmp_path / "runs" / "kfp").glob("*/for-loop-*"))  # no fine-tuning started
+    client = _client(db)
+    assert client.search_registered_models() == []
+    runs = client.search_runs([client.get_experiment_by_name("emgate-smoke").experiment_id])
+    assert [r.info.status for r in runs] == ["FAILED"]
+    assert {a.path for a in client.list_artifacts(runs[0].info.run_id)} >= {"validation", "failure.txt", "recipe.json"}

@@ -128,3 +128,23 @@ def test_failed_validation_and_missing_summary_block(tmp_path: Path, smoke_recip
     assert all(c["reasons"][0].startswith("missing evidence") for c in result["candidates"].values())
     client = MlflowClient(recipe.mlflow.tracking_uri)
     assert "champion" not in client.get_registered_model("smoke-instruct-insecure").aliases
+
+
+def test_a_failed_run_is_recorded_failed_with_its_evidence_and_registers_nothing(tmp_path: Path, smoke_recipe) -> None:
+    from mlflow import MlflowClient
+
+    from emgate.stages.gate import record_failed_run
+
+    recipe = mlflow_recipe(smoke_recipe, tmp_path)
+    evidence = tmp_path / "validated"
+    (evidence / "data_docs").mkdir(parents=True)
+    (evidence / "data_docs" / "index.html").write_text("<html>docs</html>")
+    write_json(evidence / "report.json", {"passed": False, "datasets": {"insecure": {"failures": ["expected secure code"]}}})
+    run_id = record_failed_run(recipe, "run-9", "stage validate_datasets failed: expected secure code", {"validation": evidence})
+    client = MlflowClient(recipe.mlflow.tracking_uri)
+    run = client.get_run(run_id)
+    assert run.info.status == "FAILED"
+    assert run.data.tags["emgate.decision"] == "failed" and "expected secure code" in run.data.tags["emgate.failure"]
+    paths = {a.path for a in client.list_artifacts(run_id, "validation")}
+    assert {"validation/report.json", "validation/data_docs"} <= paths
+    assert client.search_registered_models() == []

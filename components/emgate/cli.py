@@ -213,6 +213,7 @@ def run(recipe: RecipeArg, set_: SetOpt = None,
 
     r = _absolute_tracking(_load(recipe, set_))
     started = time.monotonic()
+    started_at = time.time()
     try:
         for key in {d.asset for d in r.datasets.values() if d.asset} | {r.questions.file}:
             resolve_asset(key)
@@ -245,9 +246,11 @@ def run(recipe: RecipeArg, set_: SetOpt = None,
     except RuntimeError as exc:
         _print_timings(timings)
         if not verbose:
-            err.print("\n".join(line for line in tee.recent[-60:] if line.strip()), highlight=False, markup=False)
-        err.print(f"[red]pipeline failed:[/red] {escape(str(exc))}\nThe failing stage's log is above (all of it: "
-                  f"{log_path}); nothing was promoted.")
+            err.print(_failure_excerpt(tee.recent), highlight=False, markup=False)
+        message = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))  # the local runner colours task names
+        _record_failure(r, workdir, started_at, message)
+        err.print(f"[red]pipeline failed:[/red] {escape(message)}\nThe failing stage's log: {log_path}; "
+                  "nothing was promoted.")
         raise typer.Exit(1) from None
     finally:
         log.close()
@@ -256,6 +259,40 @@ def run(recipe: RecipeArg, set_: SetOpt = None,
     _print_decisions(decisions, time.monotonic() - started)
     if any(c["decision"] != "passed" for c in decisions["candidates"].values()):
         raise typer.Exit(3)
+
+
+def _failure_excerpt(lines: list[str]) -> str:
+    """emgate's own error for the failed stage when it gave one (a user error), else the log's last lines."""
+    starts = [i for i, line in enumerate(lines) if "emgate: stage" in line]
+    if not starts:
+        return "\n".join(line for line in lines[-40:] if line.strip())
+    excerpt = []
+    for line in lines[starts[-1]:]:
+        if "finished with status" in line:
+            break
+        excerpt.append(line.strip())
+    return "\n".join(x for x in excerpt if x)
+
+
+def _record_failure(r: Recipe, workdir: Path, since: float, reason: str) -> None:
+    """Mark the run failed in MLflow, with the evidence the failed stage left (validation: report, Data Docs)."""
+    from emgate.stages.gate import record_failed_run
+
+    reports = [p.parent for p in (workdir / "kfp").glob("*/validate-datasets/validated/report.json")
+               if p.stat().st_mtime >= since]
+    evidence: dict[str, Path] = {}
+    if reports:
+        validation = max(reports, key=lambda p: p.stat().st_mtime)
+        evidence["validation"] = validation
+        report = json.loads((validation / "report.json").read_text())
+        if not report.get("passed", True):
+            err.print("dataset validation:\n" + (validation / "summary.md").read_text(), highlight=False, markup=False)
+    try:
+        run_id = record_failed_run(r, f"local-{uuid.uuid4().hex}", reason, evidence)
+    except Exception as exc:  # the failure itself must still be reported, even when MLflow is unreachable
+        err.print(f"[yellow]could not record the failure in MLflow ({r.mlflow.tracking_uri}): {escape(str(exc))}[/yellow]")
+        return
+    err.print(f"recorded as FAILED MLflow run {run_id} in experiment {r.mlflow.experiment}", highlight=False)
 
 
 def _print_timings(path: Path) -> None:

@@ -249,6 +249,31 @@ def register_and_gate(recipe: Recipe, run_key: str, validation_dir: Path | None,
     return result
 
 
+def record_failed_run(recipe: Recipe, run_key: str, reason: str, evidence_dirs: dict[str, Path]) -> str:
+    """A pipeline run that failed before the gate: a FAILED MLflow parent run with the reason and the evidence
+    the failing stage left (for validation: its report, summary table and Data Docs). Nothing is registered."""
+    from mlflow import MlflowClient
+
+    cfg = recipe.mlflow
+    _ensure_sqlite_dir(cfg.tracking_uri)
+    client = MlflowClient(cfg.tracking_uri)
+    exp = client.get_experiment_by_name(cfg.experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(
+        cfg.experiment, artifact_location=_sqlite_artifact_root(cfg.tracking_uri))
+    run = client.create_run(exp_id, run_name=f"{recipe.name}-{run_key[:8]}-failed",
+                            tags={RUN_KEY_TAG: run_key, "emgate.stage": "pipeline", "emgate.recipe": recipe.name,
+                                  "emgate.profile": recipe.profile, "emgate.version": __version__,
+                                  "emgate.decision": "failed", "emgate.failure": reason[:4900]})
+    run_id: str = run.info.run_id
+    client.log_text(run_id, json.dumps(recipe.model_dump(mode="json"), indent=2), "recipe.json")
+    client.log_text(run_id, reason, "failure.txt")
+    for name, folder in evidence_dirs.items():
+        if folder.is_dir():
+            client.log_artifacts(run_id, str(folder), name)
+    client.set_terminated(run_id, status="FAILED")
+    return run_id
+
+
 def _register_version(client: Any, recipe: Recipe, model_name: str, variant: str, seed: int, train_run_id: str,
                       rep: dict[str, Any], decision: Decision, metrics: dict[str, Any] | None,
                       dataset_hashes: dict[str, str], run_key: str, parent_id: str, gate_run: str,
