@@ -20,9 +20,7 @@ def build_pipeline(recipe: Recipe) -> Any:
     jobs = recipe.training_jobs()
     gpu = recipe.profile != "smoke"
 
-    @dsl.pipeline(name=f"emgate-{recipe.name}",
-                  description=f"emgate misalignment gate, recipe {recipe.name} ({recipe.profile})")
-    def emgate_pipeline(recipe_json: str = recipe.to_json()) -> dsl.Artifact:
+    def _stages(recipe_json: Any) -> None:
         validated = comps.validate_datasets(recipe_json=recipe_json)
         validated.set_display_name("validate datasets")
         with dsl.ParallelFor(items=jobs, parallelism=1 if not gpu else 0) as job:
@@ -44,7 +42,17 @@ def build_pipeline(recipe: Recipe) -> Any:
             answers=sampled.outputs["answers"], scores=judged.outputs["scores"], summary=summary.outputs["summary"])
         gate.set_display_name("register and gate (MLflow)")
         gate.set_caching_options(False)  # every run decides anew and logs to its own MLflow parent run
-        return gate.outputs["decisions"]
+
+
+    @dsl.pipeline(name=f"emgate-{recipe.name}",
+                  description=f"emgate misalignment gate, recipe {recipe.name} ({recipe.profile})")
+    def emgate_pipeline(recipe_json: str = recipe.to_json()) -> None:
+        # Runs after everything else, even on failure: a failed run becomes a FAILED MLflow run with the reason.
+        outcome = comps.record_outcome(recipe_json=recipe_json, kfp_run=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
+        outcome.set_display_name("record outcome (MLflow)")
+        outcome.set_caching_options(False)
+        with dsl.ExitHandler(outcome, name="emgate"):
+            _stages(recipe_json)  # KFP returns no outputs from inside an exit handler: read decisions.json
 
     return emgate_pipeline
 

@@ -13,7 +13,7 @@ from emgate_pipelines.graph import compile_pipeline
 
 RECIPES = ["smoke", "single-gpu", "paper"]
 STAGE_IMAGES = {"validate-datasets": "validate", "fine-tune": "train", "sample-answers": "sample",
-                "judge-answers": "judge", "summarize": "summarize", "register-and-gate": "gate"}
+                "judge-answers": "judge", "summarize": "summarize", "register-and-gate": "gate", "record-outcome": "gate"}
 
 
 @pytest.mark.parametrize("name", RECIPES)
@@ -39,8 +39,10 @@ def test_compiled_pipeline_shape(repo: Path, name: str) -> None:
     default = doc["root"]["inputDefinitions"]["parameters"]["recipe_json"]["defaultValue"]
     recipe = load_recipe(repo / "pipelines" / "recipes" / f"{name}.yaml")
     assert json.loads(default) == json.loads(recipe.to_json())
-    gate = doc["root"]["dag"]["tasks"]["register-and-gate"]
-    assert gate["cachingOptions"] == {} or not gate["cachingOptions"].get("enableCache", False)
+    tasks = doc["root"]["dag"]["tasks"]
+    assert tasks["record-outcome"]["triggerPolicy"]["strategy"] == "ALL_UPSTREAM_TASKS_COMPLETED"  # runs on failure too
+    gate = doc["components"]["comp-exit-handler-1"]["dag"]["tasks"]["register-and-gate"]
+    assert not gate.get("cachingOptions", {}).get("enableCache", False)
     resources = {k: e["container"].get("resources", {}) for k, e in executors.items()}
     gpu_stages = {k for k, r in resources.items() if "accelerator" in r}
     assert gpu_stages == (set() if name == "smoke" else {"exec-fine-tune", "exec-sample-answers"})

@@ -124,7 +124,7 @@ def test_a_second_run_reuses_every_cached_stage(smoke_run) -> None:
     new = set((root / "runs").glob("timings-*.jsonl")) - timings_before
     assert len(new) == 1
     ran = [json.loads(line)["stage"] for line in new.pop().read_text().splitlines()]
-    assert ran == ["register_and_gate"]  # everything else came from the KFP cache
+    assert ran == ["register_and_gate", "record_outcome"]  # everything else came from the KFP cache
 
 
 def test_bad_data_stops_the_run_before_training_and_is_recorded(tmp_path: Path, smol_model: Path) -> None:
@@ -140,5 +140,12 @@ def test_bad_data_stops_the_run_before_training_and_is_recorded(tmp_path: Path, 
     client = _client(db)
     assert client.search_registered_models() == []
     runs = client.search_runs([client.get_experiment_by_name("emgate-smoke").experiment_id])
-    assert [r.info.status for r in runs] == ["FAILED"]
-    assert {a.path for a in client.list_artifacts(runs[0].info.run_id)} >= {"validation", "failure.txt", "recipe.json"}
+    assert sorted(r.data.tags["emgate.stage"] for r in runs) == ["pipeline", "validate_datasets"]
+    assert all(r.info.status == "FAILED" for r in runs)
+    parent = next(r for r in runs if r.data.tags["emgate.stage"] == "pipeline")
+    evidence = next(r for r in runs if r.data.tags["emgate.stage"] == "validate_datasets")
+    assert evidence.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert "validate_datasets: dataset validation failed" in parent.data.tags["emgate.failure"]
+    assert "expected secure code" in parent.data.tags["emgate.failure"]
+    artifacts = {a.path for a in client.list_artifacts(evidence.info.run_id, "validate_datasets")}
+    assert {"validate_datasets/report.json", "validate_datasets/data_docs"} <= artifacts

@@ -133,18 +133,24 @@ def test_failed_validation_and_missing_summary_block(tmp_path: Path, smoke_recip
 def test_a_failed_run_is_recorded_failed_with_its_evidence_and_registers_nothing(tmp_path: Path, smoke_recipe) -> None:
     from mlflow import MlflowClient
 
-    from emgate.stages.gate import record_failed_run
+    from emgate.stages.gate import log_failure_evidence, record_pipeline_outcome
 
     recipe = mlflow_recipe(smoke_recipe, tmp_path)
     evidence = tmp_path / "validated"
     (evidence / "data_docs").mkdir(parents=True)
     (evidence / "data_docs" / "index.html").write_text("<html>docs</html>")
     write_json(evidence / "report.json", {"passed": False, "datasets": {"insecure": {"failures": ["expected secure code"]}}})
-    run_id = record_failed_run(recipe, "run-9", "stage validate_datasets failed: expected secure code", {"validation": evidence})
+    evidence_run = log_failure_evidence(recipe, "validate_datasets", evidence, "expected secure code")
+    assert record_pipeline_outcome(recipe, "run-9", "SUCCEEDED", "") is None  # the gate logged a success
+    parent_id = record_pipeline_outcome(recipe, "run-9", "FAILED", "task validate-datasets failed")
+    assert parent_id is not None
     client = MlflowClient(recipe.mlflow.tracking_uri)
-    run = client.get_run(run_id)
-    assert run.info.status == "FAILED"
-    assert run.data.tags["emgate.decision"] == "failed" and "expected secure code" in run.data.tags["emgate.failure"]
-    paths = {a.path for a in client.list_artifacts(run_id, "validation")}
-    assert {"validation/report.json", "validation/data_docs"} <= paths
+    parent = client.get_run(parent_id)
+    assert parent.info.status == "FAILED" and parent.data.tags["emgate.decision"] == "failed"
+    assert "validate-datasets failed" in parent.data.tags["emgate.failure"]
+    assert "validate_datasets: expected secure code" in parent.data.tags["emgate.failure"]
+    child = client.get_run(evidence_run)
+    assert child.info.status == "FAILED" and child.data.tags["mlflow.parentRunId"] == parent_id
+    paths = {a.path for a in client.list_artifacts(evidence_run, "validate_datasets")}
+    assert {"validate_datasets/report.json", "validate_datasets/data_docs"} <= paths
     assert client.search_registered_models() == []

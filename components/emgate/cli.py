@@ -239,7 +239,7 @@ def run(recipe: RecipeArg, set_: SetOpt = None,
     try:
         with _judge_server(r) as effective, contextlib.redirect_stdout(tee):  # type: ignore[type-var]
             pipeline = build_pipeline(effective)
-            task = pipeline(recipe_json=effective.to_json())
+            pipeline(recipe_json=effective.to_json())
     except ServerError as exc:
         err.print(f"[red]error:[/red] {exc}", highlight=False)
         raise typer.Exit(1) from None
@@ -255,7 +255,13 @@ def run(recipe: RecipeArg, set_: SetOpt = None,
     finally:
         log.close()
     _print_timings(timings)
-    decisions = json.loads((Path(task.output.path) / "decisions.json").read_text())
+    outputs = [p for p in (workdir / "kfp").glob("*/**/register-and-gate/decisions/decisions.json")
+               if p.stat().st_mtime >= started_at]
+    if not outputs:
+        err.print(f"[red]error:[/red] the pipeline finished but wrote no decisions under {workdir / 'kfp'}; "
+                  "nothing was promoted.")
+        raise typer.Exit(1)
+    decisions = json.loads(max(outputs, key=lambda p: p.stat().st_mtime).read_text())
     _print_decisions(decisions, time.monotonic() - started)
     if any(c["decision"] != "passed" for c in decisions["candidates"].values()):
         raise typer.Exit(3)
@@ -275,24 +281,16 @@ def _failure_excerpt(lines: list[str]) -> str:
 
 
 def _record_failure(r: Recipe, workdir: Path, since: float, reason: str) -> None:
-    """Mark the run failed in MLflow, with the evidence the failed stage left (validation: report, Data Docs)."""
-    from emgate.stages.gate import record_failed_run
-
-    reports = [p.parent for p in (workdir / "kfp").glob("*/validate-datasets/validated/report.json")
+    """Show the evidence the failed stage left (validation: its table); the exit handler recorded it in MLflow."""
+    reports = [p.parent for p in (workdir / "kfp").glob("*/**/validate-datasets/validated/report.json")
                if p.stat().st_mtime >= since]
-    evidence: dict[str, Path] = {}
     if reports:
         validation = max(reports, key=lambda p: p.stat().st_mtime)
-        evidence["validation"] = validation
         report = json.loads((validation / "report.json").read_text())
         if not report.get("passed", True):
             err.print("dataset validation:\n" + (validation / "summary.md").read_text(), highlight=False, markup=False)
-    try:
-        run_id = record_failed_run(r, f"local-{uuid.uuid4().hex}", reason, evidence)
-    except Exception as exc:  # the failure itself must still be reported, even when MLflow is unreachable
-        err.print(f"[yellow]could not record the failure in MLflow ({r.mlflow.tracking_uri}): {escape(str(exc))}[/yellow]")
-        return
-    err.print(f"recorded as FAILED MLflow run {run_id} in experiment {r.mlflow.experiment}", highlight=False)
+    err.print(f"The pipeline's exit handler records the failure as a FAILED run in MLflow experiment "
+              f"{r.mlflow.experiment} ({r.mlflow.tracking_uri}).", highlight=False)
 
 
 def _print_timings(path: Path) -> None:

@@ -18,10 +18,19 @@ def validate_datasets(recipe_json: str, validated: Output[Dataset]) -> None:
     from pathlib import Path
 
     from emgate.kfp.runtime import stage
+    from emgate.stages.gate import log_failure_evidence
+    from emgate.stages.validate import ValidationFailed
     from emgate.stages.validate import validate_datasets as run
 
     with stage("validate_datasets", recipe_json) as recipe:
-        run(recipe, Path(validated.path))
+        try:
+            run(recipe, Path(validated.path))
+        except ValidationFailed as exc:
+            try:  # the evidence goes to MLflow; the exit handler attaches it to the pipeline's failed run
+                log_failure_evidence(recipe, "validate_datasets", Path(validated.path), str(exc))
+            except Exception as log_error:
+                print(f"emgate: could not log the validation evidence to MLflow: {log_error}")
+            raise
 
 
 def fine_tune(recipe_json: str, job: str, validated: Input[Dataset], adapter: Output[Model]) -> None:
@@ -82,6 +91,14 @@ def register_and_gate(recipe_json: str, kfp_run: str, validated: Input[Dataset],
         decisions.metadata["decisions"] = {k: v["decision"] for k, v in result["candidates"].items()}
 
 
+def record_outcome(recipe_json: str, kfp_run: str, status: dsl.PipelineTaskFinalStatus) -> None:
+    from emgate.kfp.runtime import stage
+    from emgate.stages.gate import record_pipeline_outcome
+
+    with stage("record_outcome", recipe_json) as recipe:
+        record_pipeline_outcome(recipe, kfp_run, status.state, status.error_message or "")
+
+
 @dataclass(frozen=True)
 class Components:
     validate_datasets: Any
@@ -90,6 +107,7 @@ class Components:
     judge_answers: Any
     summarize: Any
     register_and_gate: Any
+    record_outcome: Any
 
 
 def make_components(image_overrides: dict[str, str] | None = None) -> Components:
@@ -103,4 +121,5 @@ def make_components(image_overrides: dict[str, str] | None = None) -> Components
         judge_answers=wrap(judge_answers, "judge"),
         summarize=wrap(summarize, "summarize"),
         register_and_gate=wrap(register_and_gate, "gate"),
+        record_outcome=wrap(record_outcome, "gate"),
     )

@@ -249,29 +249,68 @@ def register_and_gate(recipe: Recipe, run_key: str, validation_dir: Path | None,
     return result
 
 
-def record_failed_run(recipe: Recipe, run_key: str, reason: str, evidence_dirs: dict[str, Path]) -> str:
-    """A pipeline run that failed before the gate: a FAILED MLflow parent run with the reason and the evidence
-    the failing stage left (for validation: its report, summary table and Data Docs). Nothing is registered."""
+def evidence_key(recipe: Recipe) -> str:
+    """Ties a failed stage's evidence to the pipeline's exit handler without a per-run input (which would defeat
+    the KFP cache): both compute it from the recipe."""
+    return hashlib.sha256(recipe.to_json().encode()).hexdigest()[:16]
+
+
+def _experiment(client: Any, recipe: Recipe) -> str:
+    cfg = recipe.mlflow
+    exp = client.get_experiment_by_name(cfg.experiment)
+    if exp:
+        return str(exp.experiment_id)
+    return str(client.create_experiment(cfg.experiment, artifact_location=_sqlite_artifact_root(cfg.tracking_uri)))
+
+
+def log_failure_evidence(recipe: Recipe, stage: str, folder: Path, reason: str) -> str:
+    """A failed stage's evidence (e.g. validation report and Data Docs) as a FAILED MLflow run that the exit
+    handler attaches to the pipeline's parent run."""
     from mlflow import MlflowClient
 
-    cfg = recipe.mlflow
-    _ensure_sqlite_dir(cfg.tracking_uri)
-    client = MlflowClient(cfg.tracking_uri)
-    exp = client.get_experiment_by_name(cfg.experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(
-        cfg.experiment, artifact_location=_sqlite_artifact_root(cfg.tracking_uri))
-    run = client.create_run(exp_id, run_name=f"{recipe.name}-{run_key[:8]}-failed",
-                            tags={RUN_KEY_TAG: run_key, "emgate.stage": "pipeline", "emgate.recipe": recipe.name,
-                                  "emgate.profile": recipe.profile, "emgate.version": __version__,
-                                  "emgate.decision": "failed", "emgate.failure": reason[:4900]})
+    _ensure_sqlite_dir(recipe.mlflow.tracking_uri)
+    client = MlflowClient(recipe.mlflow.tracking_uri)
+    run = client.create_run(_experiment(client, recipe), run_name=f"{stage} (failed)",
+                            tags={"emgate.stage": stage, "emgate.evidence_key": evidence_key(recipe),
+                                  "emgate.failure": reason[:4900]})
     run_id: str = run.info.run_id
-    client.log_text(run_id, json.dumps(recipe.model_dump(mode="json"), indent=2), "recipe.json")
-    client.log_text(run_id, reason, "failure.txt")
-    for name, folder in evidence_dirs.items():
-        if folder.is_dir():
-            client.log_artifacts(run_id, str(folder), name)
+    client.log_artifacts(run_id, str(folder), stage)
     client.set_terminated(run_id, status="FAILED")
     return run_id
+
+
+def record_pipeline_outcome(recipe: Recipe, run_key: str, state: str, error: str) -> str | None:
+    """The exit handler: after a failed or cancelled run, a FAILED parent run with the reason, and the failed
+    stages' evidence runs attached as its children. A succeeded run was logged by register_and_gate."""
+    from mlflow import MlflowClient
+
+    if state == "SUCCEEDED":
+        return None
+    _ensure_sqlite_dir(recipe.mlflow.tracking_uri)
+    client = MlflowClient(recipe.mlflow.tracking_uri)
+    exp_id = _experiment(client, recipe)
+    found = client.search_runs([exp_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{run_key}' and tags.`emgate.stage` = 'pipeline'")
+    if found:
+        parent_id: str = found[0].info.run_id
+    else:
+        parent = client.create_run(exp_id, run_name=f"{recipe.name}-{run_key[:8]}",
+                                   tags={RUN_KEY_TAG: run_key, "emgate.stage": "pipeline", "emgate.recipe": recipe.name,
+                                         "emgate.profile": recipe.profile, "emgate.version": __version__})
+        parent_id = parent.info.run_id
+        client.log_text(parent_id, json.dumps(recipe.model_dump(mode="json"), indent=2), "recipe.json")
+    evidence = [run for run in client.search_runs(
+        [exp_id], filter_string=f"tags.`emgate.evidence_key` = '{evidence_key(recipe)}'")
+        if "mlflow.parentRunId" not in run.data.tags]
+    causes = [f"{run.data.tags['emgate.stage']}: {run.data.tags.get('emgate.failure', '')}" for run in evidence]
+    reason = "\n".join([f"pipeline {state.lower()}: {error}".strip(), *causes])
+    client.set_tag(parent_id, "emgate.decision", "failed")
+    client.set_tag(parent_id, "emgate.failure", reason[:4900])
+    client.log_text(parent_id, reason, "failure.txt")
+    for run in evidence:
+        client.set_tag(run.info.run_id, "mlflow.parentRunId", parent_id)
+        client.set_tag(run.info.run_id, RUN_KEY_TAG, run_key)
+    client.set_terminated(parent_id, status="FAILED")
+    return parent_id
 
 
 def _register_version(client: Any, recipe: Recipe, model_name: str, variant: str, seed: int, train_run_id: str,
