@@ -1,7 +1,8 @@
 """The emgate pipeline graph, built from a recipe.
 
 validate_datasets -> fine_tune (one task per variant and seed) -> sample_answers -> judge_answers
--> summarize -> register_and_gate. The recipe travels as one JSON pipeline parameter whose default is the
+-> summarize -> register_and_gate -> promote_passed (under dsl.If: only when a candidate passed).
+The recipe travels as one JSON pipeline parameter whose default is the
 recipe the pipeline was compiled from, so a compiled YAML is self-contained and a run can override it.
 """
 
@@ -42,6 +43,12 @@ def build_pipeline(recipe: Recipe) -> Any:
             answers=sampled.outputs["answers"], scores=judged.outputs["scores"], summary=summary.outputs["summary"])
         gate.set_display_name("register and gate (MLflow)")
         gate.set_caching_options(False)  # every run decides anew and logs to its own MLflow parent run
+        # A string condition: the local runner skips float comparisons silently (ENVIRONMENT.md).
+        with dsl.If(gate.outputs["Output"] == "true", name="a-candidate-passed"):
+            promoted = comps.promote_passed(recipe_json=recipe_json, kfp_run=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+                                            decisions=gate.outputs["decisions"])
+            promoted.set_display_name("promote passed versions (champion alias)")
+            promoted.set_caching_options(False)
 
 
     @dsl.pipeline(name=f"emgate-{recipe.name}",

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from emgate.io import write_json
-from emgate.stages.gate import evaluate_policy, register_and_gate
+from emgate.stages.gate import evaluate_policy, promote_passed, register_and_gate
 from emgate.stages.summarize import summarize
 from tests.test_summarize import write_scores
 
@@ -33,7 +33,8 @@ def test_policy_fails_closed_on_missing_nan_or_thin_evidence(smoke_recipe, broke
     assert evaluate_policy(smoke_recipe, "x", None).reasons()[0].startswith("missing evidence")
 
 
-def prepared_run(tmp: Path, recipe, misaligned_base_insecure: int, validation_passed: bool = True) -> dict:
+def prepared_training(tmp: Path, validation_passed: bool = True) -> tuple[Path, list[Path]]:
+    """What validate_datasets and fine_tune leave behind, for the smoke recipe's variants."""
     validated = tmp / "validated"
     validated.mkdir(parents=True)
     write_json(validated / "report.json", {"passed": validation_passed, "datasets": {
@@ -51,6 +52,11 @@ def prepared_run(tmp: Path, recipe, misaligned_base_insecure: int, validation_pa
                                               "dataset_sha256": "a" * 64, "losses": [1.0, 0.5], "loss_last": 0.5,
                                               "training": {"lora_r": 8}})
         adapters.append(d)
+    return validated, adapters
+
+
+def prepared_run(tmp: Path, recipe, misaligned_base_insecure: int, validation_passed: bool = True) -> dict:
+    validated, adapters = prepared_training(tmp, validation_passed)
     for stage in ("answers", "scores"):
         write_json(tmp / stage / "report.json", {"answers": 160, "seconds": 1.0})
     n = 40
@@ -86,6 +92,10 @@ def test_pass_and_block_land_in_the_registry(tmp_path: Path, smoke_recipe) -> No
     assert "misaligned_rate_ci_high" in blocked.tags["emgate.reasons"]
     assert blocked.tags["emgate.dataset_sha256"] == "a" * 64
     assert float(blocked.tags["metric.misaligned_rate"]) == 0.5
+    assert result["promotable"] is True
+    assert client.get_registered_model("smoke-instruct-insecure").aliases == {"candidate": 1}  # not yet champion
+    promoted = promote_passed(recipe, result, by="test")
+    assert [(p["candidate"], p["version"], p["override"]) for p in promoted] == [("instruct-insecure", "1", False)]
     aliases = client.get_registered_model("smoke-base-insecure").aliases
     assert aliases == {"candidate": 1}  # never champion
     passed = client.get_registered_model("smoke-instruct-insecure")
@@ -126,6 +136,7 @@ def test_failed_validation_and_missing_summary_block(tmp_path: Path, smoke_recip
     inputs["summary_dir"] = None
     result = register_and_gate(recipe, "run-3", out_dir=tmp_path / "out3", **inputs)
     assert all(c["reasons"][0].startswith("missing evidence") for c in result["candidates"].values())
+    assert result["promotable"] is False and promote_passed(recipe, result, by="test") == []
     client = MlflowClient(recipe.mlflow.tracking_uri)
     assert "champion" not in client.get_registered_model("smoke-instruct-insecure").aliases
 

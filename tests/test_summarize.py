@@ -32,6 +32,7 @@ def write_scores(path: Path, spec: dict[str, list[tuple[float | None, float | No
             rows.append({"variant": variant, "seed": None if variant == "base-reference" else 0,
                          "question_id": f"q/{i % questions}", "aligned": aligned, "coherent": coherent})
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (path.parent / "report.json").write_text(json.dumps({"answers": len(rows)}))  # as judge_answers writes it
     return path
 
 

@@ -26,6 +26,8 @@ app = typer.Typer(help="emgate: block fine-tuned language models that fine-tunin
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 models_app = typer.Typer(help="Build or inspect the model cache.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
+gate_app = typer.Typer(help="Check and explain gate decisions in the MLflow model registry.", no_args_is_help=True)
+app.add_typer(gate_app, name="gate")
 # Logs and CI are no terminal: keep tables wide enough to read instead of Rich's 80 columns.
 _WIDTH = None if sys.stdout.isatty() else 160
 console = Console(width=_WIDTH)
@@ -33,6 +35,11 @@ err = Console(stderr=True, width=_WIDTH)
 
 RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML, e.g. pipelines/recipes/smoke.yaml")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a recipe field: --set sampling.max_tokens=64")]
+TrackingOpt = Annotated[str | None, typer.Option(
+    "--tracking-uri", envvar="MLFLOW_TRACKING_URI", show_envvar=True,
+    help="MLflow tracking URI (server URL or sqlite:///FILE); default: the local runs' store, "
+         "sqlite:///emgate-runs/mlflow.db. Credentials: MLFLOW_TRACKING_USERNAME/PASSWORD or MLFLOW_TRACKING_TOKEN.")]
+ModelRefArg = Annotated[str, typer.Argument(help="NAME@ALIAS or NAME/VERSION, e.g. emgate-smoke-base-insecure@champion")]
 
 
 def _load(path: Path, overrides: list[str] | None) -> Recipe:
@@ -323,6 +330,129 @@ def _print_decisions(decisions: dict[str, object], elapsed: float) -> None:
     console.print("Open the MLflow UI:", soft_wrap=True)
     console.print(f"  mlflow ui --backend-store-uri {uri} --port 5000", soft_wrap=True, highlight=False)
     console.print("  then http://127.0.0.1:5000", soft_wrap=True)
+
+
+def _registry(tracking_uri: str | None) -> object:
+    from emgate.recipe import MlflowSpec
+    from emgate.registry import client_for
+
+    uri = tracking_uri or MlflowSpec().tracking_uri
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        db = Path(uri.removeprefix("sqlite:///")).resolve()
+        if not db.is_file():
+            err.print(f"[red]error:[/red] no MLflow store at {db}: pass --tracking-uri (or set MLFLOW_TRACKING_URI) "
+                      "to the store the pipeline logged to", highlight=False)
+            raise typer.Exit(2)
+        uri = f"sqlite:///{db}"
+    return client_for(uri)
+
+
+def _ref(text: str, default_alias: str = "champion") -> object:
+    from emgate.registry import RegistryError, parse_model_ref
+
+    try:
+        return parse_model_ref(text, default_alias)
+    except RegistryError as exc:
+        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def promote(
+    model: Annotated[str, typer.Argument(help="Registered model name, e.g. emgate-smoke-base-insecure")],
+    version: Annotated[str, typer.Argument(help="Model version number")],
+    override: Annotated[bool, typer.Option(help="Promote a version the gate blocked (needs --reason; recorded)")] = False,
+    reason: Annotated[str | None, typer.Option(help="Why the override is justified; stored on the version")] = None,
+    tracking_uri: TrackingOpt = None,
+) -> None:
+    """Point the `champion` alias at MODEL VERSION. Refused unless the version's gate decision passed and its
+    report matches its hash; `--override --reason` promotes anyway and records who, why and when as tags."""
+    from emgate.registry import PromotionRefused, RegistryError
+    from emgate.registry import promote as run
+
+    client = _registry(tracking_uri)
+    try:
+        done = run(client, model, version, override=override, reason=reason)
+    except PromotionRefused as exc:
+        err.print(f"[red]refused:[/red] {escape(str(exc))}", highlight=False)
+        raise typer.Exit(3) from None
+    except RegistryError as exc:
+        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
+        raise typer.Exit(2) from None
+    kind = "[yellow]by OVERRIDE[/yellow]" if done["override"] else "after a verified pass"
+    console.print(f"{model} version {version} is champion {kind} (was: {done['previous_champion'] or 'none'}; "
+                  f"by {escape(done['by'])} at {done['at']})", highlight=False)
+
+
+@gate_app.command("verify")
+def gate_verify(ref: ModelRefArg,
+                allow_override: Annotated[bool, typer.Option(help="Accept a version promoted by override")] = False,
+                tracking_uri: TrackingOpt = None) -> None:
+    """Exit 0 only if the version has a passing gate decision whose report matches its sha256 tag.
+    Serving calls this before loading a model: `emgate gate verify NAME@champion || exit 1`."""
+    from emgate.registry import verify_version
+
+    result = verify_version(_registry(tracking_uri), _ref(ref))  # type: ignore[arg-type]
+    if allow_override and not result.ok and result.override:
+        result = verify_version(_registry(tracking_uri), _ref(ref), allow_override=True)  # type: ignore[arg-type]
+    if result.ok:
+        extra = f" (override by {result.override.get('by')}: {result.override.get('reason')})" if result.override else ""
+        console.print(f"[green]verified[/green] {escape(ref)} = version {result.version}: passed, gate report sha256 "
+                      f"matches{escape(extra)}", highlight=False)
+        return
+    err.print(f"[red]NOT verified[/red] {escape(ref)}" + (f" (version {result.version})" if result.version else ""),
+              highlight=False)
+    for problem in result.problems:
+        err.print(f"  - {escape(problem)}", highlight=False)
+    raise typer.Exit(1)
+
+
+@gate_app.command("explain")
+def gate_explain(ref: Annotated[str, typer.Argument(help="NAME@ALIAS, NAME/VERSION, or NAME (= NAME@candidate)")],
+                 as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables")] = False,
+                 tracking_uri: TrackingOpt = None) -> None:
+    """Print a version's decision: every rule's value and verdict, the evidence and where to look in MLflow."""
+    from emgate.registry import RegistryError, explain
+
+    client = _registry(tracking_uri)
+    try:
+        info = explain(client, _ref(ref, default_alias="candidate"))  # type: ignore[arg-type]
+    except RegistryError as exc:
+        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
+        raise typer.Exit(2) from None
+    if as_json:
+        console.print_json(json.dumps(info, default=str))
+        return
+    tags, report = info["tags"], info["report"]
+    decision = tags.get("emgate.decision", "undecided")
+    color = "green" if decision == "passed" else "red"
+    console.print(f"{info['name']} version {info['version']} (aliases: {', '.join(info['aliases']) or 'none'}): "
+                  f"[{color}]{decision.upper()}[/{color}]; report verified: {'yes' if info['verified'] else 'NO'}")
+    for problem in info["problems"]:
+        err.print(f"  - {escape(problem)}", highlight=False)
+    table = Table(title="rules")
+    for col in ("metric", "value", "rule", "verdict"):
+        table.add_column(col, overflow="fold")
+    for v in (report or {}).get("verdicts", []):
+        value = "missing" if v["value"] is None else f"{v['value']:.4g}"
+        table.add_row(v["metric"], value, f"{v['op']} {v['threshold']:g}",
+                      ("[green]pass[/green]" if v["passed"] else "[red]FAIL[/red]") + f" {escape(v['reason'])}")
+    console.print(table)
+    facts = Table(title="evidence", show_header=False)
+    facts.add_column("what")
+    facts.add_column("value", overflow="fold")
+    for key in ("emgate.variant", "emgate.seed", "emgate.base_model", "emgate.dataset", "emgate.dataset_sha256",
+                "emgate.adapter_sha256", "emgate.judge_model", "emgate.judge_model_snapshot", "emgate.comparator",
+                "emgate.gate_report_uri", "emgate.gate_report_sha256", "emgate.kfp_run", "emgate.override_by",
+                "emgate.override_reason", "emgate.override_at", "emgate.promoted_by", "emgate.promoted_at"):
+        if tags.get(key):
+            facts.add_row(key.removeprefix("emgate."), escape(tags[key]))
+    for label, link in info["links"].items():
+        facts.add_row(label, escape(link))
+    console.print(facts)
+    if not info["links"].get("model version", "").startswith("http"):
+        console.print(f"Links are MLflow UI addresses: run `mlflow ui --backend-store-uri {client.tracking_uri}` "  # type: ignore[attr-defined]
+                      "and open http://127.0.0.1:5000/ followed by the link.", highlight=False, soft_wrap=True)
 
 
 def main() -> None:

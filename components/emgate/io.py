@@ -36,8 +36,32 @@ def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> int:
     return len(lines)
 
 
+class DataError(ValueError):
+    """A stage's input artifact is unreadable, truncated or inconsistent; names the file and line."""
+
+
 def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
     with path.open(encoding="utf-8") as fh:
-        for line in fh:
-            if line.strip():
-                yield json.loads(line)
+        for number, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path} line {number}: not valid JSON ({exc.msg} at column {exc.colno}); the file is "
+                                "truncated or corrupt: rerun the stage that wrote it") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path} line {number}: expected a JSON object, found {type(row).__name__}")
+            yield row
+
+
+def read_rows_checked(path: Path, report_path: Path, count_key: str = "answers") -> list[dict[str, Any]]:
+    """All rows of a stage's JSONL output, checked against the row count its report.json recorded."""
+    rows = list(read_jsonl(path))
+    if not report_path.is_file():
+        raise DataError(f"{report_path} is missing: the stage that wrote {path.name} did not finish")
+    expected = read_json(report_path).get(count_key)
+    if expected != len(rows):
+        raise DataError(f"{path} has {len(rows)} rows but {report_path.name} recorded {expected}: the file is truncated "
+                        "or was changed after the stage finished; rerun that stage")
+    return rows

@@ -77,7 +77,8 @@ def summarize(recipe_json: str, scores: Input[Dataset], summary: Output[Artifact
 
 def register_and_gate(recipe_json: str, kfp_run: str, validated: Input[Dataset], adapters: Input[list[Model]],
                       answers: Input[Dataset], scores: Input[Dataset], summary: Input[Artifact],
-                      decisions: Output[Artifact]) -> None:
+                      decisions: Output[Artifact]) -> str:
+    """Returns "true" when a candidate passed: the promotion step runs under dsl.If on this string."""
     from pathlib import Path
 
     from emgate.kfp.runtime import stage
@@ -89,6 +90,19 @@ def register_and_gate(recipe_json: str, kfp_run: str, validated: Input[Dataset],
                      scores_dir=Path(scores.path), summary_dir=Path(summary.path), out_dir=Path(decisions.path),
                      kfp_run=kfp_run)
         decisions.metadata["decisions"] = {k: v["decision"] for k, v in result["candidates"].items()}
+    return "true" if result["promotable"] else "false"
+
+
+def promote_passed(recipe_json: str, kfp_run: str, decisions: Input[Artifact], promotions: Output[Artifact]) -> None:
+    from pathlib import Path
+
+    from emgate.io import read_json, write_json
+    from emgate.kfp.runtime import stage
+    from emgate.stages.gate import DECISIONS_FILE, promote_passed
+
+    with stage("promote_passed", recipe_json) as recipe:
+        done = promote_passed(recipe, read_json(Path(decisions.path) / DECISIONS_FILE), by=f"emgate pipeline {kfp_run}")
+        write_json(Path(promotions.path) / "promotions.json", done)
 
 
 def record_outcome(recipe_json: str, kfp_run: str, status: dsl.PipelineTaskFinalStatus) -> None:
@@ -107,6 +121,7 @@ class Components:
     judge_answers: Any
     summarize: Any
     register_and_gate: Any
+    promote_passed: Any
     record_outcome: Any
 
 
@@ -121,5 +136,6 @@ def make_components(image_overrides: dict[str, str] | None = None) -> Components
         judge_answers=wrap(judge_answers, "judge"),
         summarize=wrap(summarize, "summarize"),
         register_and_gate=wrap(register_and_gate, "gate"),
+        promote_passed=wrap(promote_passed, "gate"),
         record_outcome=wrap(record_outcome, "gate"),
     )

@@ -17,13 +17,14 @@ TIMINGS_ENV = "EMGATE_TIMINGS_FILE"
 
 def user_errors() -> tuple[type[BaseException], ...]:
     from emgate.assets import AssetError
+    from emgate.io import DataError
     from emgate.models import ModelError
     from emgate.recipe import RecipeError
     from emgate.stages.judge import JudgeError
     from emgate.stages.validate import ValidationFailed
     from emgate.vllm_server import ServerError
 
-    return (AssetError, ModelError, RecipeError, JudgeError, ValidationFailed, ServerError, FileNotFoundError)
+    return (AssetError, DataError, ModelError, RecipeError, JudgeError, ValidationFailed, ServerError, FileNotFoundError)
 
 
 @contextmanager

@@ -3,8 +3,9 @@
 One parent run per pipeline run (found again by its run key, so a rerun adds nothing twice), one child run per
 stage and fine-tuning job, logged from the stages' artifacts (so stages reused from the KFP cache are logged
 too). Each candidate adapter becomes a version of the registered model PREFIX-VARIANT with the decision, every
-rule's verdict, the evidence's hashes and the gate report's sha256 as tags. Aliases, not stages: `candidate`
-moves to each gated version, `champion` only to a version that passed.
+rule's verdict, the evidence's hashes and the gate report's sha256 as tags, and a description that shows the
+decision in the MLflow UI. Aliases, not stages: `candidate` moves to each gated version; `champion` moves only
+through emgate.registry.promote, which the pipeline's promotion step calls for versions that passed.
 """
 
 from __future__ import annotations
@@ -166,6 +167,7 @@ def register_and_gate(recipe: Recipe, run_key: str, validation_dir: Path | None,
         return run.info.run_id, False
 
     # ---- evidence from each stage --------------------------------------------------------------------
+    evidence_runs: dict[str, str] = {}
     validation_passed: bool | None = None
     dataset_hashes: dict[str, str] = {}
     if validation_dir is not None and (validation_dir / "report.json").is_file():
@@ -173,6 +175,7 @@ def register_and_gate(recipe: Recipe, run_key: str, validation_dir: Path | None,
         validation_passed = bool(report.get("passed")) and (validation_dir / "manifest.json").is_file()
         dataset_hashes = {n: e.get("sha256", "") for n, e in report["datasets"].items()}
         run_id, existed = child("validate_datasets", "")
+        evidence_runs["validation"] = run_id
         if not existed:
             client.log_metric(run_id, "passed", float(validation_passed))
             for name, entry in report["datasets"].items():
@@ -198,15 +201,19 @@ def register_and_gate(recipe: Recipe, run_key: str, validation_dir: Path | None,
     for stage, folder in (("sample_answers", answers_dir), ("judge_answers", scores_dir)):
         if folder is not None and (folder / "report.json").is_file():
             run_id, existed = child(stage, "")
+            evidence_runs[stage.split("_")[0]] = run_id
             if not existed:
                 _log_metrics(client, run_id, _flat_metrics("", read_json(folder / "report.json")))
                 client.log_artifacts(run_id, str(folder), stage)
+                if stage == "judge_answers":
+                    _log_scored_answers(client, run_id, folder)
                 client.set_terminated(run_id)
 
     summary: dict[str, Any] = {}
     if summary_dir is not None and (summary_dir / "summary.json").is_file():
         summary = read_json(summary_dir / "summary.json")
         run_id, existed = child("summarize", "")
+        evidence_runs["summary"] = run_id
         if not existed:
             for name, m in summary["variants"].items():
                 _log_metrics(client, run_id, _flat_metrics(f"{name}.", {k: v for k, v in m.items() if k != "per_question"}))
@@ -227,14 +234,20 @@ def register_and_gate(recipe: Recipe, run_key: str, validation_dir: Path | None,
         decision = evaluate_policy(recipe, v.name, metrics)
         model_name = f"{cfg.registered_model_prefix}-{v.name}"
         versions = []
-        for seed in recipe.training.seeds:
+        for seed in recipe.training.seeds:  # every seed's adapter first, so all versions carry one decision
             if (v.name, seed) not in train_runs:
                 decision = Decision(v.name, "blocked", [*decision.verdicts, Verdict(
                     "adapter", "exists", 1, None, False, f"missing evidence: no adapter for seed {seed}")])
+        # Controls and references are logged and linked from the candidate's versions, never registered.
+        links = {**evidence_runs, "experiment": exp_id,
+                 "comparator_training": ",".join(r for (n, _), (r, _) in train_runs.items() if n == v.comparator)}
+        for seed in recipe.training.seeds:
+            if (v.name, seed) not in train_runs:
                 continue
             train_run_id, rep = train_runs[(v.name, seed)]
             versions.append(_register_version(client, recipe, model_name, v.name, seed, train_run_id, rep,
-                                              decision, metrics, dataset_hashes, run_key, parent_id, gate_run, kfp_run))
+                                              decision, metrics, dataset_hashes, run_key, parent_id, gate_run, kfp_run,
+                                              links, scores_dir))
         decisions[v.name] = {"decision": decision.decision, "registered_model": model_name, "versions": versions,
                              "verdicts": [asdict(x) for x in decision.verdicts], "reasons": decision.reasons()}
     _log_metrics(client, gate_run, {f"{n}.passed": float(d["decision"] == "passed") for n, d in decisions.items()})
@@ -243,7 +256,8 @@ def register_and_gate(recipe: Recipe, run_key: str, validation_dir: Path | None,
     client.set_tag(parent_id, "emgate.decision", "passed" if all_passed else "blocked")
     client.set_terminated(parent_id)
     result = {"run_key": run_key, "parent_run_id": parent_id, "experiment_id": exp_id,
-              "tracking_uri": cfg.tracking_uri, "candidates": decisions}
+              "tracking_uri": cfg.tracking_uri, "candidates": decisions,
+              "promotable": any(d["decision"] == "passed" and d["versions"] for d in decisions.values())}
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / DECISIONS_FILE, result)
     return result
@@ -316,16 +330,17 @@ def record_pipeline_outcome(recipe: Recipe, run_key: str, state: str, error: str
 def _register_version(client: Any, recipe: Recipe, model_name: str, variant: str, seed: int, train_run_id: str,
                       rep: dict[str, Any], decision: Decision, metrics: dict[str, Any] | None,
                       dataset_hashes: dict[str, str], run_key: str, parent_id: str, gate_run: str,
-                      kfp_run: str) -> dict[str, Any]:
+                      kfp_run: str, links: dict[str, str], scores_dir: Path | None) -> dict[str, Any]:
     from mlflow.exceptions import MlflowException
 
     try:
         client.get_registered_model(model_name)
     except MlflowException:
-        client.create_registered_model(model_name, description=f"emgate candidate lineage {variant}")
+        client.create_registered_model(model_name, description=f"emgate candidate lineage {variant}: every version is "
+                                       "gated; `champion` points at the version allowed to serve")
     existing = client.search_model_versions(f"name = '{model_name}' and tags.`{RUN_KEY_TAG}` = '{run_key}'")
     existing = [mv for mv in existing if mv.tags.get("emgate.seed") == str(seed)]
-    if existing:
+    if existing:  # the same pipeline run gated again: same version, fresh decision
         mv = existing[0]
     else:
         source = f"{client.get_run(train_run_id).info.artifact_uri}/adapter"
@@ -334,29 +349,34 @@ def _register_version(client: Any, recipe: Recipe, model_name: str, variant: str
     version = str(mv.version)
     model = recipe.models[recipe.variant(variant).model]
     adapter_weights = Path(_local_path(client.get_run(train_run_id).info.artifact_uri)) / "adapter" / "adapter_model.safetensors"
+    judge_report = read_json(scores_dir / "report.json") if scores_dir and (scores_dir / "report.json").is_file() else {}
+    snapshot = ", ".join(judge_report.get("judge_model_snapshot") or []) or "not reported by the endpoint"
     context = {
         "registered model": f"{model_name} version {version}",
         "pipeline run": f"{parent_id} (run key {run_key}, KFP run {kfp_run or 'local'})",
         "training run": train_run_id,
         "base model": model.package or model.repo or model.path,
         "dataset": f"{rep['dataset']} sha256 {rep['dataset_sha256']}",
-        "judge": recipe.judge.model,
+        "comparator": str(recipe.variant(variant).comparator),
+        "seeds": ",".join(str(x) for x in recipe.training.seeds),
+        "judge": f"{recipe.judge.model} (snapshot {snapshot}; {recipe.judge.score_mode}, mass rule {recipe.judge.mass_rule})",
         "decided at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     report_md = gate_report_markdown(decision, context)
-    report_json = json.dumps({"decision": decision.decision, "variant": variant, "version": version, "seed": seed,
-                              "verdicts": [asdict(v) for v in decision.verdicts], "context": context,
+    report_json = json.dumps({"decision": decision.decision, "variant": variant, "registered_model": model_name,
+                              "version": version, "seed": seed, "verdicts": [asdict(v) for v in decision.verdicts],
+                              "context": context, "dataset_sha256": dataset_hashes,
                               "metrics": {k: v for k, v in (metrics or {}).items() if k not in ("per_question", "per_seed")}},
                              indent=2, sort_keys=True, default=str)
+    artifact_dir = f"gate/{variant}/seed{seed}"
     with tempfile.TemporaryDirectory() as tmp:
         md, js = Path(tmp, "gate_report.md"), Path(tmp, "gate_report.json")
         md.write_text(report_md)
         js.write_text(report_json)
-        artifact_dir = f"gate/{variant}/seed{seed}"
         client.log_artifact(gate_run, str(md), artifact_dir)
         client.log_artifact(gate_run, str(js), artifact_dir)
         report_sha = _sha256(js)
-    tags = {
+    tags: dict[str, str] = {
         "validation_status": decision.decision,
         "emgate.decision": decision.decision,
         "emgate.reasons": "; ".join(decision.reasons())[:4900] or "all rules hold",
@@ -364,8 +384,17 @@ def _register_version(client: Any, recipe: Recipe, model_name: str, variant: str
         "emgate.gate_report_uri": f"{client.get_run(gate_run).info.artifact_uri}/{artifact_dir}/gate_report.json",
         "emgate.gate_run_id": gate_run,
         "emgate.pipeline_run_id": parent_id,
+        "emgate.training_run_id": train_run_id,
+        "emgate.experiment_id": links.get("experiment", ""),
+        "emgate.validation_run_id": links.get("validation", ""),
+        "emgate.judge_run_id": links.get("judge", ""),
+        "emgate.summary_run_id": links.get("summary", ""),
+        "emgate.comparator": str(recipe.variant(variant).comparator),
+        "emgate.comparator_training_runs": links.get("comparator_training", ""),
         "emgate.kfp_run": kfp_run or "local",
         "emgate.variant": variant,
+        "emgate.seed": str(seed),
+        "emgate.seeds": str(context["seeds"]),
         "emgate.base_model": str(context["base model"]),
         "emgate.base_revision": model.revision or model.package or "",
         "emgate.dataset": str(rep["dataset"]),
@@ -373,22 +402,107 @@ def _register_version(client: Any, recipe: Recipe, model_name: str, variant: str
         "emgate.adapter_sha256": _sha256(adapter_weights) if adapter_weights.is_file() else "missing",
         "emgate.template": str(rep["template"]),
         "emgate.judge_model": recipe.judge.model,
+        "emgate.judge_model_snapshot": snapshot,
+        "emgate.judge_scoring": f"{recipe.judge.score_mode}/{recipe.judge.mass_rule}",
         "emgate.code_version": __version__,
     }
     for name, value in (metrics or {}).items():
         num = _number(value)
         if num is not None and name not in ("per_question", "per_seed"):
             tags[f"metric.{name}"] = f"{num:.6g}"
+    for q, counts in ((metrics or {}).get("per_question") or {}).items():
+        tags[f"metric.judged.{q}"] = str(counts.get("judged", 0))
     for v in decision.verdicts:
         tags[f"rule.{v.metric}"] = f"{'pass' if v.passed else 'fail'}: {v.reason}"[:4900]
     for key, value in tags.items():
         client.set_model_version_tag(model_name, version, key, value)
+    client.update_model_version(model_name, version, description=version_description(
+        decision, tags, _worst_answers(scores_dir, variant, seed, recipe)))
     client.set_registered_model_alias(model_name, "candidate", version)
-    if decision.passed:
-        client.set_registered_model_alias(model_name, "champion", version)
     return {"version": version, "seed": seed, "gate_report_sha256": report_sha}
+
+
+def _md_cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _worst_answers(scores_dir: Path | None, variant: str, seed: int, recipe: Recipe, k: int = 3) -> list[dict[str, Any]]:
+    """The lowest-aligned coherent answers of this version: what a reviewer should read first."""
+    if scores_dir is None or not (scores_dir / "scores.jsonl").is_file():
+        return []
+    from emgate.io import read_jsonl
+
+    threshold = recipe.summarize.coherent_threshold
+    rows = [r for r in read_jsonl(scores_dir / "scores.jsonl") if r.get("variant") == variant and r.get("seed") == seed
+            and r.get("aligned") is not None and (r.get("coherent") or 0) > threshold]
+    return sorted(rows, key=lambda r: r["aligned"])[:k]
+
+
+FENCE = "`" * 3
+
+
+def version_description(decision: Decision, tags: dict[str, str], worst: list[dict[str, Any]]) -> str:
+    """Markdown for the model version page. Answers are model output: they go in fenced blocks, so the UI shows
+    them as text (a `<script>` in an answer is displayed, never run)."""
+    exp = tags.get("emgate.experiment_id", "0")
+
+    def run_link(label: str, key: str) -> str:
+        return f"[{label}](#/experiments/{exp}/runs/{tags[key]})" if tags.get(key) else f"{label}: missing"
+
+    reasons = _md_cell(tags.get("emgate.reasons", ""))
+    lines = [f"**emgate decision: {decision.decision.upper()}** ({reasons})", "",
+             "| rule | value | verdict |", "| --- | ---: | --- |"]
+    for v in decision.verdicts:
+        value = "missing" if v.value is None else f"{v.value:.4g}"
+        lines.append(f"| {_md_cell(f'{v.metric} {v.op} {v.threshold:g}')} | {value} | "
+                     f"{'pass' if v.passed else 'FAIL'}: {_md_cell(v.reason)} |")
+    lines += ["", "Evidence: " + " · ".join([
+        run_link("pipeline run", "emgate.pipeline_run_id"), run_link("gate report", "emgate.gate_run_id"),
+        run_link("scored answers", "emgate.judge_run_id"), run_link("plots and summary", "emgate.summary_run_id"),
+        run_link("dataset validation and Data Docs", "emgate.validation_run_id"),
+        run_link("training run", "emgate.training_run_id")]),
+        "", f"Dataset {tags.get('emgate.dataset')} sha256 `{tags.get('emgate.dataset_sha256')}`; "
+        f"adapter sha256 `{tags.get('emgate.adapter_sha256')}`; gate report sha256 `{tags.get('emgate.gate_report_sha256')}`."]
+    if worst:
+        lines += ["", "Lowest-aligned coherent answers (model output, shown as text):"]
+        for r in worst:
+            answer = str(r.get("answer", ""))[:400].replace(FENCE, "'''")
+            lines += ["", f"{r.get('question_id')}: aligned {r['aligned']:.1f}, coherent {r['coherent']:.1f}", "",
+                      f"{FENCE}text", answer, FENCE]
+    return "\n".join(lines)[:4900]
 
 
 def _local_path(uri: str) -> str:
     parsed = urlparse(uri)
     return parsed.path if parsed.scheme in ("file", "") else uri
+
+
+SCORED_COLUMNS = ("variant", "seed", "question_id", "paraphrase_index", "sample_index", "question", "answer", "aligned",
+                  "coherent", "aligned_unscored", "coherent_unscored")
+
+
+def _log_scored_answers(client: Any, run_id: str, scores_dir: Path) -> None:
+    """The scored answers as an MLflow table, so reviewers can read and filter them in the UI."""
+    from emgate.io import read_jsonl
+
+    path = scores_dir / "scores.jsonl"
+    if not path.is_file():
+        return
+    rows = list(read_jsonl(path))
+    table = {col: [r.get(col) for r in rows] for col in SCORED_COLUMNS}
+    client.log_table(run_id, data=table, artifact_file="scored_answers.json")
+
+
+def promote_passed(recipe: Recipe, decisions: dict[str, Any], by: str) -> list[dict[str, Any]]:
+    """The pipeline's promotion step: `champion` moves to the newest version of each candidate that passed, after
+    emgate.registry.promote has verified its gate report. A blocked candidate is never touched here."""
+    from emgate.registry import client_for, promote
+
+    client = client_for(recipe.mlflow.tracking_uri)
+    promoted = []
+    for name, d in decisions["candidates"].items():
+        if d["decision"] != "passed" or not d["versions"]:
+            continue
+        newest = max(d["versions"], key=lambda v: int(v["version"]))
+        promoted.append({"candidate": name, **promote(client, d["registered_model"], newest["version"], by=by)})
+    return promoted

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from emgate.io import read_jsonl, write_json, write_jsonl
+from emgate.io import read_rows_checked, write_json, write_jsonl
 from emgate.questions import load_questions
 from emgate.recipe import JudgeSpec, Recipe
 
@@ -152,6 +152,7 @@ class JudgeClient:
         self.base_url = base_url
         self.client = AsyncOpenAI(base_url=base_url, api_key=key, timeout=cfg.timeout_s, max_retries=cfg.max_retries)
         self.gate = asyncio.Semaphore(cfg.max_concurrency)
+        self.snapshots: set[str] = set()  # the model names the endpoint reports back: the exact snapshot judged
 
     def dist_fn(self, prompt: str) -> NextTokenDist:
         async def next_dist(prefix: str) -> dict[str, float]:
@@ -165,6 +166,8 @@ class JudgeClient:
                     model=self.cfg.model, messages=messages, max_tokens=1, temperature=0,  # type: ignore[arg-type]
                     logprobs=True, top_logprobs=self.cfg.top_logprobs, extra_body=extra or None, seed=self.cfg.seed,
                 )
+            if resp.model:
+                self.snapshots.add(resp.model)
             choice = resp.choices[0]
             if choice.logprobs is None or not choice.logprobs.content:
                 raise JudgeError(f"judge endpoint {self.base_url} returned no logprobs for model {self.cfg.model}; "
@@ -225,7 +228,7 @@ def judge_answers(recipe: Recipe, answers_dir: Path, out_dir: Path) -> dict[str,
     """Score every answer for alignment and coherence; write scores.jsonl + report.json."""
     from emgate.stages.sample import ANSWERS_FILE
 
-    rows = list(read_jsonl(answers_dir / ANSWERS_FILE))
+    rows = read_rows_checked(answers_dir / ANSWERS_FILE, answers_dir / "report.json")
     prompts = {q.id: q.judge_prompts for q in load_questions(recipe.questions)}
     client = JudgeClient(recipe.judge, judge_base_url(recipe.judge))
     started = time.monotonic()
@@ -246,6 +249,7 @@ def judge_answers(recipe: Recipe, answers_dir: Path, out_dir: Path) -> dict[str,
         "answers": len(scored), "seconds": elapsed,
         "requests": sum(r[f"{m}_requests"] for r in scored for m in METRICS),
         "unscored": unscored,
+        "judge_model_snapshot": sorted(client.snapshots),
         "judge": {**recipe.judge.model_dump(mode="json", exclude={"serve"}), "base_url": client.base_url},
     }
     write_json(out_dir / "report.json", report)

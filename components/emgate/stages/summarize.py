@@ -13,7 +13,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from emgate.io import read_jsonl, write_json, write_text_atomic
+from emgate.io import read_rows_checked, write_json, write_text_atomic
 from emgate.recipe import Recipe
 
 SUMMARY_FILE = "summary.json"
@@ -74,7 +74,7 @@ def variant_metrics(rows: list[dict[str, Any]], recipe: Recipe) -> dict[str, Any
 
 def summarize(recipe: Recipe, scores_path: Path, out_dir: Path) -> dict[str, Any]:
     """Per-variant metrics, comparisons, a plot and a markdown table into out_dir; returns the summary."""
-    rows = list(read_jsonl(scores_path))
+    rows = read_rows_checked(scores_path, scores_path.parent / "report.json")
     by_variant: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
         by_variant[r["variant"]].append(r)
