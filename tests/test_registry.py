@@ -168,8 +168,8 @@ def test_verify_catches_a_changed_report_and_a_forged_tag(tmp_path: Path, smoke_
     assert not forged.ok and any("gate blocked" in p for p in forged.problems)
     # rewriting the passing version's report (even to say "passed") breaks its hash
     mv = client.get_model_version(f"{prefix}-instruct-insecure", "1")
-    report = json.loads(Path(client.download_artifacts(mv.tags["emgate.gate_run_id"],
-                                                       "gate/instruct-insecure/seed0/gate_report.json", str(tmp_path))).read_text())
+    path = "gate/instruct-insecure/seed0/gate_report.json"
+    report = json.loads(Path(client.download_artifacts(mv.tags["emgate.gate_run_id"], path, str(tmp_path))).read_text())
     report["context"]["note"] = "edited"
     fake = tmp_path / "edited" / "gate_report.json"
     fake.parent.mkdir()
