@@ -34,4 +34,13 @@ if [ ! -f .venv-vllm/.emgate-ready ] || [ "$(cat .venv-vllm/.emgate-ready)" != "
   .venv-vllm/bin/python -c 'import vllm' 2>/dev/null
   stamp > .venv-vllm/.emgate-ready
 fi
+# The MLflow UI test drives Debian's headless Chromium (Playwright's own browser download is unreachable here).
+if ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "== chromium (Debian) for the MLflow UI test"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null
+  else
+    echo "note: the MLflow UI test needs chromium: sudo apt-get install chromium (it is skipped without it, outside CI)"
+  fi
+fi
 echo "emgate is set up: .venv/bin/emgate --help"

@@ -49,3 +49,13 @@ def smol_tokenizer(smol_model: Path):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(smol_model)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
+    """One real `mlflow server` on loopback for the registry and UI tests (tests/mlflow_server.py)."""
+    from tests.mlflow_server import MlflowServer
+
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server")).start()
+    yield server
+    server.stop()

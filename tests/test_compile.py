@@ -13,7 +13,8 @@ from emgate_pipelines.graph import compile_pipeline
 
 RECIPES = ["smoke", "single-gpu", "paper"]
 STAGE_IMAGES = {"validate-datasets": "validate", "fine-tune": "train", "sample-answers": "sample",
-                "judge-answers": "judge", "summarize": "summarize", "register-and-gate": "gate", "record-outcome": "gate"}
+                "judge-answers": "judge", "summarize": "summarize", "register-and-gate": "gate", "promote-passed": "gate",
+                "record-outcome": "gate"}
 
 
 @pytest.mark.parametrize("name", RECIPES)
@@ -43,6 +44,14 @@ def test_compiled_pipeline_shape(repo: Path, name: str) -> None:
     assert tasks["record-outcome"]["triggerPolicy"]["strategy"] == "ALL_UPSTREAM_TASKS_COMPLETED"  # runs on failure too
     gate = doc["components"]["comp-exit-handler-1"]["dag"]["tasks"]["register-and-gate"]
     assert not gate.get("cachingOptions", {}).get("enableCache", False)
+    # promotion runs only under a condition on the gate's STRING output (a float comparison is skipped locally)
+    conditions = {name: c for name, c in doc["components"].items() if "promote-passed" in c.get("dag", {}).get("tasks", {})}
+    assert len(conditions) == 1
+    branch = next(t for t in doc["components"]["comp-exit-handler-1"]["dag"]["tasks"].values()
+                  if t["componentRef"]["name"] in conditions)
+    condition = branch["triggerPolicy"]["condition"]
+    assert condition == "inputs.parameter_values['pipelinechannel--register-and-gate-Output'] == 'true'"
+    assert "register-and-gate" in branch["dependentTasks"]
     resources = {k: e["container"].get("resources", {}) for k, e in executors.items()}
     gpu_stages = {k for k, r in resources.items() if "accelerator" in r}
     assert gpu_stages == (set() if name == "smoke" else {"exec-fine-tune", "exec-sample-answers"})

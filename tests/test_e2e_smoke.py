@@ -89,9 +89,12 @@ def test_registry_decisions_match_the_logged_metrics(smoke_run) -> None:
         assert recomputed.decision == tags["validation_status"]
         assert int(model.aliases["candidate"]) == int(latest.version)
         if recomputed.decision == "passed":
-            assert int(model.aliases["champion"]) == int(latest.version)
+            assert int(model.aliases["champion"]) == int(latest.version)  # moved by the promotion step
         else:
             assert "champion" not in model.aliases
+        verify = subprocess.run([str(Path(sys.executable).parent / "emgate"), "gate", "verify", f"{name}@candidate",
+                                 "--tracking-uri", f"sqlite:///{db}"], capture_output=True, text=True, timeout=300)
+        assert verify.returncode == (0 if recomputed.decision == "passed" else 1), verify.stdout + verify.stderr
         decided += 1
     assert decided == 2
 
@@ -124,7 +127,8 @@ def test_a_second_run_reuses_every_cached_stage(smoke_run) -> None:
     new = set((root / "runs").glob("timings-*.jsonl")) - timings_before
     assert len(new) == 1
     ran = [json.loads(line)["stage"] for line in new.pop().read_text().splitlines()]
-    assert ran == ["register_and_gate", "record_outcome"]  # everything else came from the KFP cache
+    promoted = ["promote_passed"] if "PASSED" in first.stdout else []  # runs under dsl.If: only after a pass
+    assert ran == ["register_and_gate", *promoted, "record_outcome"]  # everything else came from the KFP cache
 
 
 def test_bad_data_stops_the_run_before_training_and_is_recorded(tmp_path: Path, smol_model: Path) -> None:

@@ -28,13 +28,6 @@ _names = itertools.count()
 VARIANTS = ("base-insecure", "instruct-insecure", "base-secure", "base-reference")
 
 
-@pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
-    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server")).start()
-    yield server
-    server.stop()
-
-
 def server_recipe(recipe, url: str, judge_url: str = "http://127.0.0.1:9/v1"):
     """The smoke recipe pointed at the server, with its own experiment and model names, and the fake judge."""
     n = next(_names)

@@ -269,7 +269,10 @@ def run(recipe: RecipeArg, set_: SetOpt = None,
                   "nothing was promoted.")
         raise typer.Exit(1)
     decisions = json.loads(max(outputs, key=lambda p: p.stat().st_mtime).read_text())
-    _print_decisions(decisions, time.monotonic() - started)
+    promoted = [p for p in (workdir / "kfp").glob("*/**/promote-passed/promotions/promotions.json")
+                if p.stat().st_mtime >= started_at]  # none when no candidate passed: the step ran under dsl.If
+    promotions = json.loads(max(promoted, key=lambda p: p.stat().st_mtime).read_text()) if promoted else []
+    _print_decisions(decisions, time.monotonic() - started, promotions)
     if any(c["decision"] != "passed" for c in decisions["candidates"].values()):
         raise typer.Exit(3)
 
@@ -313,23 +316,26 @@ def _print_timings(path: Path) -> None:
     console.print(table)
 
 
-def _print_decisions(decisions: dict[str, object], elapsed: float) -> None:
+def _print_decisions(decisions: dict[str, object], elapsed: float, promotions: list[dict[str, str]]) -> None:
     table = Table(title="gate decisions")
-    for col in ("candidate", "decision", "registered model", "version", "reasons"):
+    for col in ("candidate", "decision", "registered model", "version", "champion", "reasons"):
         table.add_column(col, overflow="fold")
+    champion = {p["candidate"]: f"version {p['version']}" for p in promotions}
     candidates = decisions["candidates"]
     assert isinstance(candidates, dict)
     for name, c in candidates.items():
         color = "green" if c["decision"] == "passed" else "red"
         versions = ", ".join(v["version"] for v in c["versions"]) or "-"
         table.add_row(name, f"[{color}]{c['decision'].upper()}[/{color}]", c["registered_model"], versions,
-                      escape("\n".join(c["reasons"]) or "all rules hold"))
+                      champion.get(name, "not promoted"), escape("\n".join(c["reasons"]) or "all rules hold"))
     console.print(table)
     uri = str(decisions["tracking_uri"])
     console.print(f"finished in {elapsed:.0f} s. MLflow run {decisions['parent_run_id']}.")
     console.print("Open the MLflow UI:", soft_wrap=True)
     console.print(f"  mlflow ui --backend-store-uri {uri} --port 5000", soft_wrap=True, highlight=False)
     console.print("  then http://127.0.0.1:5000", soft_wrap=True)
+    console.print("Check or explain a decision: emgate gate explain MODEL@candidate --tracking-uri " + uri, soft_wrap=True,
+                  highlight=False)
 
 
 def _registry(tracking_uri: str | None) -> object:
