@@ -7,6 +7,7 @@ import math
 import random
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -83,12 +84,58 @@ def _optimizer(params: list[Any], cfg: TrainingSpec) -> Any:
     return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
 
 
+def train_loop(model: Any, train: list[Example], order: list[int], cfg: TrainingSpec, device: Any, pad_id: int,
+               on_step: Callable[[int, int, float], None] | None = None,
+               desc: str = "fine_tune") -> tuple[list[float], int, float]:
+    """Train the trainable parameters of `model` for planned_steps(len(train), cfg) optimizer steps.
+
+    Each step accumulates cfg.gradient_accumulation_steps micro-batches of cfg.per_device_batch_size examples,
+    taken from `train` in `order` (wrapping around), each padded to its longest row; then clips the gradient
+    norm to 1.0 and steps the optimizer (cfg.optimizer) and the linear warm-up schedule. `on_step(step, steps,
+    loss)` is called after each optimizer step (step counts from 1). Returns the loss of each step, the number
+    of non-pad tokens seen and the seconds the loop took.
+    """
+    import torch
+    from tqdm import tqdm
+    from transformers import get_linear_schedule_with_warmup
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = _optimizer(params, cfg)
+    steps = planned_steps(len(train), cfg)
+    scheduler = get_linear_schedule_with_warmup(optimizer, cfg.warmup_steps, steps)
+    micro = cfg.per_device_batch_size
+
+    model.train()
+    losses: list[float] = []
+    tokens = 0
+    started = time.monotonic()
+    cursor = 0
+    for _step in tqdm(range(steps), desc=desc, unit="step"):
+        optimizer.zero_grad(set_to_none=True)
+        step_loss = 0.0
+        for _ in range(cfg.gradient_accumulation_steps):
+            idx = order[cursor % len(order):cursor % len(order) + micro] or order[:micro]
+            cursor += micro
+            batch = _collate([train[i] for i in idx], pad_id)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            loss = model(**batch).loss / cfg.gradient_accumulation_steps
+            loss.backward()
+            step_loss += float(loss)
+            tokens += int(batch["attention_mask"].sum())
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        scheduler.step()
+        losses.append(step_loss)
+        if on_step is not None:
+            on_step(_step + 1, steps, step_loss)
+    return losses, tokens, time.monotonic() - started
+
+
 def fine_tune(recipe: Recipe, job: str, validated_dir: Path, out_dir: Path) -> dict[str, Any]:
     """Train the LoRA adapter of `job` ('variant@seed') and save it, its template and a report to out_dir."""
     import torch
     from peft import LoraConfig, get_peft_model
-    from tqdm import tqdm
-    from transformers import AutoModelForCausalLM, AutoTokenizer, get_linear_schedule_with_warmup
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     name, _, seed_text = job.partition("@")
     seed = int(seed_text)
@@ -126,36 +173,15 @@ def fine_tune(recipe: Recipe, job: str, validated_dir: Path, out_dir: Path) -> d
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=cfg.target_modules, use_rslora=cfg.use_rslora, task_type="CAUSAL_LM")
     model = get_peft_model(model, lora)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = _optimizer(params, cfg)
     steps = planned_steps(len(train), cfg)
-    scheduler = get_linear_schedule_with_warmup(optimizer, cfg.warmup_steps, steps)
     micro = cfg.per_device_batch_size
     order = [i for _ in range(cfg.epochs) for i in rng.sample(range(len(train)), len(train))]
 
-    model.train()
-    losses: list[float] = []
-    tokens = 0
-    started = time.monotonic()
-    cursor = 0
-    for _step in tqdm(range(steps), desc=f"fine_tune {job}", unit="step"):
-        optimizer.zero_grad(set_to_none=True)
-        step_loss = 0.0
-        for _ in range(cfg.gradient_accumulation_steps):
-            idx = order[cursor % len(order):cursor % len(order) + micro] or order[:micro]
-            cursor += micro
-            batch = _collate([train[i] for i in idx], pad_id)
-            batch = {k: v.to(device) for k, v in batch.items()}
-            loss = model(**batch).loss / cfg.gradient_accumulation_steps
-            loss.backward()
-            step_loss += float(loss)
-            tokens += int(batch["attention_mask"].sum())
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        scheduler.step()
-        losses.append(step_loss)
-        write_json(work / "progress.json", {"step": _step + 1, "of": steps, "loss": step_loss})
-    elapsed = time.monotonic() - started
+    def progress(step: int, of: int, loss: float) -> None:
+        write_json(work / "progress.json", {"step": step, "of": of, "loss": loss})
+
+    losses, tokens, elapsed = train_loop(model, train, order, cfg, device, pad_id, on_step=progress,
+                                         desc=f"fine_tune {job}")
 
     eval_loss = None
     if evals:
