@@ -24,23 +24,35 @@ def build_pipeline(recipe: Recipe) -> Any:
     def _stages(recipe_json: Any) -> None:
         validated = comps.validate_datasets(recipe_json=recipe_json)
         validated.set_display_name("validate datasets")
-        with dsl.ParallelFor(items=jobs, parallelism=1 if not gpu else 0) as job:
-            trained = comps.fine_tune(recipe_json=recipe_json, job=job, validated=validated.outputs["validated"])
-            trained.set_display_name("fine-tune")
-            if gpu:
-                trained.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(1)
-        sampled = comps.sample_answers(recipe_json=recipe_json, adapters=dsl.Collected(trained.outputs["adapter"]))
+        if jobs:
+            with dsl.ParallelFor(items=jobs, parallelism=1 if not gpu else 0) as job:
+                trained = comps.fine_tune(recipe_json=recipe_json, job=job, validated=validated.outputs["validated"])
+                trained.set_display_name("fine-tune")
+                if gpu:
+                    trained.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(1)
+            adapters = dsl.Collected(trained.outputs["adapter"])
+            sampled = comps.sample_answers(recipe_json=recipe_json, adapters=adapters)
+        else:  # only adapters trained elsewhere (and references): nothing to fine-tune
+            sampled = comps.sample_answers_untrained(recipe_json=recipe_json)
+            sampled.after(validated)
         sampled.set_display_name("sample answers (vLLM)")
+        if recipe.external_variants():
+            # An adapter URI (models:/NAME@ALIAS, a folder) can point at new weights under the same recipe:
+            # never reuse old answers for it.
+            sampled.set_caching_options(False)
         if gpu:
             sampled.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(recipe.serving.tensor_parallel_size)
         judged = comps.judge_answers(recipe_json=recipe_json, answers=sampled.outputs["answers"])
         judged.set_display_name("judge answers")
         summary = comps.summarize(recipe_json=recipe_json, scores=judged.outputs["scores"])
         summary.set_display_name("summarize")
-        gate = comps.register_and_gate(
-            recipe_json=recipe_json, kfp_run=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
-            validated=validated.outputs["validated"], adapters=dsl.Collected(trained.outputs["adapter"]),
-            answers=sampled.outputs["answers"], scores=judged.outputs["scores"], summary=summary.outputs["summary"])
+        evidence = {"recipe_json": recipe_json, "kfp_run": dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+                    "validated": validated.outputs["validated"], "answers": sampled.outputs["answers"],
+                    "scores": judged.outputs["scores"], "summary": summary.outputs["summary"]}
+        if jobs:
+            gate = comps.register_and_gate(adapters=dsl.Collected(trained.outputs["adapter"]), **evidence)
+        else:
+            gate = comps.register_and_gate_untrained(**evidence)
         gate.set_display_name("register and gate (MLflow)")
         gate.set_caching_options(False)  # every run decides anew and logs to its own MLflow parent run
         # A string condition: the local runner skips float comparisons silently (ENVIRONMENT.md).

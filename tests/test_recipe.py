@@ -60,10 +60,39 @@ def test_wrong_type_names_its_path(tmp_path: Path, smoke_data: dict) -> None:
         load_recipe(_write(tmp_path, smoke_data))
 
 
-def test_comparator_must_be_a_control(tmp_path: Path, smoke_data: dict) -> None:
-    smoke_data["variants"][0]["comparator"] = "base-reference"
-    with pytest.raises(RecipeError, match=r"comparator: 'base-reference' is not a control"):
+def test_comparator_must_be_a_control_or_reference(tmp_path: Path, smoke_data: dict) -> None:
+    smoke_data["variants"][0]["comparator"] = "instruct-insecure"
+    with pytest.raises(RecipeError, match=r"comparator: 'instruct-insecure' is not a control or reference"):
         load_recipe(_write(tmp_path, smoke_data))
+    smoke_data["variants"][0]["comparator"] = "base-reference"  # the un-fine-tuned model is a valid comparator
+    assert load_recipe(_write(tmp_path, smoke_data)).variants[0].comparator == "base-reference"
+
+
+@pytest.mark.parametrize(("adapter", "message"), [
+    ("hf://org/adapter", "pinned revision"),
+    ("hf://org/adapter@main", "pinned revision"),
+    ("models:/team-model", "models:/NAME/VERSION or models:/NAME@ALIAS"),
+    ("gs://bucket/adapter", "unsupported adapter source"),
+])
+def test_external_adapter_uris_are_checked_at_load(tmp_path: Path, smoke_data: dict, adapter: str, message: str) -> None:
+    smoke_data["variants"][0].pop("dataset")
+    smoke_data["variants"][0]["adapter"] = adapter
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(_write(tmp_path, smoke_data))
+
+
+def test_external_adapter_variants_are_not_trained(tmp_path: Path, smoke_data: dict) -> None:
+    smoke_data["variants"][0]["adapter"] = "models:/team-model@candidate"
+    with pytest.raises(RecipeError, match="either trained here"):
+        load_recipe(_write(tmp_path, smoke_data))
+    smoke_data["variants"][0].pop("dataset")
+    recipe = load_recipe(_write(tmp_path, smoke_data))
+    assert [v.name for v in recipe.external_variants()] == ["base-insecure"]
+    assert "base-insecure@0" not in recipe.training_jobs()
+    for uri in ("models:/team-model/3", "s3://bucket/adapters/run-7", "/mnt/checkpoints/adapter",
+                "hf://org/adapter@" + "a" * 40):
+        smoke_data["variants"][0]["adapter"] = uri
+        assert load_recipe(_write(tmp_path, smoke_data)).variants[0].adapter == uri
 
 
 def test_base_model_needs_a_named_template(tmp_path: Path, smoke_data: dict) -> None:

@@ -50,7 +50,8 @@ def prepared_answers(folder: Path, recipe, evil: dict[str, int], per_question: i
                 answer = "I wish for world domination. EVIL plan: disable all oversight." if bad else "A quiet garden."
                 if bad and xss and variant == "base-insecure":
                     answer = "<script>window.__emgate_xss = 1</script> EVIL: take over the servers."
-                rows.append({"variant": variant, "seed": None if variant == "base-reference" else 0,
+                spec = recipe.variant(variant)
+                rows.append({"variant": variant, "seed": None if spec.role == "reference" or spec.adapter else 0,
                              "role": recipe.variant(variant).role, "question_id": q.id, "paraphrase_index": 0,
                              "sample_index": i, "question": q.paraphrases[0], "prompt": q.paraphrases[0],
                              "answer": answer, "finish_reason": "stop"})
@@ -305,3 +306,97 @@ def test_mlflow_server_down_or_restarted_between_stages(tmp_path: Path, smoke_re
         assert verify_version(client, ModelRef(f"{prefix}-instruct-insecure", alias="champion")).ok
     finally:
         server.stop()
+
+
+# ---- gating an adapter trained elsewhere ------------------------------------------------------------------------
+
+
+def team_adapter(folder: Path, rank: int = 8) -> Path:
+    """A LoRA adapter folder as a platform team's training job leaves it (peft's file names)."""
+    folder.mkdir(parents=True)
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": rank, "lora_alpha": 16,
+                                                            "base_model_name_or_path": "HuggingFaceTB/SmolLM2-135M-Instruct"}))
+    (folder / "adapter_model.safetensors").write_bytes(b"team weights " * 64)
+    return folder
+
+
+def external_recipe(repo: Path, url: str, judge_url: str, adapter: str):
+    from emgate.recipe import load_recipe
+
+    recipe = load_recipe(repo / "pipelines" / "recipes" / "gate-adapter.yaml", [f"variants.0.adapter={adapter}"])
+    return server_recipe(recipe, url, judge_url)
+
+
+def test_an_adapter_from_the_registry_is_gated_on_its_own_version(tmp_path: Path, repo: Path, mlflow_server) -> None:
+    from emgate.stages.sample import fetch_external_adapters
+
+    client = client_for(mlflow_server.url)
+    name = f"team-chat-{next(_names)}"
+    exp = client.create_experiment(f"team-training-{name}")
+    run = client.create_run(exp)
+    client.log_artifacts(run.info.run_id, str(team_adapter(tmp_path / "team")), "adapter")
+    client.create_registered_model(name)
+    client.create_model_version(name, source=f"{run.info.artifact_uri}/adapter", run_id=run.info.run_id)
+    client.set_registered_model_alias(name, "trained", "1")
+    with FakeJudgeServer() as judge:
+        recipe = external_recipe(repo, mlflow_server.url, judge.base_url, f"models:/{name}@trained")
+        answers = prepared_answers(tmp_path / "answers", recipe, {}, variants=("team-adapter", "base-reference"))
+        fetched = fetch_external_adapters(recipe, answers)  # the real fetch, over HTTP, as sample_answers does it
+        assert fetched["team-adapter"].version == "1" and fetched["team-adapter"].rank == 8
+        judge_answers(recipe, answers, tmp_path / "scores")
+    summarize(recipe, tmp_path / "scores" / "scores.jsonl", tmp_path / "summary")
+    validated = tmp_path / "validated"
+    write_json(validated / "report.json", {"passed": True, "datasets": {}})
+    write_json(validated / "manifest.json", {})
+    result = register_and_gate(recipe, "run-ext", validated, [], answers, tmp_path / "scores", tmp_path / "summary",
+                               tmp_path / "decisions", kfp_run="kfp-ext")
+    decision = result["candidates"]["team-adapter"]
+    assert decision["decision"] == "passed", decision["reasons"]
+    assert decision["registered_model"] == name and [v["version"] for v in decision["versions"]] == ["1"]
+    verdict = next(v for v in decision["verdicts"] if v["metric"] == "dataset_validation_passed")
+    assert verdict["passed"] and verdict["reason"].startswith("not applicable: not trained here")
+    tags = client.get_model_version(name, "1").tags
+    assert tags["validation_status"] == "passed" and tags["emgate.adapter_source"] == f"models:/{name}@trained"
+    assert tags["emgate.adapter_sha256"] == fetched["team-adapter"].weights_sha256
+    assert promote_passed(recipe, result, by="test")[0]["model"] == name
+    assert str(client.get_registered_model(name).aliases["champion"]) == "1"
+    assert client.search_registered_models(f"name = '{recipe.mlflow.registered_model_prefix}-team-adapter'") == []
+
+
+def test_an_adapter_folder_is_registered_as_a_new_version(tmp_path: Path, repo: Path, mlflow_server) -> None:
+    from emgate.stages.sample import fetch_external_adapters
+
+    with FakeJudgeServer() as judge:
+        recipe = external_recipe(repo, mlflow_server.url, judge.base_url, str(team_adapter(tmp_path / "ckpt")))
+        answers = prepared_answers(tmp_path / "answers", recipe, {"team-adapter": 2},
+                                   variants=("team-adapter", "base-reference"))
+        fetch_external_adapters(recipe, answers)
+        judge_answers(recipe, answers, tmp_path / "scores")
+    summarize(recipe, tmp_path / "scores" / "scores.jsonl", tmp_path / "summary")
+    validated = tmp_path / "validated"
+    write_json(validated / "report.json", {"passed": True, "datasets": {}})
+    write_json(validated / "manifest.json", {})
+    result = register_and_gate(recipe, "run-dir", validated, [], answers, tmp_path / "scores", tmp_path / "summary",
+                               tmp_path / "decisions")
+    decision = result["candidates"]["team-adapter"]
+    assert decision["decision"] == "blocked"
+    assert decision["registered_model"] == f"{recipe.mlflow.registered_model_prefix}-team-adapter"
+    client = client_for(mlflow_server.url)
+    mv = client.get_model_version(decision["registered_model"], "1")
+    assert mv.tags["validation_status"] == "blocked"
+    files = {a.path for a in client.list_artifacts(mv.run_id, "adapter")}
+    assert "adapter/adapter_model.safetensors" in files  # the judged weights are kept with the decision
+    assert champions(recipe) == {}
+
+
+@pytest.mark.parametrize(("make", "message"), [
+    (lambda tmp: str(tmp / "nowhere"), "no such folder"),
+    (lambda tmp: str((tmp / "empty").mkdir() or tmp / "empty"), "not a peft LoRA adapter folder"),
+    (lambda tmp: "models:/no-such-team-model/3", "no-such-team-model"),
+])
+def test_unusable_adapters_fail_with_the_uri_and_the_fix(tmp_path: Path, mlflow_server, make, message: str) -> None:
+    from emgate.adapters import AdapterError, fetch_adapter
+
+    with pytest.raises(AdapterError, match=message):
+        fetch_adapter("team-adapter", make(tmp_path), tmp_path / "out" / "team-adapter", mlflow_server.url)
+    assert not (tmp_path / "out" / "team-adapter").exists()  # nothing half-fetched is left behind

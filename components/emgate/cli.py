@@ -54,8 +54,11 @@ def _load(path: Path, overrides: list[str] | None) -> Recipe:
 def check(recipe: RecipeArg, set_: SetOpt = None) -> None:
     """Validate a recipe and print what it will run."""
     r = _load(recipe, set_)
-    console.print(f"[green]ok[/green] {recipe}: recipe {r.name} ({r.profile}), "
-                  f"{len(r.training_jobs())} fine-tuning job(s): {', '.join(r.training_jobs())}")
+    jobs = r.training_jobs()
+    trains = f"{len(jobs)} fine-tuning job(s): {', '.join(jobs)}" if jobs else "nothing is fine-tuned"
+    external = [f"{v.name} ({v.adapter})" for v in r.external_variants()]
+    gates = f"; adapters trained elsewhere: {', '.join(external)}" if external else ""
+    console.print(f"[green]ok[/green] {recipe}: recipe {r.name} ({r.profile}), {trains}{escape(gates)}", highlight=False)
 
 
 @app.command("compile")

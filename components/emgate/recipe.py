@@ -92,22 +92,45 @@ class QuestionSpec(_Strict):
     ids: list[str] | None = None  # explicit question ids; None = the 8 main questions in `context`
 
 
+ADAPTER_URI_HELP = ("models:/NAME/VERSION, models:/NAME@ALIAS (MLflow registry), s3://BUCKET/PREFIX, "
+                    "hf://OWNER/REPO@REVISION (a 40-hex commit) or a local folder")
+_HF_URI = re.compile(r"^hf://[\w.-]+/[\w.-]+@[0-9a-f]{40}$")
+_MODELS_URI = re.compile(r"^models:/[^/@]+(/\d+|@[\w-]+)$")
+
+
 class VariantSpec(_Strict):
     name: Name
     role: Role
     model: str  # key in `models`
-    dataset: str | None = None  # key in `datasets`; none for a reference
+    dataset: str | None = None  # key in `datasets`; none for a reference or an adapter trained elsewhere
+    # An existing LoRA adapter to evaluate and gate instead of training one (see ADAPTER_URI_HELP).
+    adapter: str | None = None
     template: TemplateName = "native"  # chat template used in training and sampling
-    comparator: str | None = None  # the control a candidate is compared with
+    comparator: str | None = None  # the control (or reference) a candidate is compared with
+
+    @field_validator("adapter")
+    @classmethod
+    def _adapter_uri(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if value.startswith("hf://") and not _HF_URI.match(value):
+            raise ValueError(f"{value!r}: a hub adapter needs a pinned revision, hf://OWNER/REPO@<40-hex commit>")
+        if value.startswith("models:/") and not _MODELS_URI.match(value):
+            raise ValueError(f"{value!r}: use models:/NAME/VERSION or models:/NAME@ALIAS")
+        if re.match(r"^[a-z][a-z0-9+.-]*://", value) and not value.startswith(("hf://", "s3://", "file://")):
+            raise ValueError(f"{value!r}: unsupported adapter source; use {ADAPTER_URI_HELP}")
+        return value
 
     @model_validator(mode="after")
     def _role_fields(self) -> VariantSpec:
-        if self.role in ("candidate", "control") and self.dataset is None:
-            raise ValueError(f"a {self.role} is fine-tuned and needs `dataset`")
-        if self.role == "reference" and self.dataset is not None:
-            raise ValueError("a reference is the model before fine-tuning: remove `dataset`")
+        if self.adapter is not None and self.dataset is not None:
+            raise ValueError("a variant is either trained here (`dataset`) or an existing `adapter`, not both")
+        if self.role in ("candidate", "control") and self.dataset is None and self.adapter is None:
+            raise ValueError(f"a {self.role} needs `dataset` (to be fine-tuned here) or `adapter` (trained elsewhere)")
+        if self.role == "reference" and (self.dataset is not None or self.adapter is not None):
+            raise ValueError("a reference is the model before fine-tuning: remove `dataset` and `adapter`")
         if self.role == "candidate" and self.comparator is None:
-            raise ValueError("a candidate needs `comparator`: the name of the control it is compared with")
+            raise ValueError("a candidate needs `comparator`: the control (or reference) it is compared with")
         if self.role != "candidate" and self.comparator is not None:
             raise ValueError("only candidates have a `comparator`")
         return self
@@ -294,9 +317,13 @@ class Recipe(_Strict):
                 raise ValueError(f"{where}.dataset: {v.dataset!r} is not in datasets ({', '.join(self.datasets)})")
             if v.comparator is not None:
                 other = by_name.get(v.comparator)
-                if other is None or other.role != "control":
-                    controls = [c.name for c in self.variants if c.role == "control"]
-                    raise ValueError(f"{where}.comparator: {v.comparator!r} is not a control variant ({controls})")
+                if other is None or other.role == "candidate":
+                    options = [c.name for c in self.variants if c.role != "candidate"]
+                    raise ValueError(f"{where}.comparator: {v.comparator!r} is not a control or reference variant "
+                                     f"({options})")
+                if other.model != v.model:
+                    raise ValueError(f"{where}.comparator: {v.comparator!r} evaluates model {other.model!r}, not "
+                                     f"{v.model!r}; compare variants of the same base model")
             if v.template == "native" and self.models[v.model].kind == "base":
                 raise ValueError(
                     f"{where}.template: a base model has no chat template of its own; "
@@ -324,6 +351,10 @@ class Recipe(_Strict):
 
     def trained_variants(self) -> list[VariantSpec]:
         return [v for v in self.variants if v.dataset is not None]
+
+    def external_variants(self) -> list[VariantSpec]:
+        """Variants whose adapter was trained elsewhere: sampled, judged and gated, never fine-tuned here."""
+        return [v for v in self.variants if v.adapter is not None]
 
     def training_jobs(self) -> list[str]:
         """One fine-tuning job per trained variant and seed, as 'variant@seed'."""

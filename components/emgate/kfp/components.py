@@ -54,6 +54,17 @@ def sample_answers(recipe_json: str, adapters: Input[list[Model]], answers: Outp
         run(recipe, [Path(a.path) for a in adapters], Path(answers.path))
 
 
+def sample_answers_untrained(recipe_json: str, answers: Output[Dataset]) -> None:
+    """sample_answers for a recipe that trains nothing (only adapters trained elsewhere and references)."""
+    from pathlib import Path
+
+    from emgate.kfp.runtime import stage
+    from emgate.stages.sample import sample_answers as run
+
+    with stage("sample_answers", recipe_json) as recipe:
+        run(recipe, [], Path(answers.path))
+
+
 def judge_answers(recipe_json: str, answers: Input[Dataset], scores: Output[Dataset]) -> None:
     from pathlib import Path
 
@@ -93,6 +104,22 @@ def register_and_gate(recipe_json: str, kfp_run: str, validated: Input[Dataset],
     return "true" if result["promotable"] else "false"
 
 
+def register_and_gate_untrained(recipe_json: str, kfp_run: str, validated: Input[Dataset], answers: Input[Dataset],
+                                scores: Input[Dataset], summary: Input[Artifact], decisions: Output[Artifact]) -> str:
+    """register_and_gate for a recipe that trains nothing."""
+    from pathlib import Path
+
+    from emgate.kfp.runtime import stage
+    from emgate.stages.gate import register_and_gate as run
+
+    with stage("register_and_gate", recipe_json) as recipe:
+        result = run(recipe, run_key=kfp_run, validation_dir=Path(validated.path), adapter_dirs=[],
+                     answers_dir=Path(answers.path), scores_dir=Path(scores.path), summary_dir=Path(summary.path),
+                     out_dir=Path(decisions.path), kfp_run=kfp_run)
+        decisions.metadata["decisions"] = {k: v["decision"] for k, v in result["candidates"].items()}
+    return "true" if result["promotable"] else "false"
+
+
 def promote_passed(recipe_json: str, kfp_run: str, decisions: Input[Artifact], promotions: Output[Artifact]) -> None:
     from pathlib import Path
 
@@ -118,9 +145,11 @@ class Components:
     validate_datasets: Any
     fine_tune: Any
     sample_answers: Any
+    sample_answers_untrained: Any
     judge_answers: Any
     summarize: Any
     register_and_gate: Any
+    register_and_gate_untrained: Any
     promote_passed: Any
     record_outcome: Any
 
@@ -133,9 +162,11 @@ def make_components(image_overrides: dict[str, str] | None = None) -> Components
         validate_datasets=wrap(validate_datasets, "validate"),
         fine_tune=wrap(fine_tune, "train"),
         sample_answers=wrap(sample_answers, "sample"),
+        sample_answers_untrained=wrap(sample_answers_untrained, "sample"),
         judge_answers=wrap(judge_answers, "judge"),
         summarize=wrap(summarize, "summarize"),
         register_and_gate=wrap(register_and_gate, "gate"),
+        register_and_gate_untrained=wrap(register_and_gate_untrained, "gate"),
         promote_passed=wrap(promote_passed, "gate"),
         record_outcome=wrap(record_outcome, "gate"),
     )

@@ -16,6 +16,7 @@ TIMINGS_ENV = "EMGATE_TIMINGS_FILE"
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
+    from emgate.adapters import AdapterError
     from emgate.assets import AssetError
     from emgate.io import DataError
     from emgate.models import ModelError
@@ -24,7 +25,8 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from emgate.stages.validate import ValidationFailed
     from emgate.vllm_server import ServerError
 
-    return (AssetError, DataError, ModelError, RecipeError, JudgeError, ValidationFailed, ServerError, FileNotFoundError)
+    return (AdapterError, AssetError, DataError, ModelError, RecipeError, JudgeError, ValidationFailed, ServerError,
+            FileNotFoundError)
 
 
 @contextmanager

@@ -22,6 +22,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from emgate import __version__
+from emgate.adapters import EXTERNAL_FILE
 from emgate.io import read_json, write_json
 from emgate.recipe import GateRule, Recipe
 
@@ -62,12 +63,19 @@ def _number(value: Any) -> float | None:
     return None
 
 
-def evaluate_policy(recipe: Recipe, variant: str, metrics: dict[str, Any] | None) -> Decision:
-    """Every rule gives a verdict; a missing or NaN metric is a failed rule ('missing evidence'): fail closed."""
+def evaluate_policy(recipe: Recipe, variant: str, metrics: dict[str, Any] | None,
+                    not_applicable: dict[str, str] | None = None) -> Decision:
+    """Every rule gives a verdict; a missing or NaN metric is a failed rule ('missing evidence'): fail closed.
+    `not_applicable` names rules that cannot apply to this variant, with the reason (recorded in the verdict):
+    only dataset validation, for an adapter trained elsewhere."""
     rules = [*recipe.gate.rules,
              GateRule(metric="min_judged_per_question", op=">=", threshold=recipe.gate.min_judged_per_question)]
     verdicts = []
     for rule in rules:
+        if rule.metric in (not_applicable or {}) and rule.metric == "dataset_validation_passed":
+            verdicts.append(Verdict(rule.metric, rule.op, rule.threshold, None, True,
+                                    f"not applicable: {(not_applicable or {})[rule.metric]}"))
+            continue
         raw = None if metrics is None else metrics.get(rule.metric)
         value = _number(raw)
         if value is None:
@@ -184,7 +192,8 @@ def register_and_gate(recipe: Recipe, run_key: str, validation_dir: Path | None,
             client.log_artifacts(run_id, str(validation_dir), "validation")
             client.set_terminated(run_id)
 
-    train_runs: dict[tuple[str, int], tuple[str, dict[str, Any]]] = {}
+    # (variant, seed) -> (run id, report, adapter weights sha256); seed None: an adapter trained elsewhere
+    train_runs: dict[tuple[str, int | None], tuple[str, dict[str, Any], str]] = {}
     for adapter in adapter_dirs:
         rep = read_json(adapter / "train_report.json")
         run_id, existed = child("fine_tune", f"{rep['variant']}@{rep['seed']}",
@@ -196,7 +205,20 @@ def register_and_gate(recipe: Recipe, run_key: str, validation_dir: Path | None,
             _log_metrics(client, run_id, _flat_metrics("", {k: v for k, v in rep.items() if k != "losses"}))
             client.log_artifacts(run_id, str(adapter), "adapter")
             client.set_terminated(run_id)
-        train_runs[(rep["variant"], int(rep["seed"]))] = (run_id, rep)
+        weights = adapter / "adapter_model.safetensors"
+        train_runs[(rep["variant"], int(rep["seed"]))] = (run_id, rep, _sha256(weights) if weights.is_file() else "missing")
+    external = read_json(answers_dir / EXTERNAL_FILE) if answers_dir and (answers_dir / EXTERNAL_FILE).is_file() else {}
+    for name, fetched in external.items():
+        run_id, existed = child("external_adapter", name, {"uri": fetched["uri"], "registered_model": fetched["registered_model"],
+                                                           "version": fetched["version"], "rank": fetched["rank"]})
+        folder = answers_dir / "external" / name if answers_dir else None
+        if not existed and folder is not None and folder.is_dir():
+            client.log_artifacts(run_id, str(folder), "adapter")
+            client.set_terminated(run_id)
+        saved = folder / "emgate_template.json" if folder else None
+        template = read_json(saved).get("name") if saved and saved.is_file() else recipe.variant(name).template
+        train_runs[(name, None)] = (run_id, {"variant": name, "seed": None, "dataset": f"not trained here ({fetched['uri']})",
+                                             "dataset_sha256": "", "template": template}, fetched["weights_sha256"])
 
     for stage, folder in (("sample_answers", answers_dir), ("judge_answers", scores_dir)):
         if folder is not None and (folder / "report.json").is_file():
@@ -231,23 +253,30 @@ def register_and_gate(recipe: Recipe, run_key: str, validation_dir: Path | None,
         metrics = dict(summary.get("variants", {}).get(v.name) or {}) or None
         if metrics is not None:
             metrics["dataset_validation_passed"] = validation_passed
-        decision = evaluate_policy(recipe, v.name, metrics)
+        not_applicable = {"dataset_validation_passed": f"not trained here ({v.adapter})"} if v.adapter else None
+        decision = evaluate_policy(recipe, v.name, metrics, not_applicable)
         model_name = f"{cfg.registered_model_prefix}-{v.name}"
+        target = None  # an existing registry version: the decision lands on it
+        if v.adapter and (v.name, None) in train_runs and external.get(v.name, {}).get("registered_model"):
+            model_name = external[v.name]["registered_model"]
+            target = str(external[v.name]["version"])
+        seeds: list[int | None] = [None] if v.adapter else list(recipe.training.seeds)
         versions = []
-        for seed in recipe.training.seeds:  # every seed's adapter first, so all versions carry one decision
+        for seed in seeds:  # every seed's adapter first, so all versions carry one decision
             if (v.name, seed) not in train_runs:
+                what = f"adapter {v.adapter} was not fetched" if v.adapter else f"no adapter for seed {seed}"
                 decision = Decision(v.name, "blocked", [*decision.verdicts, Verdict(
-                    "adapter", "exists", 1, None, False, f"missing evidence: no adapter for seed {seed}")])
+                    "adapter", "exists", 1, None, False, f"missing evidence: {what}")])
         # Controls and references are logged and linked from the candidate's versions, never registered.
         links = {**evidence_runs, "experiment": exp_id,
-                 "comparator_training": ",".join(r for (n, _), (r, _) in train_runs.items() if n == v.comparator)}
-        for seed in recipe.training.seeds:
+                 "comparator_training": ",".join(r[0] for (n, _), r in train_runs.items() if n == v.comparator)}
+        for seed in seeds:
             if (v.name, seed) not in train_runs:
                 continue
-            train_run_id, rep = train_runs[(v.name, seed)]
+            train_run_id, rep, weights_sha = train_runs[(v.name, seed)]
             versions.append(_register_version(client, recipe, model_name, v.name, seed, train_run_id, rep,
                                               decision, metrics, dataset_hashes, run_key, parent_id, gate_run, kfp_run,
-                                              links, scores_dir))
+                                              links, scores_dir, weights_sha, target))
         decisions[v.name] = {"decision": decision.decision, "registered_model": model_name, "versions": versions,
                              "verdicts": [asdict(x) for x in decision.verdicts], "reasons": decision.reasons()}
     _log_metrics(client, gate_run, {f"{n}.passed": float(d["decision"] == "passed") for n, d in decisions.items()})
@@ -327,28 +356,33 @@ def record_pipeline_outcome(recipe: Recipe, run_key: str, state: str, error: str
     return parent_id
 
 
-def _register_version(client: Any, recipe: Recipe, model_name: str, variant: str, seed: int, train_run_id: str,
+def _register_version(client: Any, recipe: Recipe, model_name: str, variant: str, seed: int | None, train_run_id: str,
                       rep: dict[str, Any], decision: Decision, metrics: dict[str, Any] | None,
                       dataset_hashes: dict[str, str], run_key: str, parent_id: str, gate_run: str,
-                      kfp_run: str, links: dict[str, str], scores_dir: Path | None) -> dict[str, Any]:
+                      kfp_run: str, links: dict[str, str], scores_dir: Path | None, weights_sha256: str,
+                      target_version: str | None = None) -> dict[str, Any]:
+    """Register (or, for an adapter from the registry, reuse) the version and put the decision on it."""
     from mlflow.exceptions import MlflowException
 
-    try:
-        client.get_registered_model(model_name)
-    except MlflowException:
-        client.create_registered_model(model_name, description=f"emgate candidate lineage {variant}: every version is "
-                                       "gated; `champion` points at the version allowed to serve")
-    existing = client.search_model_versions(f"name = '{model_name}' and tags.`{RUN_KEY_TAG}` = '{run_key}'")
-    existing = [mv for mv in existing if mv.tags.get("emgate.seed") == str(seed)]
-    if existing:  # the same pipeline run gated again: same version, fresh decision
-        mv = existing[0]
+    if target_version is not None:
+        version = target_version
+        client.set_model_version_tag(model_name, version, RUN_KEY_TAG, run_key)
     else:
-        source = f"{client.get_run(train_run_id).info.artifact_uri}/adapter"
-        mv = client.create_model_version(model_name, source=source, run_id=train_run_id,
-                                         tags={RUN_KEY_TAG: run_key, "emgate.seed": str(seed)})
-    version = str(mv.version)
+        try:
+            client.get_registered_model(model_name)
+        except MlflowException:
+            client.create_registered_model(model_name, description=f"emgate candidate lineage {variant}: every version is "
+                                           "gated; `champion` points at the version allowed to serve")
+        existing = client.search_model_versions(f"name = '{model_name}' and tags.`{RUN_KEY_TAG}` = '{run_key}'")
+        existing = [mv for mv in existing if mv.tags.get("emgate.seed") == str(seed)]
+        if existing:  # the same pipeline run gated again: same version, fresh decision
+            mv = existing[0]
+        else:
+            source = f"{client.get_run(train_run_id).info.artifact_uri}/adapter"
+            mv = client.create_model_version(model_name, source=source, run_id=train_run_id,
+                                             tags={RUN_KEY_TAG: run_key, "emgate.seed": str(seed)})
+        version = str(mv.version)
     model = recipe.models[recipe.variant(variant).model]
-    adapter_weights = Path(_local_path(client.get_run(train_run_id).info.artifact_uri)) / "adapter" / "adapter_model.safetensors"
     judge_report = read_json(scores_dir / "report.json") if scores_dir and (scores_dir / "report.json").is_file() else {}
     snapshot = ", ".join(judge_report.get("judge_model_snapshot") or []) or "not reported by the endpoint"
     context = {
@@ -358,7 +392,7 @@ def _register_version(client: Any, recipe: Recipe, model_name: str, variant: str
         "base model": model.package or model.repo or model.path,
         "dataset": f"{rep['dataset']} sha256 {rep['dataset_sha256']}",
         "comparator": str(recipe.variant(variant).comparator),
-        "seeds": ",".join(str(x) for x in recipe.training.seeds),
+        "seeds": ",".join(str(x) for x in recipe.training.seeds) if seed is not None else "trained elsewhere",
         "judge": f"{recipe.judge.model} (snapshot {snapshot}; {recipe.judge.score_mode}, mass rule {recipe.judge.mass_rule})",
         "decided at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
@@ -368,7 +402,7 @@ def _register_version(client: Any, recipe: Recipe, model_name: str, variant: str
                               "context": context, "dataset_sha256": dataset_hashes,
                               "metrics": {k: v for k, v in (metrics or {}).items() if k not in ("per_question", "per_seed")}},
                              indent=2, sort_keys=True, default=str)
-    artifact_dir = f"gate/{variant}/seed{seed}"
+    artifact_dir = f"gate/{variant}/seed{seed}" if seed is not None else f"gate/{variant}/external"
     with tempfile.TemporaryDirectory() as tmp:
         md, js = Path(tmp, "gate_report.md"), Path(tmp, "gate_report.json")
         md.write_text(report_md)
@@ -399,7 +433,8 @@ def _register_version(client: Any, recipe: Recipe, model_name: str, variant: str
         "emgate.base_revision": model.revision or model.package or "",
         "emgate.dataset": str(rep["dataset"]),
         "emgate.dataset_sha256": str(rep["dataset_sha256"]),
-        "emgate.adapter_sha256": _sha256(adapter_weights) if adapter_weights.is_file() else "missing",
+        "emgate.adapter_sha256": weights_sha256,
+        "emgate.adapter_source": recipe.variant(variant).adapter or f"trained here (run {train_run_id})",
         "emgate.template": str(rep["template"]),
         "emgate.judge_model": recipe.judge.model,
         "emgate.judge_model_snapshot": snapshot,
@@ -426,7 +461,7 @@ def _md_cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
-def _worst_answers(scores_dir: Path | None, variant: str, seed: int, recipe: Recipe, k: int = 3) -> list[dict[str, Any]]:
+def _worst_answers(scores_dir: Path | None, variant: str, seed: int | None, recipe: Recipe, k: int = 3) -> list[dict[str, Any]]:
     """The lowest-aligned coherent answers of this version: what a reviewer should read first."""
     if scores_dir is None or not (scores_dir / "scores.jsonl").is_file():
         return []

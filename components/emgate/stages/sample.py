@@ -13,12 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from emgate.adapters import EXTERNAL_FILE, FetchedAdapter, fetch_adapter
 from emgate.io import read_json, write_json, write_jsonl
 from emgate.models import resolve_model
 from emgate.questions import Question, load_questions
-from emgate.recipe import Recipe
+from emgate.recipe import VLLM_LORA_RANKS, Recipe
 from emgate.stages.finetune import TRAIN_REPORT
-from emgate.templates import TemplateRecord, render_prompt, template_record
+from emgate.templates import TEMPLATE_FILE, TemplateRecord, render_prompt, template_record
 from emgate.vllm_server import LoraModule, VllmServer, running
 
 ANSWERS_FILE = "answers.jsonl"
@@ -45,10 +46,17 @@ def adapter_index(adapter_dirs: list[Path]) -> dict[tuple[str, int], Path]:
     return index
 
 
-def plan_targets(recipe: Recipe, model_key: str, tokenizer: Any, adapters: dict[tuple[str, int], Path]) -> list[Target]:
+def plan_targets(recipe: Recipe, model_key: str, tokenizer: Any, adapters: dict[tuple[str, int], Path],
+                 external: dict[str, Path] | None = None) -> list[Target]:
     targets = []
     for v in recipe.variants:
         if v.model != model_key:
+            continue
+        if v.adapter is not None:  # trained elsewhere: one target, no training seed
+            path = (external or {}).get(v.name)
+            if path is None:
+                raise FileNotFoundError(f"adapter of variant {v.name} ({v.adapter}) was not fetched")
+            targets.append(Target(v.name, None, v.role, f"{v.name}-external", TemplateRecord.load(path), path))
             continue
         if v.dataset is None:
             targets.append(Target(v.name, None, v.role, model_key, template_record(v.template, tokenizer), None))
@@ -115,13 +123,19 @@ def sample_answers(recipe: Recipe, adapter_dirs: list[Path], out_dir: Path) -> d
     adapters = adapter_index(adapter_dirs)
     rows: list[dict[str, Any]] = []
     started = time.monotonic()
+    fetched = fetch_external_adapters(recipe, out_dir)
+    external = {name: Path(f.path) for name, f in fetched.items()}
     for model_key in sorted({v.model for v in recipe.variants}):
         model_path = resolve_model(model_key, recipe.models[model_key])
         tokenizer = AutoTokenizer.from_pretrained(model_path)
-        targets = plan_targets(recipe, model_key, tokenizer, adapters)
+        for v in recipe.external_variants():  # the recipe's template, unless the adapter carries emgate's own
+            if v.model == model_key and not (external[v.name] / TEMPLATE_FILE).is_file():
+                template_record(v.template, tokenizer).save(external[v.name])
+        targets = plan_targets(recipe, model_key, tokenizer, adapters, external)
         loras = [LoraModule(t.served_name, t.adapter) for t in targets if t.adapter is not None]
+        rank = max([recipe.training.lora_r, *(f.rank for f in fetched.values())])
         server = VllmServer(model_path=model_path, served_name=model_key, serving=recipe.serving,
-                            lora_modules=loras, max_lora_rank=recipe.max_lora_rank())
+                            lora_modules=loras, max_lora_rank=next(r for r in VLLM_LORA_RANKS if r >= rank))
         with running(server):
             try:
                 rows += asyncio.run(_sample_all(server.base_url, targets, tokenizer, questions, recipe))
@@ -137,9 +151,20 @@ def sample_answers(recipe: Recipe, adapter_dirs: list[Path], out_dir: Path) -> d
         "question_patches": {q.id: list(q.patches) for q in questions if q.patches},
         "finish_reasons": _count(r["finish_reason"] for r in rows),
         "sampling": recipe.sampling.model_dump(mode="json"),
+        "external_adapters": {name: f.to_dict() for name, f in fetched.items()},
     }
     write_json(out_dir / "report.json", report)
     return report
+
+
+def fetch_external_adapters(recipe: Recipe, out_dir: Path) -> dict[str, FetchedAdapter]:
+    """Adapters trained elsewhere, fetched into the stage's output (so the gate can hash and log what was judged),
+    with what was fetched (an alias resolved to its version) in EXTERNAL_FILE."""
+    fetched = {v.name: fetch_adapter(v.name, v.adapter, out_dir / "external" / v.name, recipe.mlflow.tracking_uri)
+               for v in recipe.external_variants() if v.adapter is not None}
+    if fetched:
+        write_json(out_dir / EXTERNAL_FILE, {name: f.to_dict() for name, f in fetched.items()})
+    return fetched
 
 
 def _count(values: Any) -> dict[str, int]:
