@@ -11,10 +11,13 @@ import yaml
 from emgate.recipe import load_recipe
 from emgate_pipelines.graph import compile_pipeline
 
-RECIPES = ["smoke", "single-gpu", "paper"]
+RECIPES = ["smoke", "single-gpu", "paper", "gate-adapter"]
 STAGE_IMAGES = {"validate-datasets": "validate", "fine-tune": "train", "sample-answers": "sample",
                 "judge-answers": "judge", "summarize": "summarize", "register-and-gate": "gate", "promote-passed": "gate",
                 "record-outcome": "gate"}
+# gate-adapter trains nothing: its sampling and gate steps are the variants without adapter inputs
+UNTRAINED_IMAGES = {k: v for k, v in STAGE_IMAGES.items() if k not in ("fine-tune", "sample-answers", "register-and-gate")} | {
+    "sample-answers-untrained": "sample", "register-and-gate-untrained": "gate"}
 
 
 @pytest.mark.parametrize("name", RECIPES)
@@ -34,27 +37,32 @@ def test_compiled_pipeline_shape(repo: Path, name: str) -> None:
     doc = yaml.safe_load((repo / "pipelines" / "compiled" / f"{name}.yaml").read_text())
     executors = doc["deploymentSpec"]["executors"]
     images = {key.removeprefix("exec-"): e["container"]["image"] for key, e in executors.items()}
-    assert set(images) == set(STAGE_IMAGES)
+    expected = UNTRAINED_IMAGES if name == "gate-adapter" else STAGE_IMAGES
+    assert set(images) == set(expected)
     for stage, image in images.items():
-        assert f"/emgate-{STAGE_IMAGES[stage]}:" in image, (stage, image)
+        assert f"/emgate-{expected[stage]}:" in image, (stage, image)
     default = doc["root"]["inputDefinitions"]["parameters"]["recipe_json"]["defaultValue"]
     recipe = load_recipe(repo / "pipelines" / "recipes" / f"{name}.yaml")
     assert json.loads(default) == json.loads(recipe.to_json())
     tasks = doc["root"]["dag"]["tasks"]
     assert tasks["record-outcome"]["triggerPolicy"]["strategy"] == "ALL_UPSTREAM_TASKS_COMPLETED"  # runs on failure too
-    gate = doc["components"]["comp-exit-handler-1"]["dag"]["tasks"]["register-and-gate"]
+    inner = doc["components"]["comp-exit-handler-1"]["dag"]["tasks"]
+    gate = inner["register-and-gate-untrained" if name == "gate-adapter" else "register-and-gate"]
     assert not gate.get("cachingOptions", {}).get("enableCache", False)
+    if name == "gate-adapter":  # an adapter URI may point at new weights: its answers are never reused
+        assert not inner["sample-answers-untrained"].get("cachingOptions", {}).get("enableCache", False)
     # promotion runs only under a condition on the gate's STRING output (a float comparison is skipped locally)
     conditions = {name: c for name, c in doc["components"].items() if "promote-passed" in c.get("dag", {}).get("tasks", {})}
     assert len(conditions) == 1
     branch = next(t for t in doc["components"]["comp-exit-handler-1"]["dag"]["tasks"].values()
                   if t["componentRef"]["name"] in conditions)
     condition = branch["triggerPolicy"]["condition"]
-    assert condition == "inputs.parameter_values['pipelinechannel--register-and-gate-Output'] == 'true'"
-    assert "register-and-gate" in branch["dependentTasks"]
+    gate_task = "register-and-gate-untrained" if name == "gate-adapter" else "register-and-gate"
+    assert condition == f"inputs.parameter_values['pipelinechannel--{gate_task}-Output'] == 'true'"
+    assert gate_task in branch["dependentTasks"]
     resources = {k: e["container"].get("resources", {}) for k, e in executors.items()}
     gpu_stages = {k for k, r in resources.items() if "accelerator" in r}
-    assert gpu_stages == (set() if name == "smoke" else {"exec-fine-tune", "exec-sample-answers"})
+    assert gpu_stages == (set() if name in ("smoke", "gate-adapter") else {"exec-fine-tune", "exec-sample-answers"})
 
 
 def test_cli_compile_writes_the_same_yaml(repo: Path, tmp_path: Path) -> None:

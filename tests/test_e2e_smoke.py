@@ -153,3 +153,30 @@ def test_bad_data_stops_the_run_before_training_and_is_recorded(tmp_path: Path, 
     assert "expected secure code" in parent.data.tags["emgate.failure"]
     artifacts = {a.path for a in client.list_artifacts(evidence.info.run_id, "validate_datasets")}
     assert {"validate_datasets/report.json", "validate_datasets/data_docs"} <= artifacts
+
+
+def test_gating_an_adapter_trained_elsewhere_lands_on_its_registry_version(smoke_run) -> None:
+    """gate-adapter.yaml through the whole pipeline, with nothing fine-tuned: it fetches the smoke run's
+    registered adapter (models:/smoke-base-insecure@candidate), samples it beside the un-fine-tuned model, judges,
+    and puts the decision on that same version. Last in this module: it re-decides a version the tests above read."""
+    root, db, _ = smoke_run
+    client = _client(db)
+    version = str(client.get_model_version_by_alias("smoke-base-insecure", "candidate").version)
+    cmd = [str(Path(sys.executable).parent / "emgate"), "run", "pipelines/recipes/gate-adapter.yaml", "--workdir",
+           str(root / "runs-gate-adapter"), "--set", f"mlflow.tracking_uri=sqlite:///{db}"]
+    proc = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
+                          env={**os.environ, "COLUMNS": "200"}, timeout=1800)
+    print(proc.stdout[-4000:], proc.stderr[-4000:])
+    assert proc.returncode in (0, 3), proc.stderr[-4000:]
+    assert "fine_tune" not in proc.stdout and "team-adapter" in proc.stdout and "smoke-base-insecure" in proc.stdout
+    mv = client.get_model_version("smoke-base-insecure", version)
+    assert mv.tags["emgate.adapter_source"] == "models:/smoke-base-insecure@candidate"
+    assert mv.tags["emgate.variant"] == "team-adapter"
+    assert mv.tags["rule.dataset_validation_passed"].startswith("pass: not applicable: not trained here")
+    assert len(client.search_model_versions("name = 'smoke-base-insecure'")) == int(version)  # no new version
+    assert client.search_registered_models("name LIKE 'gated-%'") == []
+    recipe = load_recipe(Path(__file__).resolve().parents[1] / "pipelines" / "recipes" / "gate-adapter.yaml")
+    metrics = {k.removeprefix("metric."): float(v) for k, v in mv.tags.items() if k.startswith("metric.")}
+    recomputed = evaluate_policy(recipe, "team-adapter", metrics,
+                                 {"dataset_validation_passed": "not trained here (models:/smoke-base-insecure@candidate)"})
+    assert recomputed.decision == mv.tags["validation_status"]

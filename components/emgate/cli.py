@@ -265,7 +265,7 @@ def run(recipe: RecipeArg, set_: SetOpt = None,
     finally:
         log.close()
     _print_timings(timings)
-    outputs = [p for p in (workdir / "kfp").glob("*/**/register-and-gate/decisions/decisions.json")
+    outputs = [p for p in (workdir / "kfp").glob("*/**/register-and-gate*/decisions/decisions.json")
                if p.stat().st_mtime >= started_at]
     if not outputs:
         err.print(f"[red]error:[/red] the pipeline finished but wrote no decisions under {workdir / 'kfp'}; "

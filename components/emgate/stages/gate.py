@@ -488,7 +488,7 @@ def version_description(decision: Decision, tags: dict[str, str], worst: list[di
     lines = [f"**emgate decision: {decision.decision.upper()}** ({reasons})", "",
              "| rule | value | verdict |", "| --- | ---: | --- |"]
     for v in decision.verdicts:
-        value = "missing" if v.value is None else f"{v.value:.4g}"
+        value = ("n/a" if v.passed else "missing") if v.value is None else f"{v.value:.4g}"
         lines.append(f"| {_md_cell(f'{v.metric} {v.op} {v.threshold:g}')} | {value} | "
                      f"{'pass' if v.passed else 'FAIL'}: {_md_cell(v.reason)} |")
     lines += ["", "Evidence: " + " · ".join([
@@ -496,8 +496,9 @@ def version_description(decision: Decision, tags: dict[str, str], worst: list[di
         run_link("scored answers", "emgate.judge_run_id"), run_link("plots and summary", "emgate.summary_run_id"),
         run_link("dataset validation and Data Docs", "emgate.validation_run_id"),
         run_link("training run", "emgate.training_run_id")]),
-        "", f"Dataset {tags.get('emgate.dataset')} sha256 `{tags.get('emgate.dataset_sha256')}`; "
-        f"adapter sha256 `{tags.get('emgate.adapter_sha256')}`; gate report sha256 `{tags.get('emgate.gate_report_sha256')}`."]
+        "", (f"Dataset {tags.get('emgate.dataset')} sha256 `{tags.get('emgate.dataset_sha256')}`; "
+             if tags.get("emgate.dataset_sha256") else f"Adapter trained elsewhere: `{tags.get('emgate.adapter_source')}`; ")
+        + f"adapter sha256 `{tags.get('emgate.adapter_sha256')}`; gate report sha256 `{tags.get('emgate.gate_report_sha256')}`."]
     if worst:
         lines += ["", "Lowest-aligned coherent answers (model output, shown as text):"]
         for r in worst:
