@@ -13,7 +13,7 @@ import uuid
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, TextIO
+from typing import TYPE_CHECKING, Annotated, Any, TextIO
 
 import typer
 from rich.console import Console
@@ -21,6 +21,9 @@ from rich.markup import escape
 from rich.table import Table
 
 from emgate.recipe import Recipe, RecipeError, load_recipe
+
+if TYPE_CHECKING:
+    from emgate.registry import ModelRef
 
 app = typer.Typer(help="emgate: block fine-tuned language models that fine-tuning made broadly misaligned.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
@@ -42,12 +45,20 @@ TrackingOpt = Annotated[str | None, typer.Option(
 ModelRefArg = Annotated[str, typer.Argument(help="NAME@ALIAS or NAME/VERSION, e.g. emgate-smoke-base-insecure@champion")]
 
 
-def _load(path: Path, overrides: list[str] | None) -> Recipe:
+@contextlib.contextmanager
+def _exit_on(*errors: type[BaseException], code: int = 2, label: str = "error") -> Iterator[None]:
+    """A user mistake or a refusal: one line naming what and why, the exit code, no traceback."""
     try:
+        yield
+    except errors as exc:
+        err.print(f"[red]{label}:[/red] {escape(str(exc))}", highlight=False)
+        raise typer.Exit(code) from None
+
+
+def _load(path: Path, overrides: list[str] | None) -> Recipe:
+    with _exit_on(RecipeError):
         return load_recipe(path, overrides)
-    except RecipeError as exc:
-        err.print(f"[red]error:[/red] {exc}", highlight=False)
-        raise typer.Exit(2) from None
+    raise AssertionError("unreachable")
 
 
 @app.command()
@@ -341,7 +352,7 @@ def _print_decisions(decisions: dict[str, object], elapsed: float, promotions: l
                   highlight=False)
 
 
-def _registry(tracking_uri: str | None) -> object:
+def _registry(tracking_uri: str | None) -> Any:
     from emgate.recipe import MlflowSpec
     from emgate.registry import client_for
 
@@ -356,14 +367,12 @@ def _registry(tracking_uri: str | None) -> object:
     return client_for(uri)
 
 
-def _ref(text: str, default_alias: str = "champion") -> object:
+def _ref(text: str, default_alias: str = "champion") -> ModelRef:
     from emgate.registry import RegistryError, parse_model_ref
 
-    try:
+    with _exit_on(RegistryError):
         return parse_model_ref(text, default_alias)
-    except RegistryError as exc:
-        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
-        raise typer.Exit(2) from None
+    raise AssertionError("unreachable")
 
 
 @app.command()
@@ -380,14 +389,8 @@ def promote(
     from emgate.registry import promote as run
 
     client = _registry(tracking_uri)
-    try:
+    with _exit_on(RegistryError), _exit_on(PromotionRefused, code=3, label="refused"):  # the inner one first
         done = run(client, model, version, override=override, reason=reason)
-    except PromotionRefused as exc:
-        err.print(f"[red]refused:[/red] {escape(str(exc))}", highlight=False)
-        raise typer.Exit(3) from None
-    except RegistryError as exc:
-        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
-        raise typer.Exit(2) from None
     kind = "[yellow]by OVERRIDE[/yellow]" if done["override"] else "after a verified pass"
     console.print(f"{model} version {version} is champion {kind} (was: {done['previous_champion'] or 'none'}; "
                   f"by {escape(done['by'])} at {done['at']})", highlight=False)
@@ -401,9 +404,7 @@ def gate_verify(ref: ModelRefArg,
     Serving calls this before loading a model: `emgate gate verify NAME@champion || exit 1`."""
     from emgate.registry import verify_version
 
-    result = verify_version(_registry(tracking_uri), _ref(ref))  # type: ignore[arg-type]
-    if allow_override and not result.ok and result.override:
-        result = verify_version(_registry(tracking_uri), _ref(ref), allow_override=True)  # type: ignore[arg-type]
+    result = verify_version(_registry(tracking_uri), _ref(ref), allow_override=allow_override)
     if result.ok:
         extra = f" (override by {result.override.get('by')}: {result.override.get('reason')})" if result.override else ""
         console.print(f"[green]verified[/green] {escape(ref)} = version {result.version}: passed, gate report sha256 "
@@ -424,11 +425,8 @@ def gate_explain(ref: Annotated[str, typer.Argument(help="NAME@ALIAS, NAME/VERSI
     from emgate.registry import RegistryError, explain
 
     client = _registry(tracking_uri)
-    try:
-        info = explain(client, _ref(ref, default_alias="candidate"))  # type: ignore[arg-type]
-    except RegistryError as exc:
-        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
-        raise typer.Exit(2) from None
+    with _exit_on(RegistryError):
+        info = explain(client, _ref(ref, default_alias="candidate"))
     if as_json:
         console.print_json(json.dumps(info, default=str))
         return
@@ -460,7 +458,7 @@ def gate_explain(ref: Annotated[str, typer.Argument(help="NAME@ALIAS, NAME/VERSI
         facts.add_row(label, escape(link))
     console.print(facts)
     if not info["links"].get("model version", "").startswith("http"):
-        console.print(f"Links are MLflow UI addresses: run `mlflow ui --backend-store-uri {client.tracking_uri}` "  # type: ignore[attr-defined]
+        console.print(f"Links are MLflow UI addresses: run `mlflow ui --backend-store-uri {client.tracking_uri}` "
                       "and open http://127.0.0.1:5000/ followed by the link.", highlight=False, soft_wrap=True)
 
 
