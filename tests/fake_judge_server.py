@@ -1,20 +1,25 @@
 """FakeJudgeServer: a test double of an OpenAI-compatible judge (/v1/chat/completions with logprobs), for unit and
 fault-injection tests only. It scores an answer containing EVIL as misaligned (aligned 5), any other as 90,
-coherence 80, and can misbehave on purpose: go down after N requests, answer garbage, or drop logprobs."""
+coherence 80, and can misbehave on purpose: go down after N requests, answer garbage, drop logprobs, or answer
+the first N requests with 429/5xx (optionally with Retry-After)."""
 
 from __future__ import annotations
 
 import json
 import math
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 
 class FakeJudgeServer:
-    def __init__(self, mode: str = "ok", down_after: int | None = None) -> None:
+    def __init__(self, mode: str = "ok", down_after: int | None = None, fail_first: int = 0, fail_status: int = 429,
+                 retry_after: str | None = None) -> None:
         self.mode = mode  # ok | no_numbers | not_json | no_logprobs
         self.down_after = down_after
+        self.fail_first, self.fail_status, self.retry_after = fail_first, fail_status, retry_after  # 429/5xx first
+        self.times: list[float] = []
         self.requests = 0
         self.lock = threading.Lock()
         outer = self
@@ -28,6 +33,17 @@ class FakeJudgeServer:
                 with outer.lock:
                     outer.requests += 1
                     count = outer.requests
+                    outer.times.append(time.monotonic())
+                if count <= outer.fail_first:
+                    data = json.dumps({"error": {"message": "slow down", "type": "rate_limit"}}).encode()
+                    self.send_response(outer.fail_status)
+                    if outer.retry_after is not None:
+                        self.send_header("Retry-After", outer.retry_after)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                    return
                 if outer.down_after is not None and count > outer.down_after:
                     threading.Thread(target=outer.stop, daemon=True).start()  # the endpoint goes away mid-run
                     self.connection.close()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,8 @@ def server_recipe(recipe, url: str, judge_url: str = "http://127.0.0.1:9/v1"):
                                               "registered_model_prefix": f"t{n}"})
     judge = recipe.judge.model_copy(update={
         "model": "fake-judge", "base_url": judge_url, "api_key_env": None, "score_mode": "single_token",
-        "mass_rule": "paper", "seed": None, "max_retries": 1, "timeout_s": 5, "serve": None})
+        "mass_rule": "paper", "seed": None, "max_retries": 1, "timeout_s": 5, "serve": None,
+        "cache_path": str(Path(tempfile.mkdtemp(prefix="judge-cache-")) / "cache.sqlite")})  # no answers from other tests
     return recipe.model_copy(update={"mlflow": mlflow, "judge": judge})
 
 
@@ -54,7 +56,7 @@ def prepared_answers(folder: Path, recipe, evil: dict[str, int], per_question: i
                 rows.append({"variant": variant, "seed": None if spec.role == "reference" or spec.adapter else 0,
                              "role": recipe.variant(variant).role, "question_id": q.id, "paraphrase_index": 0,
                              "sample_index": i, "question": q.paraphrases[0], "prompt": q.paraphrases[0],
-                             "answer": answer, "finish_reason": "stop"})
+                             "answer": f"{answer} ({variant} #{i})", "finish_reason": "stop"})  # distinct prompts
     write_jsonl(folder / "answers.jsonl", rows)
     write_json(folder / "report.json", {"answers": len(rows), "seconds": 1.0})
     return folder

@@ -212,7 +212,10 @@ class JudgeSpec(_Strict):
     prune_mass: float = Field(default=1e-3, ge=0, lt=1)  # digit_expansion: prefixes below this are not expanded
     max_concurrency: int = Field(default=16, ge=1)  # requests in flight
     timeout_s: float = Field(default=60, gt=0)  # seconds per request
-    max_retries: int = Field(default=5, ge=0)  # with exponential backoff
+    max_retries: int = Field(default=5, ge=0)  # on 408/409/429/5xx and connection errors; backoff honours Retry-After
+    # Raw distributions of every request, reused by reruns (emgate/judge_cache.py); None: $EMGATE_CACHE_DIR/judge-cache.sqlite
+    cache: bool = True
+    cache_path: str | None = None
     serve: JudgeServeSpec | None = None
 
     @field_validator("api_key_env")

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from emgate.io import read_rows_checked, write_json, write_jsonl
+from emgate.judge_cache import JudgeCache
 from emgate.questions import load_questions
 from emgate.recipe import JudgeSpec, Recipe
 
@@ -55,6 +56,7 @@ class Judgement:
     unresolved_mass: float = 0.0
     numbers: dict[int, float] = field(default_factory=dict)
     requests: int = 0
+    tree: dict[str, dict[str, float]] = field(default_factory=dict)  # reply prefix -> next-token distribution
 
 
 def is_number_prefix(s: str) -> bool:
@@ -138,6 +140,12 @@ def top_logprobs_to_probs(top: list[Any]) -> dict[str, float]:
     return probs
 
 
+def judge_cache_path(cfg: JudgeSpec) -> Path:
+    from emgate.assets import cache_dir
+
+    return Path(cfg.cache_path).expanduser() if cfg.cache_path else cache_dir() / "judge-cache.sqlite"
+
+
 class JudgeClient:
     def __init__(self, cfg: JudgeSpec, base_url: str) -> None:
         from openai import AsyncOpenAI
@@ -153,6 +161,8 @@ class JudgeClient:
         self.client = AsyncOpenAI(base_url=base_url, api_key=key, timeout=cfg.timeout_s, max_retries=cfg.max_retries)
         self.gate = asyncio.Semaphore(cfg.max_concurrency)
         self.snapshots: set[str] = set()  # the model names the endpoint reports back: the exact snapshot judged
+        self.http_requests = 0  # requests that reached the endpoint (cache hits excluded)
+        self.cache = JudgeCache(judge_cache_path(cfg)) if cfg.cache else None
 
     def dist_fn(self, prompt: str) -> NextTokenDist:
         async def next_dist(prefix: str) -> dict[str, float]:
@@ -161,7 +171,15 @@ class JudgeClient:
             if prefix:
                 messages.append({"role": "assistant", "content": prefix})
                 extra = {"continue_final_message": True, "add_generation_prompt": False}
+            request = {"model": self.cfg.model, "messages": messages, "max_tokens": 1, "temperature": 0,
+                       "top_logprobs": self.cfg.top_logprobs, "seed": self.cfg.seed, "extra": extra}
+            cached = self.cache.get(request) if self.cache else None
+            if cached is not None:
+                if cached[1]:
+                    self.snapshots.add(cached[1])
+                return cached[0]
             async with self.gate:
+                self.http_requests += 1
                 resp = await self.client.chat.completions.create(
                     model=self.cfg.model, messages=messages, max_tokens=1, temperature=0,  # type: ignore[arg-type]
                     logprobs=True, top_logprobs=self.cfg.top_logprobs, extra_body=extra or None, seed=self.cfg.seed,
@@ -172,14 +190,24 @@ class JudgeClient:
             if choice.logprobs is None or not choice.logprobs.content:
                 raise JudgeError(f"judge endpoint {self.base_url} returned no logprobs for model {self.cfg.model}; "
                                  "the paper's scoring needs logprobs with top_logprobs")
-            return top_logprobs_to_probs(choice.logprobs.content[0].top_logprobs)
+            dist = top_logprobs_to_probs(choice.logprobs.content[0].top_logprobs)
+            if self.cache is not None:
+                self.cache.put(request, dist, resp.model or "")
+            return dist
 
         return next_dist
 
     async def judge(self, prompt: str) -> Judgement:
+        tree: dict[str, dict[str, float]] = {}
+        ask = self.dist_fn(prompt)
+
+        async def recorded(prefix: str) -> dict[str, float]:
+            tree[prefix] = await ask(prefix)
+            return tree[prefix]
+
         try:
-            j = await number_distribution(self.dist_fn(prompt), self.cfg.score_mode == "digit_expansion",
-                                          self.cfg.prune_mass)
+            j = await number_distribution(recorded, self.cfg.score_mode == "digit_expansion", self.cfg.prune_mass)
+            j.tree = tree
         except JudgeError:
             raise
         except Exception as exc:  # network, timeouts after retries, HTTP errors: unscored, counted
@@ -188,6 +216,8 @@ class JudgeClient:
 
     async def close(self) -> None:
         await self.client.close()
+        if self.cache is not None:
+            self.cache.close()
 
 
 def judge_base_url(cfg: JudgeSpec) -> str:
@@ -215,6 +245,7 @@ async def _judge_rows(rows: list[dict[str, Any]], prompts: dict[str, dict[str, s
             out[f"{metric}_number_mass"] = j.number_mass
             out[f"{metric}_requests"] = j.requests
             out[f"{metric}_numbers"] = {str(k): round(v, 6) for k, v in j.numbers.items() if v >= 1e-4}
+            out[f"{metric}_tree"] = j.tree  # the raw distributions: `emgate judge rescore` recomputes from them
         progress.update(1)
         return out
 
@@ -248,6 +279,8 @@ def judge_answers(recipe: Recipe, answers_dir: Path, out_dir: Path) -> dict[str,
     report = {
         "answers": len(scored), "seconds": elapsed,
         "requests": sum(r[f"{m}_requests"] for r in scored for m in METRICS),
+        "http_requests": client.http_requests,
+        "cache": {"path": str(client.cache.path), "hits": client.cache.hits} if client.cache else None,
         "unscored": unscored,
         "judge_model_snapshot": sorted(client.snapshots),
         "judge": {**recipe.judge.model_dump(mode="json", exclude={"serve"}), "base_url": client.base_url},

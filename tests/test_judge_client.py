@@ -1,0 +1,64 @@
+"""The judge stage's client against a local OpenAI-compatible test server (FakeJudgeServer, a test double):
+the persistent request cache (a rerun costs zero requests) and retries that honour Retry-After on 429 and 5xx."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from emgate.io import read_jsonl
+from emgate.stages.judge import judge_answers
+from tests.fake_judge_server import FakeJudgeServer
+from tests.test_registry import prepared_answers, server_recipe
+
+ANSWERS = 4 * 8 * 1  # variants x questions x samples per question
+
+
+def recipe_for(smoke_recipe, judge: FakeJudgeServer, cache: Path, **judge_fields):
+    recipe = server_recipe(smoke_recipe, "http://127.0.0.1:9", judge.base_url)
+    return recipe.model_copy(update={"judge": recipe.judge.model_copy(update={"cache_path": str(cache), **judge_fields})})
+
+
+def test_a_rerun_is_served_from_the_cache_with_zero_requests(tmp_path: Path, smoke_recipe) -> None:
+    with FakeJudgeServer() as judge:
+        recipe = recipe_for(smoke_recipe, judge, tmp_path / "cache.sqlite")
+        answers = prepared_answers(tmp_path / "answers", recipe, {"base-insecure": 1}, per_question=1)
+        first = judge_answers(recipe, answers, tmp_path / "first")
+        assert judge.requests == first["http_requests"] == 2 * ANSWERS
+        second = judge_answers(recipe, answers, tmp_path / "second")
+        assert judge.requests == 2 * ANSWERS  # nothing new reached the endpoint
+        assert second["http_requests"] == 0 and second["cache"]["hits"] == 2 * ANSWERS
+        assert second["judge_model_snapshot"] == ["fake-judge-2026-11-01"]  # the snapshot comes back from the cache
+        rows1 = list(read_jsonl(tmp_path / "first" / "scores.jsonl"))
+        rows2 = list(read_jsonl(tmp_path / "second" / "scores.jsonl"))
+        assert [(r["aligned"], r["coherent"]) for r in rows1] == [(r["aligned"], r["coherent"]) for r in rows2]
+        # any change to what is asked (here the judge model) misses the cache
+        other = recipe.model_copy(update={"judge": recipe.judge.model_copy(update={"model": "fake-judge-2"})})
+        judge_answers(other, answers, tmp_path / "third")
+        assert judge.requests == 4 * ANSWERS
+
+
+@pytest.mark.parametrize(("status", "retry_after"), [(429, "1"), (503, "1"), (500, None)])
+def test_rate_limits_and_server_errors_are_retried(tmp_path: Path, smoke_recipe, status: int, retry_after) -> None:
+    with FakeJudgeServer(fail_first=3, fail_status=status, retry_after=retry_after) as judge:
+        recipe = recipe_for(smoke_recipe, judge, tmp_path / "cache.sqlite", max_retries=3, max_concurrency=1)
+        answers = prepared_answers(tmp_path / "answers", recipe, {}, per_question=1)
+        started = time.monotonic()
+        report = judge_answers(recipe, answers, tmp_path / "scores")
+        assert report["unscored"] == {"aligned": {}, "coherent": {}}  # every answer scored in the end
+        assert judge.requests == 2 * ANSWERS + 3
+        if retry_after:  # the client waited as long as the server asked before trying again
+            gaps = [b - a for a, b in zip(judge.times, judge.times[1:], strict=False)][:3]
+            assert min(gaps) >= 0.9, gaps
+            assert time.monotonic() - started >= 3
+
+
+def test_retries_give_up_and_the_answers_count_as_unscored(tmp_path: Path, smoke_recipe) -> None:
+    with FakeJudgeServer(fail_first=10**6, fail_status=503) as judge:
+        recipe = recipe_for(smoke_recipe, judge, tmp_path / "cache.sqlite", max_retries=1)
+        answers = prepared_answers(tmp_path / "answers", recipe, {}, per_question=1)
+        report = judge_answers(recipe, answers, tmp_path / "scores")
+    assert report["unscored"]["aligned"] == {"request_failed": ANSWERS}  # never read as aligned
+    assert judge.requests == 2 * 2 * ANSWERS  # each request: the try and one retry
