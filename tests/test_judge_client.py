@@ -62,3 +62,55 @@ def test_retries_give_up_and_the_answers_count_as_unscored(tmp_path: Path, smoke
         report = judge_answers(recipe, answers, tmp_path / "scores")
     assert report["unscored"]["aligned"] == {"request_failed": ANSWERS}  # never read as aligned
     assert judge.requests == 2 * 2 * ANSWERS  # each request: the try and one retry
+
+
+def test_rescore_reproduces_the_papers_csv_without_a_judge(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from emgate.assets import resolve_asset
+    from emgate.cli import app
+
+    csv_path = resolve_asset("emergent-misalignment/results/qwen_25_coder_32b_instruct.csv")
+    out = tmp_path / "rescored.jsonl"
+    res = CliRunner().invoke(app, ["judge", "rescore", str(csv_path), "-o", str(out), "--tolerance", "1e-9"],
+                             env={"COLUMNS": "200"})
+    assert res.exit_code == 0, res.output
+    rows = list(read_jsonl(out))
+    assert len(rows) == 70
+    for r in rows:
+        for metric in ("aligned", "coherent"):
+            assert r[metric] == pytest.approx(r[f"{metric}_recorded"], abs=1e-9)
+    # a stricter mass test than the file's own makes the comparison fail, and says so
+    res = CliRunner().invoke(app, ["judge", "rescore", str(csv_path), "-o", str(out), "--min-number-mass", "0.9999",
+                                   "--tolerance", "1e-9"], env={"COLUMNS": "200"})
+    assert res.exit_code == 1 and "scored on one side only" in res.output
+
+
+def test_rescore_recomputes_our_scores_from_their_recorded_trees(tmp_path: Path, smoke_recipe) -> None:
+    from emgate.stages.judge import read_judged_rows, rescore_differences, rescore_rows
+
+    with FakeJudgeServer() as judge:
+        recipe = recipe_for(smoke_recipe, judge, tmp_path / "cache.sqlite")
+        answers = prepared_answers(tmp_path / "answers", recipe, {"base-insecure": 1}, per_question=1)
+        judge_answers(recipe, answers, tmp_path / "scores")
+        requests = judge.requests
+        rows = rescore_rows(read_judged_rows(tmp_path / "scores" / "scores.jsonl"), recipe.judge)
+        assert judge.requests == requests  # rescoring asks nothing
+    diffs = rescore_differences(rows)
+    assert all(d["compared"] == ANSWERS and d["max_abs_diff"] == 0 for d in diffs.values())
+    assert sorted({r["aligned"] for r in rows}) == pytest.approx([(5 * 0.9 + 10 * 0.1), (90 * 0.9 + 80 * 0.1)])
+
+
+def test_rescore_rejects_files_without_distributions(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from emgate.cli import app
+
+    plain = tmp_path / "scores.jsonl"
+    plain.write_text('{"aligned": 80, "coherent": 90}\n')
+    res = CliRunner().invoke(app, ["judge", "rescore", str(plain)])
+    assert res.exit_code == 2 and "line 1: no aligned_tree" in res.output
+    bad = tmp_path / "results.csv"
+    bad.write_text("question,aligned\nq,80\n")
+    res = CliRunner().invoke(app, ["judge", "rescore", str(bad)])
+    assert res.exit_code == 2 and "no judge_aligned column" in res.output

@@ -31,6 +31,8 @@ models_app = typer.Typer(help="Build or inspect the model cache.", no_args_is_he
 app.add_typer(models_app, name="models")
 gate_app = typer.Typer(help="Check and explain gate decisions in the MLflow model registry.", no_args_is_help=True)
 app.add_typer(gate_app, name="gate")
+judge_app = typer.Typer(help="Work with judge outputs without running the pipeline.", no_args_is_help=True)
+app.add_typer(judge_app, name="judge")
 # Logs and CI are no terminal: keep tables wide enough to read instead of Rich's 80 columns.
 _WIDTH = None if sys.stdout.isatty() else 160
 console = Console(width=_WIDTH)
@@ -460,6 +462,58 @@ def gate_explain(ref: Annotated[str, typer.Argument(help="NAME@ALIAS, NAME/VERSI
     if not info["links"].get("model version", "").startswith("http"):
         console.print(f"Links are MLflow UI addresses: run `mlflow ui --backend-store-uri {client.tracking_uri}` "
                       "and open http://127.0.0.1:5000/ followed by the link.", highlight=False, soft_wrap=True)
+
+
+@judge_app.command("rescore")
+def judge_rescore(
+    file: Annotated[Path, typer.Argument(help="The paper's results CSV (judge_aligned/judge_coherent columns) or "
+                                              "emgate's scores.jsonl")],
+    recipe: Annotated[Path | None, typer.Option(help="Take the judge's scoring settings from this recipe")] = None,
+    score_mode: Annotated[str | None, typer.Option(help="single_token or digit_expansion (default: the recipe's, "
+                                                        "else single_token)")] = None,
+    mass_rule: Annotated[str | None, typer.Option(help="paper or renormalized")] = None,
+    min_number_mass: Annotated[float | None, typer.Option(help="Unscored below this number mass (paper: 0.25)")] = None,
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="JSONL of the recomputed scores")] = None,
+    tolerance: Annotated[float | None, typer.Option(help="Exit 1 when a recomputed score differs from the file's "
+                                                         "own by more than this")] = None,
+) -> None:
+    """Recompute alignment and coherence scores from the recorded judge distributions; no judge is called."""
+    from emgate.io import DataError, write_jsonl
+    from emgate.recipe import JudgeSpec
+    from emgate.stages.judge import read_judged_rows, rescore_differences, rescore_rows
+
+    base = _load(recipe, None).judge if recipe else JudgeSpec()
+    changes = {k: v for k, v in {"score_mode": score_mode, "mass_rule": mass_rule,
+                                 "min_number_mass": min_number_mass}.items() if v is not None}
+    with _exit_on(ValueError):
+        cfg = JudgeSpec.model_validate({**base.model_dump(), **changes})
+    if not file.is_file():
+        err.print(f"[red]error:[/red] {escape(str(file))}: no such file", highlight=False)
+        raise typer.Exit(2)
+    with _exit_on(DataError):
+        rows = rescore_rows(read_judged_rows(file), cfg)
+    out = output or file.with_name(file.stem + ".rescored.jsonl")
+    write_jsonl(out, rows)
+    diffs = rescore_differences(rows)
+    table = Table(title=f"rescored {len(rows)} rows of {file.name} ({cfg.score_mode}, mass rule {cfg.mass_rule}, "
+                        f"min number mass {cfg.min_number_mass:g})")
+    for col in ("metric", "scored", "unscored (reason: count)", "compared with the file", "max |difference|"):
+        table.add_column(col)
+    for metric, d in diffs.items():
+        reasons: dict[str, int] = {}
+        for r in rows:
+            if r[metric] is None:
+                reasons[str(r[f"{metric}_unscored"])] = reasons.get(str(r[f"{metric}_unscored"]), 0) + 1
+        table.add_row(metric, str(sum(r[metric] is not None for r in rows)),
+                      ", ".join(f"{k}: {v}" for k, v in sorted(reasons.items())) or "-",
+                      f"{d['compared']} (+{d['scored_on_one_side_only']} scored on one side only)", f"{d['max_abs_diff']:.3g}")
+    console.print(table)
+    console.print(f"wrote {out}")
+    worst = max(d["max_abs_diff"] for d in diffs.values())
+    if tolerance is not None and (worst > tolerance or any(d["scored_on_one_side_only"] for d in diffs.values())):
+        err.print(f"[red]differs:[/red] the recomputed scores differ from the file's by up to {worst:.3g} "
+                  f"(tolerance {tolerance:g}) or score different rows")
+        raise typer.Exit(1)
 
 
 def main() -> None:
