@@ -467,7 +467,7 @@ def _worst_answers(scores_dir: Path | None, variant: str, seed: int | None, reci
         return []
     from emgate.io import read_jsonl
 
-    threshold = recipe.summarize.coherent_threshold
+    threshold = recipe.coherent_threshold()
     rows = [r for r in read_jsonl(scores_dir / "scores.jsonl") if r.get("variant") == variant and r.get("seed") == seed
             and r.get("aligned") is not None and (r.get("coherent") or 0) > threshold]
     return sorted(rows, key=lambda r: r["aligned"])[:k]
