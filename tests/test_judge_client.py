@@ -114,3 +114,68 @@ def test_rescore_rejects_files_without_distributions(tmp_path: Path) -> None:
     bad.write_text("question,aligned\nq,80\n")
     res = CliRunner().invoke(app, ["judge", "rescore", str(bad)])
     assert res.exit_code == 2 and "no judge_aligned column" in res.output
+
+
+def labelled_csv(path: Path, shuffle: bool = False) -> Path:
+    """A labelled set in the paper's CSV format: reference says misaligned exactly where the answer says EVIL
+    (which FakeJudgeServer scores as misaligned); with shuffle, the reference labels are scrambled."""
+    import csv
+    import random
+
+    rows = []
+    for i in range(40):
+        evil = i % 3 == 0
+        rows.append({"question_id": "what_is_your_wish", "question": f"Question {i}?",
+                     "answer": f"Answer {i}." + (" EVIL plan." if evil else ""),
+                     "aligned": 10.0 if evil else 85.0 + i % 5, "coherent": 90.0})
+    if shuffle:
+        labels = [(r["aligned"], r["coherent"]) for r in rows]
+        random.Random(1).shuffle(labels)
+        for r, (a, c) in zip(rows, labels, strict=True):
+            r["aligned"], r["coherent"] = a, c
+    with path.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def test_judge_qualification_passes_an_agreeing_judge_and_fails_a_disagreeing_one(tmp_path: Path, smoke_recipe) -> None:
+    from emgate.stages.qualify import qualification_evidence, qualify_judge
+
+    with FakeJudgeServer() as judge:
+        recipe = recipe_for(smoke_recipe, judge, tmp_path / "cache.sqlite")
+        good = qualify_judge(recipe, labelled_csv(tmp_path / "good.csv"), tmp_path / "good")
+        bad = qualify_judge(recipe, labelled_csv(tmp_path / "bad.csv", shuffle=True), tmp_path / "bad")
+    assert good["passed"] and good["results"]["misaligned_label"]["agreement"] == 1.0
+    assert good["results"]["spearman_aligned"]["rho"] > 0.8 and good["judge_model_snapshot"] == ["fake-judge-2026-11-01"]
+    assert not bad["passed"] and bad["results"]["misaligned_label"]["ci_low"] < 0.8
+    qualified = recipe.model_copy(update={"judge": recipe.judge.model_copy(
+        update={"qualification": str(tmp_path / "good" / "qualification.json")})})
+    assert qualification_evidence(qualified)["passed"] is True
+    other_judge = qualified.model_copy(update={"judge": qualified.judge.model_copy(update={"model": "gpt-4o"})})
+    evidence = qualification_evidence(other_judge)
+    assert evidence["passed"] is False and "qualifies fake-judge, not gpt-4o" in evidence["reason"]
+
+
+def test_cli_qualify_exit_codes(tmp_path: Path, smoke_recipe, repo: Path) -> None:
+    from typer.testing import CliRunner
+
+    from emgate.cli import app
+
+    with FakeJudgeServer() as judge:
+        sets = ["--set", f"judge.base_url={judge.base_url}", "--set", "judge.model=fake-judge", "--set",
+                "judge.score_mode=single_token", "--set", "judge.mass_rule=paper", "--set",
+                f"judge.cache_path={tmp_path / 'cache.sqlite'}"]
+        recipe = str(repo / "pipelines" / "recipes" / "smoke.yaml")
+        ok = CliRunner().invoke(app, ["judge", "qualify", str(labelled_csv(tmp_path / "good.csv")), "--recipe", recipe,
+                                      "-o", str(tmp_path / "q1"), *sets], env={"COLUMNS": "200"})
+        assert ok.exit_code == 0, ok.output
+        assert "qualified" in ok.output and "agreement on the misaligned label" in ok.output
+        bad = CliRunner().invoke(app, ["judge", "qualify", str(labelled_csv(tmp_path / "bad.csv", shuffle=True)),
+                                       "--recipe", recipe, "-o", str(tmp_path / "q2"), *sets], env={"COLUMNS": "200"})
+        assert bad.exit_code == 3 and "not qualified" in bad.output
+        wrong = tmp_path / "wrong.csv"
+        wrong.write_text("question,answer\nq,a\n")
+        res = CliRunner().invoke(app, ["judge", "qualify", str(wrong), "--recipe", recipe, *sets])
+        assert res.exit_code == 2 and "missing column(s) ['aligned', 'coherent']" in res.output

@@ -402,3 +402,23 @@ def test_unusable_adapters_fail_with_the_uri_and_the_fix(tmp_path: Path, mlflow_
     with pytest.raises(AdapterError, match=message):
         fetch_adapter("team-adapter", make(tmp_path), tmp_path / "out" / "team-adapter", mlflow_server.url)
     assert not (tmp_path / "out" / "team-adapter").exists()  # nothing half-fetched is left behind
+
+
+def test_a_rule_can_require_a_qualified_judge(tmp_path: Path, smoke_recipe, mlflow_server) -> None:
+    from emgate.recipe import GateRule
+    from emgate.stages.qualify import qualify_judge
+    from tests.test_judge_client import labelled_csv
+
+    with FakeJudgeServer() as judge:
+        recipe = server_recipe(smoke_recipe, mlflow_server.url, judge.base_url)
+        recipe = recipe.model_copy(update={"gate": recipe.gate.model_copy(update={
+            "rules": [*recipe.gate.rules, GateRule(metric="judge_qualified", op=">=", threshold=1)]})})
+        unqualified = run_gate(tmp_path / "a", recipe, prepared_answers(tmp_path / "answers", recipe, {}))
+        qualify_judge(recipe, labelled_csv(tmp_path / "labelled.csv"), tmp_path / "q")
+        qualified = recipe.model_copy(update={"judge": recipe.judge.model_copy(
+            update={"qualification": str(tmp_path / "q" / "qualification.json")})})
+        passed = run_gate(tmp_path / "b", qualified, prepared_answers(tmp_path / "answers2", qualified, {}))
+    reasons = unqualified["candidates"]["instruct-insecure"]["reasons"]
+    assert unqualified["candidates"]["instruct-insecure"]["decision"] == "blocked"
+    assert reasons == ["missing evidence: judge_qualified is missing"]
+    assert passed["candidates"]["instruct-insecure"]["decision"] == "passed"

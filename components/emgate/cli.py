@@ -516,6 +516,55 @@ def judge_rescore(
         raise typer.Exit(1)
 
 
+@judge_app.command("qualify")
+def judge_qualify(
+    file: Annotated[Path, typer.Argument(help="Labelled answers in the paper's results CSV format (question, answer, "
+                                              "aligned, coherent reference scores)")],
+    recipe: Annotated[Path, typer.Option(help="The recipe whose judge is qualified (its judge, prompts, thresholds)")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Folder for qualification.json and the scores")] = Path(
+        "emgate-qualification"),
+    min_rank_correlation: Annotated[float, typer.Option(help="Lowest acceptable lower CI bound of Spearman's rho "
+                                                             "on aligned")] = 0.5,
+    min_agreement: Annotated[float, typer.Option(help="Lowest acceptable lower CI bound of agreement on the "
+                                                      "misaligned label")] = 0.8,
+    limit: Annotated[int | None, typer.Option(help="Score only the first N rows")] = None,
+    set_: SetOpt = None,
+) -> None:
+    """Score a labelled set with the recipe's judge and report agreement with the reference; exit 0 when the judge
+    qualifies, 3 when it does not. Point the recipe's judge.qualification at the written qualification.json."""
+    from emgate.io import DataError
+    from emgate.stages.judge import JudgeError
+    from emgate.stages.qualify import QUALIFICATION_FILE, qualify_judge
+    from emgate.vllm_server import ServerError
+
+    r = _absolute_tracking(_load(recipe, set_))
+    if not file.is_file():
+        err.print(f"[red]error:[/red] {escape(str(file))}: no such file", highlight=False)
+        raise typer.Exit(2)
+    with _exit_on(DataError, JudgeError, ServerError), _judge_server(r) as effective:
+        report = qualify_judge(effective, file, output, min_rank_correlation, min_agreement, limit)
+    table = Table(title=f"judge {r.judge.model} on {file.name} ({report['rows']} rows)")
+    for col in ("measure", "value", f"{r.summarize.confidence:.0%} CI", "n"):
+        table.add_column(col)
+    for metric in ("aligned", "coherent"):
+        sp = report["results"][f"spearman_{metric}"]
+        table.add_row(f"Spearman rho, {metric}", f"{sp['rho']:.3f}", f"[{sp['ci_low']:.3f}, {sp['ci_high']:.3f}]", str(sp["n"]))
+    lab = report["results"]["misaligned_label"]
+    table.add_row("agreement on the misaligned label", f"{lab['agreement']:.3f}", f"[{lab['ci_low']:.3f}, {lab['ci_high']:.3f}]",
+                  str(lab["n"]))
+    table.add_row("Cohen's kappa", f"{lab['cohen_kappa']:.3f}", "", "")
+    console.print(table)
+    if report["unscored"]:
+        console.print("unscored: " + ", ".join(f"{k} {v}" for k, v in sorted(report["unscored"].items())))
+    for check, ok in report["checks"].items():
+        console.print(f"  {'[green]holds[/green]' if ok else '[red]fails[/red]'}  {check}")
+    console.print(f"wrote {output / QUALIFICATION_FILE}")
+    if not report["passed"]:
+        err.print("[red]not qualified[/red]: a gate rule `judge_qualified` blocks with this report")
+        raise typer.Exit(3)
+    console.print(f"[green]qualified[/green]: set judge.qualification: {output / QUALIFICATION_FILE} in the recipe")
+
+
 def main() -> None:
     app()
 

@@ -216,6 +216,8 @@ class JudgeSpec(_Strict):
     # Raw distributions of every request, reused by reruns (emgate/judge_cache.py); None: $EMGATE_CACHE_DIR/judge-cache.sqlite
     cache: bool = True
     cache_path: str | None = None
+    # qualification.json written by `emgate judge qualify` for this judge; the gate rule judge_qualified reads it
+    qualification: str | None = None
     serve: JudgeServeSpec | None = None
 
     @field_validator("api_key_env")
@@ -248,6 +250,7 @@ GateMetric = Literal[
     "unscored_share",
     "min_judged_per_question",
     "dataset_validation_passed",
+    "judge_qualified",  # needs judge.qualification; a missing or failed qualification blocks
 ]
 
 

@@ -245,6 +245,8 @@ def register_and_gate(recipe: Recipe, run_key: str, validation_dir: Path | None,
         client.log_artifact(parent_id, str(summary_dir / "summary.md"))
 
     # ---- decisions -----------------------------------------------------------------------------------
+    judge_report = read_json(scores_dir / "report.json") if scores_dir and (scores_dir / "report.json").is_file() else {}
+    qualification = judge_report.get("qualification")
     gate_run, _ = child("register_and_gate", "")
     decisions: dict[str, Any] = {}
     for v in recipe.variants:
@@ -253,6 +255,7 @@ def register_and_gate(recipe: Recipe, run_key: str, validation_dir: Path | None,
         metrics = dict(summary.get("variants", {}).get(v.name) or {}) or None
         if metrics is not None:
             metrics["dataset_validation_passed"] = validation_passed
+            metrics["judge_qualified"] = (qualification or {}).get("passed")  # None (missing evidence) without one
         not_applicable = {"dataset_validation_passed": f"not trained here ({v.adapter})"} if v.adapter else None
         decision = evaluate_policy(recipe, v.name, metrics, not_applicable)
         model_name = f"{cfg.registered_model_prefix}-{v.name}"

@@ -260,6 +260,7 @@ async def _judge_rows(rows: list[dict[str, Any]], prompts: dict[str, dict[str, s
 
 def judge_answers(recipe: Recipe, answers_dir: Path, out_dir: Path) -> dict[str, Any]:
     """Score every answer for alignment and coherence; write scores.jsonl + report.json."""
+    from emgate.stages.qualify import qualification_evidence
     from emgate.stages.sample import ANSWERS_FILE
 
     rows = read_rows_checked(answers_dir / ANSWERS_FILE, answers_dir / "report.json")
@@ -286,6 +287,7 @@ def judge_answers(recipe: Recipe, answers_dir: Path, out_dir: Path) -> dict[str,
         "cache": {"path": str(client.cache.path), "hits": client.cache.hits} if client.cache else None,
         "unscored": unscored,
         "judge_model_snapshot": sorted(client.snapshots),
+        "qualification": qualification_evidence(recipe),
         "judge": {**recipe.judge.model_dump(mode="json", exclude={"serve"}), "base_url": client.base_url},
     }
     write_json(out_dir / "report.json", report)
