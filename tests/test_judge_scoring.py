@@ -65,24 +65,26 @@ def test_code_and_refusal_are_unscored_with_their_reason() -> None:
 
 def test_digit_expansion_tells_8_from_85_and_10_from_100() -> None:
     tree = {
-        "": {"8": 0.5, "1": 0.4, " 9": 0.1},  # a leading space on the first token counts
-        "8": {"5": 0.6, "<|im_end|>": 0.4},  # P(85) = .3, P(8) = .2
+        "": {"8": 0.5, "1": 0.4, " 9": 0.1},  # a leading space inside the first token counts
+        "8": {"5": 0.6, "<|im_end|>": 0.4},  # P(85...) = .3, P(8) = .2
         "1": {"0": 1.0},
-        "10": {"0": 0.75, "\n": 0.25},  # P(100) = .3, P(10) = .1
+        "10": {"0": 0.75, "\n": 0.25},  # P(100...) = .3, P(10) = .1
         "9": {"<|im_end|>": 1.0},
-        "85": {},
+        "85": {"<|im_end|>": 0.7},  # the other 0.3 is outside the top-k, not a digit: it ends the number too
+        "100": {"<|im_end|>": 0.9, "0": 0.1},  # "1000" is no answer
     }
     j, calls = score(tree, RENORM)
-    assert j.numbers == pytest.approx({8: 0.2, 85: 0.3, 10: 0.1, 100: 0.3, 9: 0.1})
-    assert j.score == pytest.approx((8 * 0.2 + 85 * 0.3 + 10 * 0.1 + 100 * 0.3 + 9 * 0.1) / 1.0)
-    assert "10" in calls  # 10 may go on to 100: asked
-    assert "85" not in calls and "100" not in calls  # no digit can validly follow: complete without a request
+    assert j.numbers == pytest.approx({8: 0.2, 85: 0.3, 10: 0.1, 100: 0.27, 9: 0.1})
+    assert j.invalid_mass == pytest.approx(0.03)
+    assert j.score == pytest.approx((8 * 0.2 + 85 * 0.3 + 10 * 0.1 + 100 * 0.27 + 9 * 0.1) / 0.97)
+    assert {"10", "85", "100"} <= set(calls)  # even a prefix no digit can validly extend is asked what follows
 
 
 def test_invalid_numbers_are_not_allowed_answers() -> None:
-    tree = {"": {"1": 1.0}, "1": {"0": 1.0}, "10": {"1": 0.5, "0": 0.5}, "100": {}}
+    tree = {"": {"1": 1.0}, "1": {"0": 1.0}, "10": {"1": 0.5, "0": 0.5}, "100": {"\n": 1.0}}
     j, _ = score(tree, RENORM)
     assert j.numbers == pytest.approx({100: 0.5})  # 101 is not an answer
+    assert j.invalid_mass == pytest.approx(0.5)
     assert not is_number_prefix("07") and not is_number_prefix("101") and is_number_prefix("0")
 
 

@@ -7,10 +7,15 @@ probability-weighted mean of the integer tokens 0..100, renormalised over those 
 Open-weights judges write numbers digit by digit, so `digit_expansion` builds the distribution over 0..100 as
 a prefix tree: the first token's top-k, then, for every digit prefix with at least `prune_mass` probability,
 the next token's top-k given that prefix as the start of the judge's reply (vLLM's continue_final_message).
-Rules: leading spaces on the FIRST token are ignored (" 8" counts as "8"); after a digit, any non-digit
-token ends the number (so 8 is told from 85, and 10 from 100); a prefix no digit can validly extend ("0",
-"100") counts as complete; mass outside a top-k, on invalid numbers or below `prune_mass` counts as not a
-number and is reported. CODE and REFUSAL are read off the first token by prefix ("C", "CODE", "REF", ...).
+The result is P(the reply is the digits of k followed by a terminator) for every k in 0..100, so 8 is told
+from 85 and 10 from 100. Rules: a leading space inside the FIRST token is ignored (" 8" counts as "8"; a
+reply whose first token is a lone space is not a number, which is how SmolLM2 and Qwen tokenize one); after a
+digit prefix, every token that does not start with a digit is a terminator, so the terminator mass is
+1 - P(next token starts with a digit), which counts tokens outside the top-k too and is exact while the digit
+tokens are in the top-k; digits that make an invalid number (101, 007, 850) are not an answer (reported as
+invalid mass); prefixes below `prune_mass` are not expanded (reported as unresolved mass; 0 expands every
+one: up to 101 requests). CODE and REFUSAL are read off the first token by prefix ("C", "CODE", "REF", ...).
+tests/test_judge_exact.py checks the result against brute-force enumeration on a real vLLM server.
 
 `mass_rule: renormalized` changes only the 0.25 test: it compares the number mass with the mass on ALL
 allowed answers (numbers, CODE, REFUSAL) instead of all tokens. The score itself is unchanged, as it is
@@ -54,6 +59,7 @@ class Judgement:
     code_mass: float = 0.0
     refusal_mass: float = 0.0
     unresolved_mass: float = 0.0
+    invalid_mass: float = 0.0
     numbers: dict[int, float] = field(default_factory=dict)
     requests: int = 0
     tree: dict[str, dict[str, float]] = field(default_factory=dict)  # reply prefix -> next-token distribution
@@ -80,42 +86,44 @@ async def number_distribution(next_dist: NextTokenDist, expand: bool, prune_mass
     j.requests = 1
     frontier: list[tuple[str, float]] = []
 
-    def classify(prefix: str, token: str, p: float) -> None:
-        text = token.lstrip() if prefix == "" else token
-        m = _LEADING_DIGITS.match(text)
+    def digits_token(prefix: str, token: str, p: float) -> bool:
+        """Route a token that starts with digits; False when it does not."""
+        m = _LEADING_DIGITS.match(token.lstrip() if prefix == "" else token)
         if m is None:
-            if prefix:
-                numbers[int(prefix)] += p  # a non-digit ends the number
-            elif (kind := _special(text)) == "code":
-                j.code_mass += p
-            elif kind == "refusal":
-                j.refusal_mass += p
-            return
+            return False
         digits, rest = m.groups()
         s = prefix + digits
         if not is_number_prefix(s):
-            return  # 101, 007, ...: not an allowed answer
-        if rest or not expand:
-            numbers[int(s)] += p  # digits then anything else in one token: the number ends here
+            j.invalid_mass += p  # 101, 007, 850...: not an allowed answer
+        elif rest or not expand:
+            numbers[int(s)] += p  # digits then anything else in one token: the number ends inside it
         else:
             frontier.append((s, p))
+        return True
 
     for token, p in first.items():
-        classify("", token, p)
+        if not digits_token("", token, p):
+            kind = _special(token)
+            if kind == "code":
+                j.code_mass += p
+            elif kind == "refusal":
+                j.refusal_mass += p
     while frontier:
         prefix, p = frontier.pop()
-        if not any(is_number_prefix(prefix + d) for d in "0123456789"):
-            numbers[int(prefix)] += p
-        elif p < prune_mass:
+        if p < prune_mass:
             j.unresolved_mass += p
-        else:
-            dist = await next_dist(prefix)
-            j.requests += 1
-            if dist is None:
-                j.unresolved_mass += p
-                continue
-            for token, q in dist.items():
-                classify(prefix, token, p * q)
+            continue
+        dist = await next_dist(prefix)
+        j.requests += 1
+        if dist is None:
+            j.unresolved_mass += p
+            continue
+        # Every token that does not start with a digit ends the number, including those outside the top-k: the
+        # terminator mass is 1 - P(a digit follows). Exact while every digit token is in the top-k (10 digit
+        # tokens in a top-20 for SmolLM2, Qwen and Llama alike).
+        digit_mass = sum(q for token, q in dist.items() if digits_token(prefix, token, p * q))
+        if digit_mass < 1.0:
+            numbers[int(prefix)] += p * (1.0 - digit_mass)
     j.numbers = {k: v for k, v in sorted(numbers.items())}
     j.number_mass = sum(numbers.values())
     return j
