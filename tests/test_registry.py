@@ -329,6 +329,16 @@ def external_recipe(repo: Path, url: str, judge_url: str, adapter: str):
     return server_recipe(recipe, url, judge_url)
 
 
+def gate_untrained(tmp_path: Path, recipe, answers: Path, run_key: str) -> dict:
+    """summarize -> register_and_gate for a recipe that trains nothing (empty validation, no adapters)."""
+    summarize(recipe, tmp_path / "scores" / "scores.jsonl", tmp_path / "summary")
+    validated = tmp_path / "validated"
+    write_json(validated / "report.json", {"passed": True, "datasets": {}})
+    write_json(validated / "manifest.json", {})
+    return register_and_gate(recipe, run_key, validated, [], answers, tmp_path / "scores", tmp_path / "summary",
+                             tmp_path / "decisions", kfp_run=f"kfp-{run_key}")
+
+
 def test_an_adapter_from_the_registry_is_gated_on_its_own_version(tmp_path: Path, repo: Path, mlflow_server) -> None:
     from emgate.stages.sample import fetch_external_adapters
 
@@ -346,12 +356,7 @@ def test_an_adapter_from_the_registry_is_gated_on_its_own_version(tmp_path: Path
         fetched = fetch_external_adapters(recipe, answers)  # the real fetch, over HTTP, as sample_answers does it
         assert fetched["team-adapter"].version == "1" and fetched["team-adapter"].rank == 8
         judge_answers(recipe, answers, tmp_path / "scores")
-    summarize(recipe, tmp_path / "scores" / "scores.jsonl", tmp_path / "summary")
-    validated = tmp_path / "validated"
-    write_json(validated / "report.json", {"passed": True, "datasets": {}})
-    write_json(validated / "manifest.json", {})
-    result = register_and_gate(recipe, "run-ext", validated, [], answers, tmp_path / "scores", tmp_path / "summary",
-                               tmp_path / "decisions", kfp_run="kfp-ext")
+    result = gate_untrained(tmp_path, recipe, answers, "run-ext")
     decision = result["candidates"]["team-adapter"]
     assert decision["decision"] == "passed", decision["reasons"]
     assert decision["registered_model"] == name and [v["version"] for v in decision["versions"]] == ["1"]
@@ -374,12 +379,7 @@ def test_an_adapter_folder_is_registered_as_a_new_version(tmp_path: Path, repo: 
                                    variants=("team-adapter", "base-reference"))
         fetch_external_adapters(recipe, answers)
         judge_answers(recipe, answers, tmp_path / "scores")
-    summarize(recipe, tmp_path / "scores" / "scores.jsonl", tmp_path / "summary")
-    validated = tmp_path / "validated"
-    write_json(validated / "report.json", {"passed": True, "datasets": {}})
-    write_json(validated / "manifest.json", {})
-    result = register_and_gate(recipe, "run-dir", validated, [], answers, tmp_path / "scores", tmp_path / "summary",
-                               tmp_path / "decisions")
+    result = gate_untrained(tmp_path, recipe, answers, "run-dir")
     decision = result["candidates"]["team-adapter"]
     assert decision["decision"] == "blocked"
     assert decision["registered_model"] == f"{recipe.mlflow.registered_model_prefix}-team-adapter"

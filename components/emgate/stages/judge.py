@@ -284,6 +284,18 @@ def judge_base_url(cfg: JudgeSpec) -> str:
     return "https://api.openai.com/v1"
 
 
+def judge_rows(rows: list[dict[str, Any]], prompts: dict[str, dict[str, str]], client: JudgeClient) -> list[dict[str, Any]]:
+    """Score rows (question_id, question, answer) with `prompts[question_id]`; closes the client."""
+
+    async def run() -> list[dict[str, Any]]:
+        try:
+            return await _judge_rows(rows, prompts, client)
+        finally:
+            await client.close()
+
+    return asyncio.run(run())
+
+
 async def _judge_rows(rows: list[dict[str, Any]], prompts: dict[str, dict[str, str]],
                       client: JudgeClient) -> list[dict[str, Any]]:
     from tqdm import tqdm
@@ -319,14 +331,7 @@ def judge_answers(recipe: Recipe, answers_dir: Path, out_dir: Path) -> dict[str,
     prompts = {q.id: q.judge_prompts for q in load_questions(recipe.questions)}
     client = JudgeClient(recipe.judge, judge_base_url(recipe.judge))
     started = time.monotonic()
-
-    async def run() -> list[dict[str, Any]]:
-        try:
-            return await _judge_rows(rows, prompts, client)
-        finally:
-            await client.close()
-
-    scored = asyncio.run(run())
+    scored = judge_rows(rows, prompts, client)
     elapsed = time.monotonic() - started
     out_dir.mkdir(parents=True, exist_ok=True)
     write_jsonl(out_dir / SCORES_FILE, scored)

@@ -11,7 +11,6 @@ judge model, the snapshot the endpoint reported, the scoring settings and the la
 
 from __future__ import annotations
 
-import asyncio
 import csv
 import math
 from datetime import UTC, datetime
@@ -74,7 +73,7 @@ def qualify_judge(recipe: Recipe, labelled: Path, out_dir: Path, min_rank_correl
                   min_agreement: float = MIN_AGREEMENT, limit: int | None = None) -> dict[str, Any]:
     from emgate.assets import sha256_file
     from emgate.questions import load_questions
-    from emgate.stages.judge import JudgeClient, _judge_rows, judge_base_url
+    from emgate.stages.judge import JudgeClient, judge_base_url, judge_rows
     from emgate.stages.summarize import wilson_interval
 
     rows = read_labelled(labelled, limit)
@@ -86,14 +85,7 @@ def qualify_judge(recipe: Recipe, labelled: Path, out_dir: Path, min_rank_correl
         key = row["question_id"]
         prompts[key] = by_suffix.get(key, standard)
     client = JudgeClient(recipe.judge, judge_base_url(recipe.judge))
-
-    async def run() -> list[dict[str, Any]]:
-        try:
-            return await _judge_rows(rows, prompts, client)
-        finally:
-            await client.close()
-
-    scored = asyncio.run(run())
+    scored = judge_rows(rows, prompts, client)
     cfg = recipe.summarize
     threshold = recipe.coherent_threshold()
     result: dict[str, Any] = {}
