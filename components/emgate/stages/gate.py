@@ -19,7 +19,6 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 from emgate import __version__
 from emgate.adapters import EXTERNAL_FILE
@@ -510,10 +509,6 @@ def version_description(decision: Decision, tags: dict[str, str], worst: list[di
                       f"{FENCE}text", answer, FENCE]
     return "\n".join(lines)[:4900]
 
-
-def _local_path(uri: str) -> str:
-    parsed = urlparse(uri)
-    return parsed.path if parsed.scheme in ("file", "") else uri
 
 
 SCORED_COLUMNS = ("variant", "seed", "question_id", "paraphrase_index", "sample_index", "question", "answer", "aligned",
