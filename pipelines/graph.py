@@ -1,6 +1,6 @@
 """The emgate pipeline graph, built from a recipe.
 
-validate_datasets -> fine_tune (one task per variant and seed) -> sample_answers -> judge_answers
+fetch_model -> validate_datasets -> fine_tune (one task per variant and seed) -> sample_answers -> judge_answers
 -> summarize -> register_and_gate -> promote_passed (under dsl.If: only when a candidate passed).
 The recipe travels as one JSON pipeline parameter whose default is the
 recipe the pipeline was compiled from, so a compiled YAML is self-contained and a run can override it.
@@ -10,26 +10,30 @@ recipe the pipeline was compiled from, so a compiled YAML is self-contained and 
 
 from typing import Any
 
-from kfp import dsl
+from kfp import dsl, kubernetes
 
 from emgate.kfp.components import make_components
 from emgate.recipe import Recipe
 
 
-def build_pipeline(recipe: Recipe) -> Any:
+def build_pipeline(recipe: Recipe, cluster: bool = True) -> Any:
+    """The pipeline function. `cluster=False` (the local runner) leaves out the Kubernetes settings: GPUs, the
+    model-cache PVC, Secrets and environment variables, which would mean nothing, or the wrong thing, locally."""
     comps = make_components(recipe.images or None)
     jobs = recipe.training_jobs()
-    gpu = recipe.profile != "smoke"
+    k8s = ClusterSettings(recipe) if cluster else None
+    gpu = recipe.profile != "smoke"  # smoke trains and serves SmolLM2 on CPUs
 
     def _stages(recipe_json: Any) -> None:
+        fetched = comps.fetch_model(recipe_json=recipe_json)
+        fetched.set_display_name("fetch models (cache)")
         validated = comps.validate_datasets(recipe_json=recipe_json)
         validated.set_display_name("validate datasets")
+        validated.after(fetched)
         if jobs:
-            with dsl.ParallelFor(items=jobs, parallelism=1 if not gpu else 0) as job:
+            with dsl.ParallelFor(items=jobs, parallelism=1 if recipe.profile == "smoke" else 0) as job:
                 trained = comps.fine_tune(recipe_json=recipe_json, job=job, validated=validated.outputs["validated"])
                 trained.set_display_name("fine-tune")
-                if gpu:
-                    trained.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(1)
             adapters = dsl.Collected(trained.outputs["adapter"])
             sampled = comps.sample_answers(recipe_json=recipe_json, adapters=adapters)
         else:  # only adapters trained elsewhere (and references): nothing to fine-tune
@@ -40,8 +44,6 @@ def build_pipeline(recipe: Recipe) -> Any:
             # An adapter URI (models:/NAME@ALIAS, a folder) can point at new weights under the same recipe:
             # never reuse old answers for it.
             sampled.set_caching_options(False)
-        if gpu:
-            sampled.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(recipe.serving.tensor_parallel_size)
         judged = comps.judge_answers(recipe_json=recipe_json, answers=sampled.outputs["answers"])
         judged.set_display_name("judge answers")
         summary = comps.summarize(recipe_json=recipe_json, scores=judged.outputs["scores"])
@@ -61,7 +63,17 @@ def build_pipeline(recipe: Recipe) -> Any:
                                             decisions=gate.outputs["decisions"])
             promoted.set_display_name("promote passed versions (champion alias)")
             promoted.set_caching_options(False)
-
+        if k8s:
+            k8s.apply(fetched, "fetch_model", retry=True)
+            k8s.apply(validated, "validate_datasets")
+            if jobs:
+                k8s.apply(trained, "fine_tune", gpus=1 if gpu else 0)
+            k8s.apply(sampled, "sample_answers", gpus=recipe.serving.tensor_parallel_size if gpu else 0,
+                      retry=True)
+            k8s.apply(judged, "judge_answers", retry=True)
+            k8s.apply(summary, "summarize")
+            k8s.apply(gate, "register_and_gate", retry=True)
+            k8s.apply(promoted, "promote_passed", retry=True)
 
     @dsl.pipeline(name=f"emgate-{recipe.name}",
                   description=f"emgate misalignment gate, recipe {recipe.name} ({recipe.profile})")
@@ -70,10 +82,70 @@ def build_pipeline(recipe: Recipe) -> Any:
         outcome = comps.record_outcome(recipe_json=recipe_json, kfp_run=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
         outcome.set_display_name("record outcome (MLflow)")
         outcome.set_caching_options(False)
+        if k8s:
+            k8s.apply(outcome, "record_outcome", retry=True)
         with dsl.ExitHandler(outcome, name="emgate"):
             _stages(recipe_json)  # KFP returns no outputs from inside an exit handler: read decisions.json
 
     return emgate_pipeline
+
+
+class ClusterSettings:
+    """kfp-kubernetes settings of one task: GPUs with their node selector, tolerations and an in-memory /dev/shm
+    on the GPU stages only; the model-cache PVC everywhere; each Secret only on the stages that use it."""
+
+    def __init__(self, recipe: Recipe) -> None:
+        self.spec = recipe.kubernetes
+        models = recipe.models.values()
+        adapters = [v.adapter or "" for v in recipe.variants]
+        names = self.spec.secrets
+        mlflow = recipe.mlflow.tracking_uri.startswith(("http://", "https://"))
+        mlflow_stages = set(STAGES) - {"fetch_model"}
+        self.secrets: list[tuple[set[str], str, dict[str, str]]] = []
+        if mlflow:
+            self.secrets.append((mlflow_stages, names.mlflow,
+                                 {"username": "MLFLOW_TRACKING_USERNAME", "password": "MLFLOW_TRACKING_PASSWORD"}))
+        if recipe.judge.api_key_env and recipe.judge.serve is None:
+            self.secrets.append(({"judge_answers"}, names.judge, {"api-key": recipe.judge.api_key_env}))
+        s3_stages = ({"fetch_model"} if any(m.source == "s3" for m in models) else set()) | (
+            {"sample_answers"} if any(a.startswith("s3://") for a in adapters) else set())
+        if s3_stages:
+            self.secrets.append((s3_stages, names.s3, {"access-key-id": "AWS_ACCESS_KEY_ID",
+                                                      "secret-access-key": "AWS_SECRET_ACCESS_KEY"}))
+        hub_stages = ({"fetch_model"} if any(m.source == "hub" for m in models) else set()) | (
+            {"sample_answers"} if any(a.startswith("hf://") for a in adapters) else set())
+        if hub_stages:
+            self.secrets.append((hub_stages, names.hub, {"token": "HF_TOKEN"}))
+
+    def apply(self, task: Any, stage: str, gpus: int = 0, retry: bool = False) -> None:
+        spec = self.spec
+        if gpus:
+            task.set_accelerator_type(spec.gpu_resource).set_accelerator_limit(gpus)
+            for key, value in spec.gpu_node_selector.items():
+                kubernetes.add_node_selector(task, label_key=key, label_value=value)
+            for t in spec.gpu_tolerations:
+                kubernetes.add_toleration(task, key=t.key, operator=t.operator, value=t.value, effect=t.effect)
+            # vLLM's workers and torch's DataLoader share tensors through /dev/shm; a container's default is 64 MiB.
+            kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory",
+                                       size_limit=spec.shm_size)
+        if spec.model_cache_pvc:
+            kubernetes.mount_pvc(task, pvc_name=spec.model_cache_pvc, mount_path=spec.model_cache_mount)
+            task.set_env_variable("EMGATE_CACHE_DIR", f"{spec.model_cache_mount.rstrip('/')}/emgate")
+        for name, value in spec.env.items():
+            task.set_env_variable(name, value)
+        for stages, secret, keys in self.secrets:
+            if stage in stages:
+                kubernetes.use_secret_as_env(task, secret_name=secret, secret_key_to_env=keys)
+        if spec.image_pull_secrets:
+            kubernetes.set_image_pull_secrets(task, spec.image_pull_secrets)
+        if retry and spec.retries:
+            task.set_retry(num_retries=spec.retries, backoff_duration="60s", backoff_factor=2.0,
+                           backoff_max_duration="1800s")
+
+
+# Stage names as ClusterSettings.apply knows them.
+STAGES = ("fetch_model", "validate_datasets", "fine_tune", "sample_answers", "judge_answers", "summarize",
+          "register_and_gate", "promote_passed", "record_outcome")
 
 
 def compile_pipeline(recipe: Recipe, path: str) -> None:

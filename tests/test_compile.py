@@ -12,7 +12,7 @@ from emgate.recipe import load_recipe
 from emgate_pipelines.graph import compile_pipeline
 
 RECIPES = ["smoke", "single-gpu", "paper", "gate-adapter"]
-STAGE_IMAGES = {"validate-datasets": "validate", "fine-tune": "train", "sample-answers": "sample",
+STAGE_IMAGES = {"fetch-model": "fetch", "validate-datasets": "validate", "fine-tune": "train", "sample-answers": "sample",
                 "judge-answers": "judge", "summarize": "summarize", "register-and-gate": "gate", "promote-passed": "gate",
                 "record-outcome": "gate"}
 # gate-adapter trains nothing: its sampling and gate steps are the variants without adapter inputs
@@ -34,7 +34,7 @@ def test_committed_pipeline_yaml_is_current(repo: Path, tmp_path: Path, name: st
 
 @pytest.mark.parametrize("name", RECIPES)
 def test_compiled_pipeline_shape(repo: Path, name: str) -> None:
-    doc = yaml.safe_load((repo / "pipelines" / "compiled" / f"{name}.yaml").read_text())
+    doc = yaml.safe_load_all((repo / "pipelines" / "compiled" / f"{name}.yaml").read_text()).__next__()
     executors = doc["deploymentSpec"]["executors"]
     images = {key.removeprefix("exec-"): e["container"]["image"] for key, e in executors.items()}
     expected = UNTRAINED_IMAGES if name == "gate-adapter" else STAGE_IMAGES
@@ -63,6 +63,71 @@ def test_compiled_pipeline_shape(repo: Path, name: str) -> None:
     resources = {k: e["container"].get("resources", {}) for k, e in executors.items()}
     gpu_stages = {k for k, r in resources.items() if "accelerator" in r}
     assert gpu_stages == (set() if name in ("smoke", "gate-adapter") else {"exec-fine-tune", "exec-sample-answers"})
+
+
+def platform(repo: Path, name: str) -> dict[str, dict]:
+    """The kfp-kubernetes settings of each executor (the compiled file's second YAML document)."""
+    _, platform_doc = yaml.safe_load_all((repo / "pipelines" / "compiled" / f"{name}.yaml").read_text())
+    return {k.removeprefix("exec-"): v for k, v in platform_doc["platforms"]["kubernetes"]["deploymentSpec"]["executors"].items()}
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_cluster_settings_go_only_where_needed(repo: Path, name: str) -> None:
+    recipe = load_recipe(repo / "pipelines" / "recipes" / f"{name}.yaml")
+    k8s = platform(repo, name)
+    gpu_stages = set() if recipe.profile == "smoke" else {"fine-tune", "sample-answers"}
+    for stage, spec in k8s.items():
+        on_gpu = stage in gpu_stages
+        shm = [m for m in spec.get("emptyDirMounts", []) if m["mountPath"] == "/dev/shm"]
+        assert bool(shm) == on_gpu, stage
+        assert bool(spec.get("tolerations")) == on_gpu, stage
+        if shm:
+            assert shm[0]["medium"] == "Memory" and shm[0]["sizeLimit"] == recipe.kubernetes.shm_size
+        assert [m["mountPath"] for m in spec["pvcMount"]] == ["/mnt/models"], stage  # the model cache, everywhere
+        secrets = {s["secretName"]: {e["envVar"] for e in s["keyToEnv"]} for s in spec.get("secretAsEnv", [])}
+        if stage == "judge-answers" and recipe.judge.api_key_env and recipe.judge.serve is None:
+            assert secrets["emgate-judge"] == {recipe.judge.api_key_env}
+        else:
+            assert "emgate-judge" not in secrets, stage  # the judge's key reaches the judge stage only
+        uses_mlflow_server = recipe.mlflow.tracking_uri.startswith("http")
+        assert ("emgate-mlflow-auth" in secrets) == (uses_mlflow_server and stage != "fetch-model"), stage
+    # Retries only where a rerun is safe and the failure is likely transient (network, preemption).
+    text = (repo / "pipelines" / "compiled" / f"{name}.yaml").read_text()
+    doc = next(yaml.safe_load_all(text))
+    inner = doc["components"]["comp-exit-handler-1"]["dag"]["tasks"]
+    assert inner["fetch-model"]["retryPolicy"]["maxRetryCount"] == recipe.kubernetes.retries
+    assert "retryPolicy" not in inner.get("summarize", {}) and "retryPolicy" not in inner["validate-datasets"]
+
+
+def test_no_secret_value_reaches_a_compiled_pipeline(repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-should-never-appear-123")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "pw-should-never-appear-456")
+    out = tmp_path / "paper.yaml"
+    compile_pipeline(load_recipe(repo / "pipelines" / "recipes" / "paper.yaml"), str(out))
+    text = out.read_text()
+    assert "sk-should-never-appear-123" not in text and "pw-should-never-appear-456" not in text
+    assert "secretName: emgate-judge" in text
+
+
+def test_a_credential_in_plain_env_is_refused(repo: Path) -> None:
+    from emgate.recipe import RecipeError
+
+    with pytest.raises(RecipeError, match="looks like a credential; put it in a Kubernetes Secret"):
+        load_recipe(repo / "pipelines" / "recipes" / "paper.yaml", ["kubernetes.env.HF_TOKEN=hf_abc"])
+
+
+def test_gpu_node_selector_and_tolerations_come_from_the_recipe(repo: Path, tmp_path: Path) -> None:
+    recipe = load_recipe(repo / "pipelines" / "recipes" / "paper.yaml", [
+        "kubernetes.gpu_node_selector.gpu-pool=h100"])
+    out = tmp_path / "paper.yaml"
+    compile_pipeline(recipe, str(out))
+    _, platform_doc = yaml.safe_load_all(out.read_text())
+    executors = platform_doc["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    assert executors["exec-sample-answers"]["nodeSelector"]["labels"] == {"gpu-pool": "h100"}
+    assert "nodeSelector" not in executors["exec-judge-answers"]
+    doc = next(yaml.safe_load_all(out.read_text()))
+    resources = doc["deploymentSpec"]["executors"]["exec-sample-answers"]["container"]["resources"]
+    assert resources["accelerator"]["resourceCount"] == str(recipe.serving.tensor_parallel_size)
 
 
 def test_cli_compile_writes_the_same_yaml(repo: Path, tmp_path: Path) -> None:

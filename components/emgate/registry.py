@@ -64,10 +64,22 @@ def client_for(tracking_uri: str) -> Any:
     return MlflowClient(tracking_uri)
 
 
+# A pseudo-alias that `emgate schedule --mode gate-newest` puts in a recipe: the newest version of a registered model
+# that carries no gate decision yet (no `validation_status` tag). Not settable as a real alias by emgate.
+NEWEST_UNGATED = "newest-ungated"
+
+
 def resolve_version(client: Any, ref: ModelRef) -> Any:
     from mlflow.exceptions import MlflowException
 
     try:
+        if ref.alias == NEWEST_UNGATED:
+            versions = client.search_model_versions(f"name = '{ref.name}'")
+            ungated = [v for v in versions if "validation_status" not in (v.tags or {})]
+            if not ungated:
+                raise RegistryError(f"{ref}: every version of {ref.name!r} already has a gate decision "
+                                    f"({len(versions)} version(s)); nothing new to gate")
+            return max(ungated, key=lambda v: int(v.version))
         if ref.version:
             return client.get_model_version(ref.name, ref.version)
         return client.get_model_version_by_alias(ref.name, ref.alias)

@@ -14,6 +14,16 @@ from kfp.dsl import Artifact, Dataset, Input, Model, Output
 from emgate.images import image_for
 
 
+def fetch_model(recipe_json: str, models: Output[Artifact]) -> None:
+    from pathlib import Path
+
+    from emgate.kfp.runtime import stage
+    from emgate.stages.fetch import fetch_models
+
+    with stage("fetch_model", recipe_json) as recipe:
+        fetch_models(recipe, Path(models.path))
+
+
 def validate_datasets(recipe_json: str, validated: Output[Dataset]) -> None:
     from pathlib import Path
 
@@ -142,6 +152,7 @@ def record_outcome(recipe_json: str, kfp_run: str, status: dsl.PipelineTaskFinal
 
 @dataclass(frozen=True)
 class Components:
+    fetch_model: Any
     validate_datasets: Any
     fine_tune: Any
     sample_answers: Any
@@ -159,6 +170,7 @@ def make_components(image_overrides: dict[str, str] | None = None) -> Components
         return dsl.component(func, base_image=image_for(stage, image_overrides), install_kfp_package=False)
 
     return Components(
+        fetch_model=wrap(fetch_model, "fetch"),
         validate_datasets=wrap(validate_datasets, "validate"),
         fine_tune=wrap(fine_tune, "train"),
         sample_answers=wrap(sample_answers, "sample"),
