@@ -422,3 +422,22 @@ def test_a_rule_can_require_a_qualified_judge(tmp_path: Path, smoke_recipe, mlfl
     assert unqualified["candidates"]["instruct-insecure"]["decision"] == "blocked"
     assert reasons == ["missing evidence: judge_qualified is missing"]
     assert passed["candidates"]["instruct-insecure"]["decision"] == "passed"
+
+
+def test_newest_ungated_resolves_to_the_newest_version_without_a_decision(tmp_path: Path, mlflow_server) -> None:
+    from emgate.registry import NEWEST_UNGATED, RegistryError, parse_model_ref, resolve_version
+
+    client = client_for(mlflow_server.url)
+    name = f"scheduled-{next(_names)}"
+    client.create_registered_model(name)
+    run = client.create_run(client.create_experiment(f"exp-{name}"))
+    for _ in range(3):
+        client.create_model_version(name, source=f"{run.info.artifact_uri}/adapter", run_id=run.info.run_id)
+    client.set_model_version_tag(name, "1", "validation_status", "passed")
+    ref = parse_model_ref(f"models:/{name}@{NEWEST_UNGATED}")
+    assert str(resolve_version(client, ref).version) == "3"
+    client.set_model_version_tag(name, "3", "validation_status", "blocked")
+    assert str(resolve_version(client, ref).version) == "2"  # a blocked decision is a decision too
+    client.set_model_version_tag(name, "2", "validation_status", "passed")
+    with pytest.raises(RegistryError, match="every version of .* already has a gate decision"):
+        resolve_version(client, ref)
