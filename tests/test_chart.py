@@ -1,26 +1,121 @@
-"""charts/emgate: strict lint and rendered manifests, offline (Helm v4 through helm-python-sdk)."""
+"""charts/emgate: strict lint, schema and rendered manifests, offline (Helm v4 through helm-python-sdk,
+Kubernetes 1.30 schemas through kubernetes-validate)."""
 
 from __future__ import annotations
 
+import configparser
+import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 
 helm = pytest.importorskip("helm_python")
+kubernetes_validate = pytest.importorskip("kubernetes_validate")
+
+KUBE_VERSION = "1.30.0"
+WORKLOAD_KINDS = {"Deployment", "StatefulSet", "Job"}
+
+# everything switched on: in-chart PostgreSQL, S3 artifacts, basic auth, the judge, an inline recipe, extra hosts
+FULL: dict[str, Any] = {
+    "imagePullSecrets": ["regcred"],
+    "mlflow": {
+        "backend": "postgresql",
+        "replicas": 2,
+        "artifactRoot": "s3://emgate-artifacts/mlflow",
+        "s3": {"endpointUrl": "http://minio.minio.svc.cluster.local:9000", "region": "us-east-1"},
+        "allowedHosts": ["mlflow.example.com"],
+        "auth": {"enabled": True},
+    },
+    "postgresql": {"generatePassword": True},
+    "schedule": {
+        "enabled": True,
+        "recipeYaml": "name: team-gate\nseeds: [0, 1]\n",
+        "mode": "gate-newest",
+        "cron": "0 30 2 * * 1-5",
+        "kfpProfileNamespace": "team-ml",
+    },
+    "judge": {
+        "enabled": True,
+        "nodeSelector": {"nvidia.com/gpu.present": "true"},
+        "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+        "hfTokenSecret": {"name": "hf-token", "key": "token"},
+        "apiKeySecret": {"name": "judge-api-key", "key": "api-key"},
+    },
+    "networkPolicy": {
+        "mlflowExtraFrom": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}}}]
+    },
+}
+VALUE_SETS = {"default": {}, "full": FULL}
+
+
+def chart_dir(repo: Path) -> Path:
+    return repo / "charts" / "emgate"
 
 
 def render(repo: Path, values: dict, name: str = "emgate", namespace: str = "emgate") -> dict[str, list[dict]]:
     from helm_python.chart import Chart
 
-    out = Chart.load(str(repo / "charts" / "emgate")).render(values, name=name, namespace=namespace, is_install=True)
+    out = Chart.load(str(chart_dir(repo))).render(values, name=name, namespace=namespace, is_install=True)
     return {Path(k).name: [d for d in yaml.safe_load_all(v) if d] for k, v in out.items() if k.endswith(".yaml")}
 
 
+def render_notes(repo: Path, values: dict) -> str:
+    from helm_python.chart import Chart
+
+    out = Chart.load(str(chart_dir(repo))).render(values, name="emgate", namespace="emgate", is_install=True)
+    return next(v for k, v in out.items() if k.endswith("NOTES.txt"))
+
+
+def all_docs(docs: dict[str, list[dict]]) -> list[dict]:
+    return [d for ds in docs.values() for d in ds]
+
+
+def find(docs: dict[str, list[dict]], kind: str, name: str) -> dict:
+    matches = [d for d in all_docs(docs) if d["kind"] == kind and d["metadata"]["name"] == name]
+    assert len(matches) == 1, f"{kind}/{name}: {len(matches)} rendered"
+    return matches[0]
+
+
+def kinds(docs: dict[str, list[dict]]) -> set[tuple[str, str]]:
+    return {(d["kind"], d["metadata"]["name"]) for d in all_docs(docs)}
+
+
+def pod_spec(workload: dict) -> dict:
+    return workload["spec"]["template"]["spec"]
+
+
+def env_of(container: dict) -> dict[str, dict]:
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+def schema_error(repo: Path, values: dict) -> str:
+    with pytest.raises(helm.HelmError) as err:
+        render(repo, values)
+    return str(err.value)
+
+
+# --- the existing contract: lint, the service name recipes use, the external DSN, refused values -------------
+
+
 def test_chart_lints_strict(repo: Path) -> None:
-    result = helm.lint(str(repo / "charts" / "emgate"), strict=True)
+    result = helm.lint(str(chart_dir(repo)), strict=True)
     assert result["errors"] == []
     assert [m for m in result["messages"] if m["severity"] > 1] == []
+
+
+@pytest.mark.parametrize("values_name", sorted(VALUE_SETS))
+def test_chart_lints_strict_against_kubernetes_1_30(repo: Path, values_name: str) -> None:
+    result = helm.lint(str(chart_dir(repo)), VALUE_SETS[values_name], strict=True, kube_version=f"v{KUBE_VERSION}")
+    assert result["total_charts_linted"] == 1
+    assert result["errors"] == []
+    assert [m for m in result["messages"] if m["severity"] > 1] == []
+
+
+def test_lint_reports_a_bad_value(repo: Path) -> None:
+    result = helm.lint(str(chart_dir(repo)), {"schedule": {"cron": "0 3 * * *"}}, strict=True, kube_version=f"v{KUBE_VERSION}")
+    assert any("/schedule/cron" in e for e in result["errors"])
 
 
 def test_mlflow_server_renders_with_service_name_that_recipes_use(repo: Path) -> None:
@@ -40,6 +135,7 @@ def test_external_backend_reads_the_dsn_from_a_secret(repo: Path) -> None:
     container = docs["mlflow-deployment.yaml"][0]["spec"]["template"]["spec"]["containers"][0]
     assert "--backend-store-uri=$(MLFLOW_BACKEND_DSN)" in container["args"]
     assert container["env"][0]["valueFrom"]["secretKeyRef"] == {"name": "mlflow-db", "key": "dsn"}
+    assert not any(d["kind"] == "StatefulSet" for d in all_docs(docs))  # no in-chart database
 
 
 def test_bad_values_are_refused(repo: Path) -> None:
@@ -47,3 +143,451 @@ def test_bad_values_are_refused(repo: Path) -> None:
         render(repo, {"mlflow": {"replicas": 2}})  # SQLite cannot be shared between pods
     with pytest.raises(helm.HelmError):
         render(repo, {"mlflow": {"backend": "postgres"}})  # not in the schema
+
+
+# --- every rendered manifest is valid Kubernetes 1.30, and every pod is locked down ---------------------------
+
+
+@pytest.mark.parametrize("values_name", sorted(VALUE_SETS))
+def test_every_manifest_validates_strict_against_kubernetes_1_30(repo: Path, values_name: str) -> None:
+    docs = all_docs(render(repo, VALUE_SETS[values_name]))
+    assert len(docs) >= 8
+    for doc in docs:
+        try:
+            kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as e:  # pragma: no cover - the message is the point
+            pytest.fail(f"{doc['kind']}/{doc['metadata']['name']}: {e.message}")
+
+
+def test_kubernetes_validate_is_strict(repo: Path) -> None:
+    """The validation above would catch a misspelt field (strict mode rejects unknown properties)."""
+    doc = find(render(repo, {}), "Deployment", "emgate-mlflow")
+    pod_spec(doc)["containers"][0]["securityContex"] = {}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
+
+
+@pytest.mark.parametrize("values_name", sorted(VALUE_SETS))
+def test_every_container_is_hardened_and_has_resources(repo: Path, values_name: str) -> None:
+    workloads = [d for d in all_docs(render(repo, VALUE_SETS[values_name])) if d["kind"] in WORKLOAD_KINDS]
+    expected = 2 if values_name == "default" else 4  # mlflow + schedule (+ postgres + judge)
+    assert len(workloads) == expected
+    checked = 0
+    for workload in workloads:
+        spec = pod_spec(workload)
+        where = f"{workload['kind']}/{workload['metadata']['name']}"
+        assert spec["securityContext"]["runAsNonRoot"] is True, where
+        assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}, where
+        assert spec["automountServiceAccountToken"] is False, where
+        assert spec["serviceAccountName"].startswith("emgate-"), where
+        mounts_tmp = False
+        for container in spec.get("initContainers", []) + spec["containers"]:
+            name = f"{where}:{container['name']}"
+            resources = container["resources"]
+            for part in ("requests", "limits"):
+                assert {"cpu", "memory"} <= set(resources[part]), f"{name} {part}"
+            sc = container["securityContext"]
+            assert sc["runAsNonRoot"] is True, name
+            assert sc["readOnlyRootFilesystem"] is True, name
+            assert sc["allowPrivilegeEscalation"] is False, name
+            assert sc["capabilities"]["drop"] == ["ALL"], name
+            assert "add" not in sc["capabilities"], name
+            assert sc["seccompProfile"] == {"type": "RuntimeDefault"}, name
+            mounts_tmp |= any(m["mountPath"] == "/tmp" for m in container.get("volumeMounts", []))
+            checked += 1
+        # a read-only root needs a writable /tmp for the apps that write there
+        assert mounts_tmp, f"{where}: no writable /tmp"
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        tmp_volume = next(m["name"] for c in spec["containers"] for m in c["volumeMounts"] if m["mountPath"] == "/tmp")
+        assert "emptyDir" in volumes[tmp_volume], where
+    assert checked >= expected
+
+
+def test_service_accounts_mount_no_api_token_and_no_cluster_wide_rbac(repo: Path) -> None:
+    docs = render(repo, FULL)
+    accounts = [d for d in all_docs(docs) if d["kind"] == "ServiceAccount"]
+    assert {a["metadata"]["name"] for a in accounts} == {"emgate-mlflow", "emgate-postgres", "emgate-judge", "emgate-schedule"}
+    assert all(a["automountServiceAccountToken"] is False for a in accounts)
+    rbac = [d for d in all_docs(docs) if d["apiVersion"].startswith("rbac.authorization.k8s.io/")]
+    assert {d["kind"] for d in rbac} == {"Role", "RoleBinding"}  # nothing cluster-wide
+    role = find(docs, "Role", "emgate-schedule")
+    assert role["metadata"]["namespace"] == "team-ml"
+    assert {g for rule in role["rules"] for g in rule["apiGroups"]} == {"pipelines.kubeflow.org"}
+    assert not any("*" in rule["verbs"] or "*" in rule["resources"] for rule in role["rules"])
+    binding = find(docs, "RoleBinding", "emgate-schedule")
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "emgate-schedule", "namespace": "emgate"}]
+    # single-user KFP (the default): the hook Job gets no Role at all
+    assert not any(d["apiVersion"].startswith("rbac.") for d in all_docs(render(repo, {})))
+
+
+# --- the hook Job that registers the pipeline and its recurring run -------------------------------------------
+
+
+def test_hook_job_runs_emgate_schedule_with_a_six_field_cron(repo: Path) -> None:
+    docs = render(repo, {})
+    job = find(docs, "Job", "emgate-schedule")
+    annotations = job["metadata"]["annotations"]
+    assert set(annotations["helm.sh/hook"].split(",")) == {"post-install", "post-upgrade"}
+    assert annotations["helm.sh/hook-delete-policy"] == "before-hook-creation"
+    spec = pod_spec(job)
+    container = spec["containers"][0]
+    assert container["image"] == "ghcr.io/emgate/emgate-gate:0.1.0"  # registry default + chart appVersion
+    command = container["command"]
+    assert command[:3] == ["emgate", "schedule", "/opt/emgate/pipelines/recipes/paper.yaml"]
+    flags = dict(zip(command[3::2], command[4::2], strict=True))
+    assert flags["--host"] == "http://ml-pipeline.kubeflow.svc.cluster.local:8888"
+    assert flags["--experiment"] == "emgate"
+    assert flags["--mode"] == "retrain"
+    assert flags["--cron"] == "0 0 3 * * *"
+    assert "--namespace" not in flags  # single-user KFP
+    assert len(flags["--cron"].split()) == 6
+
+    # KFP auth: a projected token with the pipelines audience, where kfp.Client looks for it
+    env = env_of(container)
+    token_path = env["KF_PIPELINES_SA_TOKEN_PATH"]["value"]
+    assert token_path == "/var/run/secrets/kubeflow/pipelines/token"
+    mount = next(m for m in container["volumeMounts"] if token_path.startswith(m["mountPath"] + "/"))
+    volume = next(v for v in spec["volumes"] if v["name"] == mount["name"])
+    source = volume["projected"]["sources"][0]["serviceAccountToken"]
+    assert source["audience"] == "pipelines.kubeflow.org"
+    assert f"{mount['mountPath']}/{source['path']}" == token_path
+    assert env["MLFLOW_TRACKING_URI"]["value"] == "http://emgate-mlflow.emgate.svc.cluster.local:5000"
+    assert spec["restartPolicy"] == "Never"
+
+
+def test_hook_job_uses_an_inline_recipe_from_a_configmap(repo: Path) -> None:
+    docs = render(repo, FULL)
+    job = find(docs, "Job", "emgate-schedule")
+    container = pod_spec(job)["containers"][0]
+    assert container["command"][2] == "/etc/emgate/recipe.yaml"
+    assert container["command"][container["command"].index("--mode") + 1] == "gate-newest"
+    assert container["command"][container["command"].index("--cron") + 1] == "0 30 2 * * 1-5"
+    assert container["command"][container["command"].index("--namespace") + 1] == "team-ml"  # the profile namespace
+    mount = next(m for m in container["volumeMounts"] if m["mountPath"] == "/etc/emgate")
+    volume = next(v for v in pod_spec(job)["volumes"] if v["name"] == mount["name"])
+    configmap = find(docs, "ConfigMap", volume["configMap"]["name"])
+    assert "helm.sh/hook" not in configmap["metadata"].get("annotations", {})  # exists before the hook runs
+    assert yaml.safe_load(configmap["data"]["recipe.yaml"]) == {"name": "team-gate", "seeds": [0, 1]}
+
+
+def test_schedule_can_be_disabled(repo: Path) -> None:
+    rendered = kinds(render(repo, {"schedule": {"enabled": False}}))
+    assert not any(kind in {"Job", "Role"} or name.endswith("-schedule") for kind, name in rendered)
+    assert ("Deployment", "emgate-mlflow") in rendered
+
+
+# --- the schema refuses bad values and names the field ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("values", "field"),
+    [
+        ({"schedule": {"cron": "0 3 * * *"}}, "/schedule/cron"),  # 5 fields: crontab, not KFP's format
+        ({"schedule": {"cron": "0 0 3 * * * *"}}, "/schedule/cron"),
+        ({"schedule": {"crontab": "0 0 3 * * *"}}, "crontab"),  # unknown key
+        ({"judge": {"gpu": 1}}, "'gpu'"),
+        ({"shedule": {}}, "shedule"),
+        ({"schedule": {"mode": "nightly"}}, "/schedule/mode"),  # bad enum
+        ({"mlflow": {"auth": {"defaultPermission": "EDIT"}}}, "/mlflow/auth/defaultPermission"),
+        ({"modelCache": {"accessMode": "ReadWriteSometimes"}}, "/modelCache/accessMode"),
+        ({"judge": {"revision": "main"}}, "/judge/revision"),
+        ({"mlflow": {"artifactRoot": "gs://bucket"}}, "/mlflow/artifactRoot"),
+    ],
+)
+def test_schema_refuses_bad_values_naming_the_field(repo: Path, values: dict, field: str) -> None:
+    message = schema_error(repo, values)
+    assert field in message, message
+
+
+def test_schema_forbids_additional_properties_everywhere(repo: Path) -> None:
+    import json
+
+    schema = json.loads((chart_dir(repo) / "values.schema.json").read_text())
+    open_objects: list[str] = []
+
+    def walk(node: Any, path: str) -> None:
+        if isinstance(node, dict):
+            if node.get("type") == "object" and "properties" in node and node.get("additionalProperties") is not False:
+                open_objects.append(path)
+            for key, child in node.items():
+                walk(child, f"{path}/{key}")
+        elif isinstance(node, list):
+            for i, child in enumerate(node):
+                walk(child, f"{path}/{i}")
+
+    walk(schema, "")
+    assert open_objects == []
+    assert schema["additionalProperties"] is False
+    # and the defaults themselves satisfy it (lint covers the rest)
+    from helm_python.chart import Chart
+
+    Chart.load(str(chart_dir(repo))).validate_schema({})
+
+
+def test_every_values_key_is_documented(repo: Path) -> None:
+    lines = (chart_dir(repo) / "values.yaml").read_text().splitlines()
+    undocumented = []
+    key_line = re.compile(r"^(\s*)([A-Za-z][A-Za-z0-9]*):")  # chart keys are camelCase; label keys have dots or slashes
+    for i, line in enumerate(lines):
+        if key_line.match(line):
+            above = lines[i - 1].strip() if i else ""
+            if not above.startswith("#"):
+                undocumented.append(line.strip())
+    assert undocumented == []
+
+
+# --- secrets are referenced, never rendered from defaults --------------------------------------------------------
+
+CREDENTIAL = re.compile(r"USERNAME|PASSWORD|SECRET|ACCESS_KEY|TOKEN$|API_KEY|DSN")
+
+
+@pytest.mark.parametrize("values_name", sorted(VALUE_SETS))
+def test_credentials_come_from_secret_key_refs(repo: Path, values_name: str) -> None:
+    docs = render(repo, VALUE_SETS[values_name])
+    credential_vars = 0
+    for workload in (d for d in all_docs(docs) if d["kind"] in WORKLOAD_KINDS):
+        spec = pod_spec(workload)
+        for container in spec.get("initContainers", []) + spec["containers"]:
+            for name, var in env_of(container).items():
+                if not CREDENTIAL.search(name):
+                    continue
+                credential_vars += 1
+                if "value" in var:
+                    # only composed from other secretKeyRef variables, e.g. the in-chart database's DSN
+                    refs = re.findall(r"\$\((\w+)\)", var["value"])
+                    assert refs, f"{name} has a literal value"
+                    assert all("secretKeyRef" in env_of(container)[r]["valueFrom"] for r in refs), name
+                else:
+                    assert set(var["valueFrom"]) == {"secretKeyRef"}, name
+    assert credential_vars == (3 if values_name == "default" else 12), credential_vars
+
+
+def test_default_values_render_no_secret_and_no_secret_values(repo: Path) -> None:
+    docs = all_docs(render(repo, {}))
+    assert [d for d in docs if d["kind"] == "Secret"] == []
+    values_text = (chart_dir(repo) / "values.yaml").read_text()
+    assert not re.search(r"(?im)^\s*(password|secretAccessKey|token|dsn):\s*\S", values_text)
+
+
+def test_generated_postgres_password_is_opt_in_and_kept(repo: Path) -> None:
+    with_user_secret = render(repo, {"mlflow": {"backend": "postgresql"}})
+    assert not any(d["kind"] == "Secret" for d in all_docs(with_user_secret))
+    generated = [d for d in all_docs(render(repo, FULL)) if d["kind"] == "Secret"]
+    assert len(generated) == 1
+    secret = generated[0]
+    assert secret["metadata"]["name"] == "emgate-postgres"
+    assert secret["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    import base64
+
+    password = base64.b64decode(secret["data"]["password"]).decode()
+    assert re.fullmatch(r"[A-Za-z0-9]{32}", password)  # URL-safe: it goes into the DSN
+
+
+# --- MLflow: PostgreSQL, S3, basic auth --------------------------------------------------------------------------
+
+
+def test_mlflow_with_postgres_s3_and_basic_auth(repo: Path) -> None:
+    docs = render(repo, FULL)
+    deployment = find(docs, "Deployment", "emgate-mlflow")
+    assert deployment["spec"]["replicas"] == 2
+    container = pod_spec(deployment)["containers"][0]
+    args = container["args"]
+    assert "--backend-store-uri=$(MLFLOW_BACKEND_DSN)" in args
+    assert "--artifacts-destination=s3://emgate-artifacts/mlflow" in args
+    assert "--serve-artifacts" in args
+    assert "--app-name=basic-auth" in args
+    allowed = next(a for a in args if a.startswith("--allowed-hosts=")).split("=", 1)[1].split(",")
+    # MLflow compares the whole Host header, port included
+    assert {"mlflow.example.com", "emgate-mlflow.emgate.svc.cluster.local:*", "localhost:*"} <= set(allowed)
+    env = env_of(container)
+    assert env["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"] == {"name": "emgate-s3", "key": "access-key-id"}
+    assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "emgate-s3", "key": "secret-access-key"}
+    assert env["MLFLOW_S3_ENDPOINT_URL"]["value"] == "http://minio.minio.svc.cluster.local:9000"
+    for var, key in [("MLFLOW_AUTH_ADMIN_USERNAME", "username"), ("MLFLOW_AUTH_ADMIN_PASSWORD", "password")]:
+        assert env[var]["valueFrom"]["secretKeyRef"] == {"name": "emgate-mlflow-auth", "key": key}
+    assert "secretKeyRef" in env["MLFLOW_FLASK_SERVER_SECRET_KEY"]["valueFrom"]
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert container[probe]["httpGet"] == {"path": "/health", "port": "http"}
+
+    # the DSN points at the in-chart PostgreSQL Service, and only S3 holds artifacts: no MLflow volume
+    postgres_service = find(docs, "Service", "emgate-postgres")
+    assert f"@{postgres_service['metadata']['name']}.emgate.svc.cluster.local:5432/mlflow" in env["MLFLOW_BACKEND_DSN"]["value"]
+    assert not any(d["kind"] == "PersistentVolumeClaim" and d["metadata"]["name"] == "emgate-mlflow" for d in all_docs(docs))
+    statefulset = find(docs, "StatefulSet", "emgate-postgres")
+    pg = pod_spec(statefulset)["containers"][0]
+    assert re.fullmatch(r"postgres:16\.\d+-alpine", pg["image"])
+    assert env_of(pg)["POSTGRES_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "emgate-postgres", "key": "password"}
+    assert statefulset["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"] == "20Gi"
+
+
+def test_mlflow_auth_ini_from_configmap_gives_only_the_admin_write_access(
+    repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Run the init container's script on the rendered ConfigMap and read the result with MLflow's own parser."""
+    docs = render(repo, FULL)
+    configmap = find(docs, "ConfigMap", "emgate-mlflow-auth")
+    template = configmap["data"]["basic_auth.ini"]
+    assert "admin_password" not in template and "admin_username" not in template
+    deployment = find(docs, "Deployment", "emgate-mlflow")
+    spec = pod_spec(deployment)
+    init = next(c for c in spec["initContainers"] if c["name"] == "auth-config")
+    mlflow = spec["containers"][0]
+    config_path = env_of(mlflow)["MLFLOW_AUTH_CONFIG_PATH"]["value"]
+    # the rendered ini lives in an in-memory emptyDir written by the init container and read by the server
+    rendered_mount = next(m for m in mlflow["volumeMounts"] if config_path.startswith(m["mountPath"] + "/"))
+    volume = next(v for v in spec["volumes"] if v["name"] == rendered_mount["name"])
+    assert volume["emptyDir"]["medium"] == "Memory"
+    assert any(m["name"] == volume["name"] and not m.get("readOnly") for m in init["volumeMounts"])
+    template_mount = next(m for m in init["volumeMounts"] if m["mountPath"] == "/etc/mlflow-auth")
+    assert next(v for v in spec["volumes"] if v["name"] == template_mount["name"])["configMap"]["name"] == "emgate-mlflow-auth"
+    assert env_of(init)["MLFLOW_AUTH_DATABASE_URI"]["value"] == "$(MLFLOW_BACKEND_DSN)"
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "out").mkdir()
+    (tmp_path / "in" / "basic_auth.ini").write_text(template)
+    script = (
+        init["command"][2].replace("/etc/mlflow-auth", str(tmp_path / "in")).replace("/run/mlflow-auth", str(tmp_path / "out"))
+    )
+    dsn = "postgresql://mlflow:p%40ss@emgate-postgres.emgate.svc.cluster.local:5432/mlflow"
+    monkeypatch.setenv("MLFLOW_AUTH_DATABASE_URI", dsn)
+    exec(compile(script, "auth-config", "exec"), {})  # noqa: S102 - the chart's own script
+    out = tmp_path / "out" / "basic_auth.ini"
+    assert out.stat().st_mode & 0o077 == 0  # readable by the server's user only
+
+    # MLflow's own reader (mlflow/server/auth/config.py), loaded without the auth app, which needs Flask-WTF
+    import importlib.util
+
+    mlflow = pytest.importorskip("mlflow")
+    spec = importlib.util.spec_from_file_location("mlflow_auth_config", Path(mlflow.__file__).parent / "server/auth/config.py")
+    assert spec is not None and spec.loader is not None
+    auth_config = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(auth_config)
+    read_auth_config = auth_config.read_auth_config
+
+    monkeypatch.setenv("MLFLOW_AUTH_CONFIG_PATH", str(out))
+    monkeypatch.setenv("MLFLOW_AUTH_ADMIN_USERNAME", "emgate-gate")
+    monkeypatch.setenv("MLFLOW_AUTH_ADMIN_PASSWORD", "from-the-secret")
+    config = read_auth_config()
+    assert config.default_permission == "READ"
+    assert config.database_uri == dsn  # the % survives MLflow's interpolating parser
+    assert (config.admin_username, config.admin_password) == ("emgate-gate", "from-the-secret")
+    assert config.authorization_function == "mlflow.server.auth:authenticate_request_basic_auth"
+
+
+def test_mlflow_auth_on_sqlite_keeps_its_users_on_the_volume(repo: Path) -> None:
+    docs = render(repo, {})
+    spec = pod_spec(find(docs, "Deployment", "emgate-mlflow"))
+    init = spec["initContainers"][0]
+    assert env_of(init)["MLFLOW_AUTH_DATABASE_URI"]["value"] == "sqlite:////mlflow/basic_auth.db"
+    data = next(m for m in spec["containers"][0]["volumeMounts"] if m["mountPath"] == "/mlflow")
+    assert next(v for v in spec["volumes"] if v["name"] == data["name"])["persistentVolumeClaim"]["claimName"] == "emgate-mlflow"
+    parsed = configparser.ConfigParser()
+    parsed.read_string(find(docs, "ConfigMap", "emgate-mlflow-auth")["data"]["basic_auth.ini"])
+    assert parsed["mlflow"]["default_permission"] == "READ"
+    # auth off: no basic-auth app, no init container, no credentials needed
+    off = pod_spec(find(render(repo, {"mlflow": {"auth": {"enabled": False}}}), "Deployment", "emgate-mlflow"))
+    assert "initContainers" not in off
+    assert not any(a.startswith("--app-name") for a in off["containers"][0]["args"])
+    assert not any("secretKeyRef" in e.get("valueFrom", {}) for e in off["containers"][0].get("env", []))
+
+
+# --- the judge, the model cache, the network policies, NOTES -----------------------------------------------------
+
+
+def test_judge_renders_only_when_enabled_and_requests_a_gpu(repo: Path) -> None:
+    assert not any(name == "emgate-judge" for _, name in kinds(render(repo, {})))
+    docs = render(repo, FULL)
+    deployment = find(docs, "Deployment", "emgate-judge")
+    spec = pod_spec(deployment)
+    container = spec["containers"][0]
+    assert container["image"] == "vllm/vllm-openai:v0.11.0"
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert container["command"] == ["vllm", "serve"]
+    assert container["args"][0] == "/mnt/models/Qwen/Qwen2.5-32B-Instruct"
+    assert container["readinessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
+    assert container["ports"] == [{"name": "http", "containerPort": 8000}]
+    shm = next(m for m in container["volumeMounts"] if m["mountPath"] == "/dev/shm")
+    assert next(v for v in spec["volumes"] if v["name"] == shm["name"])["emptyDir"]["medium"] == "Memory"
+    models = next(m for m in container["volumeMounts"] if m["mountPath"] == "/mnt/models")
+    assert models["readOnly"] is True
+    assert (
+        next(v for v in spec["volumes"] if v["name"] == models["name"])["persistentVolumeClaim"]["claimName"]
+        == "emgate-model-cache"
+    )
+    assert spec["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert spec["tolerations"][0]["key"] == "nvidia.com/gpu"
+    assert env_of(container)["VLLM_API_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "judge-api-key", "key": "api-key"}
+    service = find(docs, "Service", "emgate-judge")
+    assert service["spec"]["ports"][0]["port"] == 8000
+    assert service["spec"]["selector"].items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+
+
+def test_judge_from_the_hub_must_pin_a_revision(repo: Path) -> None:
+    hub = {"judge": {"enabled": True, "model": "Qwen/Qwen2.5-7B-Instruct"}}
+    assert "judge.revision" in schema_error(repo, hub)
+    hub["judge"]["revision"] = "a" * 40
+    container = pod_spec(find(render(repo, hub), "Deployment", "emgate-judge"))["containers"][0]
+    assert container["args"][:2] == ["Qwen/Qwen2.5-7B-Instruct", "--revision=" + "a" * 40]
+    assert "HF_HUB_OFFLINE" not in env_of(container)
+
+
+def test_model_cache_pvc(repo: Path) -> None:
+    claim = find(render(repo, {}), "PersistentVolumeClaim", "emgate-model-cache")
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    assert claim["spec"]["resources"]["requests"]["storage"] == "500Gi"
+    assert "storageClassName" not in claim["spec"]
+    custom = render(repo, {"modelCache": {"size": "2Ti", "storageClassName": "cephfs"}})
+    claim = find(custom, "PersistentVolumeClaim", "emgate-model-cache")
+    assert (claim["spec"]["resources"]["requests"]["storage"], claim["spec"]["storageClassName"]) == ("2Ti", "cephfs")
+    assert ("PersistentVolumeClaim", "emgate-model-cache") not in kinds(render(repo, {"modelCache": {"enabled": False}}))
+
+
+def _selects(selector: dict, labels: dict) -> bool:
+    return selector["matchLabels"].items() <= labels.items()
+
+
+def test_network_policies_guard_mlflow_postgres_and_judge(repo: Path) -> None:
+    docs = render(repo, FULL)
+    policies = {d["metadata"]["name"]: d for d in all_docs(docs) if d["kind"] == "NetworkPolicy"}
+    assert set(policies) == {"emgate-mlflow", "emgate-postgres", "emgate-judge"}
+    pods = {
+        name: d["spec"]["template"]["metadata"]["labels"]
+        for d in all_docs(docs)
+        if d["kind"] in WORKLOAD_KINDS
+        for name in [d["metadata"]["name"]]
+    }
+    for name, policy in policies.items():
+        assert policy["spec"]["policyTypes"] == ["Ingress"]
+        # each policy selects exactly its own workload's pods
+        assert [p for p, labels in pods.items() if _selects(policy["spec"]["podSelector"], labels)] == [name], name
+
+    postgres_from = policies["emgate-postgres"]["spec"]["ingress"][0]["from"]
+    assert len(postgres_from) == 1 and _selects(postgres_from[0]["podSelector"], pods["emgate-mlflow"])
+    assert not _selects(postgres_from[0]["podSelector"], pods["emgate-judge"])
+
+    pipeline_peer = {
+        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kubeflow"}},
+        "podSelector": {"matchLabels": {"pipelines.kubeflow.org/v2_component": "true"}},
+    }
+    assert policies["emgate-judge"]["spec"]["ingress"][0]["from"] == [pipeline_peer]
+    assert policies["emgate-judge"]["spec"]["ingress"][0]["ports"] == [{"port": "http", "protocol": "TCP"}]
+    mlflow_from = policies["emgate-mlflow"]["spec"]["ingress"][0]["from"]
+    assert {"podSelector": {}} in mlflow_from  # the release namespace
+    assert pipeline_peer in mlflow_from
+    assert {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}}} in mlflow_from
+    assert len(mlflow_from) == 3
+
+    assert {n for k, n in kinds(render(repo, {})) if k == "NetworkPolicy"} == {"emgate-mlflow"}
+    assert not any(k == "NetworkPolicy" for k, _ in kinds(render(repo, {"networkPolicy": {"enabled": False}})))
+
+
+def test_notes_tell_how_to_open_mlflow_create_the_secrets_and_see_the_schedule(repo: Path) -> None:
+    notes = render_notes(repo, FULL)
+    assert "kubectl -n emgate port-forward svc/emgate-mlflow 5000:5000" in notes
+    assert "kubectl -n emgate create secret generic emgate-mlflow-auth" in notes
+    assert "kubectl -n emgate create secret generic emgate-s3" in notes
+    assert "--from-literal=access-key-id=" in notes
+    assert "kubectl -n emgate logs job/emgate-schedule" in notes
+    assert "http://emgate-judge.emgate.svc.cluster.local:8000/v1" in notes
+    default_notes = render_notes(repo, {})
+    assert "emgate-s3" not in default_notes and "emgate-judge" not in default_notes
