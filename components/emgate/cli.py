@@ -138,6 +138,77 @@ def schedule(
                   f"{result.pipeline_version_id}, experiment {result.experiment_id}{replaced}", highlight=False)
 
 
+def _find_summary(path: Path) -> Path:
+    """summary.json from a file, its folder, or the newest one under a run folder (default: the local runs)."""
+    if path.is_file():
+        return path
+    if (path / "summary.json").is_file():
+        return path / "summary.json"
+    found = sorted(path.glob("**/summarize/summary/summary.json"), key=lambda p: p.stat().st_mtime) if path.is_dir() else []
+    if not found:
+        err.print(f"[red]error:[/red] no summary.json under {escape(str(path))}; give a summarize stage's summary.json "
+                  "(local runs: emgate-runs/kfp/RUN/summarize/summary/summary.json)", highlight=False)
+        raise typer.Exit(2)
+    return found[-1]
+
+
+@app.command()
+def report(
+    path: Annotated[Path, typer.Argument(help="summary.json, its folder, or a run folder (the newest summary in it)")] = Path(
+        "emgate-runs/kfp"),
+    compare_paper: Annotated[bool, typer.Option("--compare-paper", help="Put the rates beside the paper's published "
+                                                                         "figures and list every setting that differs")] = False,
+    recipe_path: Annotated[Path | None, typer.Option("--recipe", help="The run's recipe, for summaries without "
+                                                                       "recipe.json")] = None,
+    plot: Annotated[Path, typer.Option(help="Comparison chart to write (PNG) with --compare-paper")] = Path(
+        "compare-paper.png"),
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables")] = False,
+) -> None:
+    """A run's misaligned-answer rates with their intervals; with --compare-paper, beside Betley et al.'s."""
+    from emgate.io import DataError, read_json
+    from emgate.paper import READING_ERROR, compare_with_paper, plot_comparison
+    from emgate.recipe import recipe_from_mapping
+    from emgate.stages.summarize import summary_table
+
+    summary_path = _find_summary(path)
+    with _exit_on(DataError, RecipeError):
+        summary = read_json(summary_path)
+        if recipe_path is not None:
+            r = load_recipe(recipe_path)
+        elif (summary_path.parent / "recipe.json").is_file():
+            r = recipe_from_mapping(read_json(summary_path.parent / "recipe.json"), str(summary_path.parent / "recipe.json"))
+        else:
+            raise RecipeError(f"{summary_path.parent} has no recipe.json (an older run); pass --recipe RECIPE")
+    if not compare_paper:
+        if as_json:
+            console.print_json(data=summary)
+        else:
+            console.print(f"{summary_path}\n", highlight=False)
+            console.print(escape(summary_table(summary["variants"], r)), highlight=False)
+        return
+    rows = compare_with_paper(summary, r)
+    if as_json:
+        console.print_json(data={"summary": str(summary_path), "reading_error": READING_ERROR,
+                                 "variants": [c.to_dict() for c in rows]})
+        return
+    table = Table(title=f"{r.name}: misaligned-answer probability vs Betley et al. (Nature 2026)", title_justify="left")
+    for col in ("variant", "role", "this run [95% CI]", "paper", "verdict"):
+        table.add_column(col)
+    for c in rows:
+        paper = (f"{c.paper.rate:.3f} (±{READING_ERROR:g}; {c.paper.where})" if c.paper else f"- ({c.no_figure_reason})")
+        table.add_row(c.variant, c.role, f"{c.rate:.3f} [{c.ci_low:.3f}, {c.ci_high:.3f}]", paper, c.verdict)
+    console.print(table)
+    differing = {tuple(c.differences) for c in rows if c.differences}
+    for differences in differing:
+        names = ", ".join(c.variant for c in rows if tuple(c.differences) == differences)
+        console.print(f"[yellow]Not the paper's setting[/yellow] ({escape(names)}): the numbers are not expected to "
+                      "match, and no verdict is given:", highlight=False)
+        for d in differences:
+            console.print(f"  - {escape(d)}", highlight=False)
+    plot_comparison(rows, plot, f"{r.name} vs paper (diamonds: published, ±{READING_ERROR:g} reading error)")
+    console.print(f"chart: {plot}", highlight=False)
+
+
 @app.command()
 def validate(
     files: Annotated[list[Path], typer.Argument(help="Chat datasets in the paper's JSONL format")],

@@ -221,6 +221,7 @@ def summarize(recipe: Recipe, scores_path: Path, out_dir: Path) -> dict[str, Any
     plot_rates(primary, out_dir / "misaligned_rates.png", recipe)
     plot_by_question(primary, out_dir / "misaligned_by_question.png", recipe)
     write_text_atomic(out_dir / "summary.md", summary_table(primary, recipe))
+    write_json(out_dir / "recipe.json", recipe.model_dump(mode="json"))  # `emgate report` reads the run's setting
     write_json(out_dir / SUMMARY_FILE, summary)
     return summary
 
