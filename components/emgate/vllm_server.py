@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import shutil
 import signal
@@ -20,6 +21,7 @@ import httpx
 from emgate.recipe import ServingSpec
 
 VLLM_PYTHON_ENV = "EMGATE_VLLM_PYTHON"
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 STOP_GRACE_S = 20.0  # seconds between SIGTERM and SIGKILL
 LOG_TAIL_CHARS = 4000
 
@@ -87,7 +89,7 @@ class VllmServer:
         with self.log_path.open("wb") as log:
             # A new session makes the server and its engine workers one process group, stopped together.
             self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=env,
-                                            start_new_session=True)
+                                            start_new_session=True, preexec_fn=_terminate_with_parent)
         self._wait_ready()
 
     def _wait_ready(self) -> None:
@@ -143,6 +145,14 @@ class VllmServer:
                 f"vLLM server for {self.served_name} died with code {self.process.returncode} while serving. "
                 f"Log ({self.log_path}), last lines:\n{self.log_tail()}"
             )
+
+
+def _terminate_with_parent() -> None:
+    """In the server process before exec (Linux): SIGTERM when the stage that started it dies, even by SIGKILL,
+    so a killed stage leaves no server behind; vLLM then stops its own engine workers."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 @contextlib.contextmanager

@@ -7,13 +7,17 @@ Prompts are rendered on the client with the template saved with each adapter and
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import math
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from emgate.adapters import EXTERNAL_FILE, FetchedAdapter, fetch_adapter
+from emgate.assets import sha256_file
 from emgate.io import read_json, write_json, write_jsonl
 from emgate.models import resolve_model
 from emgate.questions import Question, load_questions
@@ -23,7 +27,9 @@ from emgate.templates import TEMPLATE_FILE, TemplateRecord, render_prompt, templ
 from emgate.vllm_server import LoraModule, VllmServer, running
 
 ANSWERS_FILE = "answers.jsonl"
+PARTIAL_FILE = "answers.partial.jsonl"
 REQUEST_TIMEOUT_S = 600.0  # seconds per completion request (a CPU server may queue many)
+REQUEST_RETRIES = 5  # the OpenAI client's own retries: exponential backoff, honours Retry-After, on 408/409/429/5xx
 
 
 @dataclass
@@ -69,11 +75,59 @@ def plan_targets(recipe: Recipe, model_key: str, tokenizer: Any, adapters: dict[
     return targets
 
 
+class AnswerLog:
+    """Answers appended to the stage's work directory as each response arrives, one JSON line per response (all its
+    n samples), flushed at once. A rerun after a crash reads back the complete lines, cuts a line the crash left
+    half-written, and asks only for the rest."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.done: dict[str, list[dict[str, Any]]] = {}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.is_file():
+            raw = path.read_bytes()
+            end = raw.rfind(b"\n") + 1
+            if end < len(raw):
+                with path.open("r+b") as fh:
+                    fh.truncate(end)
+            for line in raw[:end].splitlines():
+                entry = json.loads(line)
+                self.done[entry["key"]] = entry["rows"]
+        self.reused = sum(len(rows) for rows in self.done.values())
+        self.requests = 0
+        self.fh = path.open("a", encoding="utf-8")
+
+    def append(self, key: str, rows: list[dict[str, Any]]) -> None:
+        self.fh.write(json.dumps({"key": key, "rows": rows}, ensure_ascii=False, sort_keys=True) + "\n")
+        self.fh.flush()
+        self.requests += 1
+
+    def close(self) -> None:
+        self.fh.close()
+
+
+def work_dir_for(recipe: Recipe, model_key: str, targets: list[Target]) -> Path:
+    """Partial answers of one base model live here, keyed by everything that decides them (adapter weights too)."""
+    from emgate.assets import cache_dir
+
+    parts = [recipe.sampling.model_dump_json(), recipe.questions.model_dump_json(), recipe.serving.dtype,
+             recipe.models[model_key].model_dump_json()]
+    for t in targets:
+        weights = sorted(t.adapter.glob("adapter_model.*")) if t.adapter else []
+        parts.append(f"{t.served_name}|{t.variant}|{t.seed}|{t.record}|" + ",".join(sha256_file(w) for w in weights))
+    key = hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+    return cache_dir() / "work" / "sample_answers" / f"{model_key}-{key}"
+
+
 async def _sample_target(client: Any, target: Target, tokenizer: Any, questions: list[Question], recipe: Recipe,
-                         gate: asyncio.Semaphore, progress: Any) -> list[dict[str, Any]]:
+                         gate: asyncio.Semaphore, progress: Any, log: AnswerLog) -> list[dict[str, Any]]:
     s = recipe.sampling
 
     async def one(question: Question, p_index: int, text: str, n: int) -> list[dict[str, Any]]:
+        key = f"{target.served_name}|{question.id}|{p_index}|{n}"
+        if key in log.done:
+            progress.update(1)
+            return log.done[key]
         prompt = render_prompt(target.record, tokenizer, [{"role": "user", "content": text}])
         async with gate:
             resp = await client.completions.create(
@@ -81,13 +135,17 @@ async def _sample_target(client: Any, target: Target, tokenizer: Any, questions:
                 max_tokens=s.max_tokens, stop=target.record.stop or None, seed=s.seed,
                 extra_body={"add_special_tokens": target.record.add_special_tokens},
             )
-        progress.update(1)
-        return [
+        prompt_tokens = resp.usage.prompt_tokens if resp.usage else None
+        rows = [
             {"variant": target.variant, "seed": target.seed, "role": target.role, "question_id": question.id,
              "paraphrase_index": p_index, "sample_index": c.index, "question": text, "prompt": prompt,
-             "answer": c.text, "finish_reason": c.finish_reason}
+             "answer": c.text, "finish_reason": c.finish_reason, "prompt_tokens": prompt_tokens,
+             "answer_tokens": len(tokenizer(c.text, add_special_tokens=False)["input_ids"])}
             for c in sorted(resp.choices, key=lambda c: c.index)
         ]
+        log.append(key, rows)
+        progress.update(1)
+        return rows
 
     jobs = []
     for q in questions:
@@ -98,11 +156,11 @@ async def _sample_target(client: Any, target: Target, tokenizer: Any, questions:
 
 
 async def _sample_all(base_url: str, targets: list[Target], tokenizer: Any, questions: list[Question],
-                      recipe: Recipe) -> list[dict[str, Any]]:
+                      recipe: Recipe, log: AnswerLog) -> list[dict[str, Any]]:
     from openai import AsyncOpenAI
     from tqdm import tqdm
 
-    client = AsyncOpenAI(base_url=base_url, api_key="EMPTY", timeout=REQUEST_TIMEOUT_S, max_retries=3)
+    client = AsyncOpenAI(base_url=base_url, api_key="EMPTY", timeout=REQUEST_TIMEOUT_S, max_retries=REQUEST_RETRIES)
     gate = asyncio.Semaphore(recipe.sampling.max_concurrency)
     total = len(targets) * sum(len(q.paraphrases) for q in questions)
     with tqdm(total=total, desc="sample_answers", unit="prompt") as progress:
@@ -110,7 +168,7 @@ async def _sample_all(base_url: str, targets: list[Target], tokenizer: Any, ques
         # (bench/sample_throughput.py: 0.89x), and the code is simpler.
         rows: list[dict[str, Any]] = []
         for target in targets:
-            rows += await _sample_target(client, target, tokenizer, questions, recipe, gate, progress)
+            rows += await _sample_target(client, target, tokenizer, questions, recipe, gate, progress, log)
     await client.close()
     return rows
 
@@ -123,6 +181,7 @@ def sample_answers(recipe: Recipe, adapter_dirs: list[Path], out_dir: Path) -> d
     adapters = adapter_index(adapter_dirs)
     rows: list[dict[str, Any]] = []
     started = time.monotonic()
+    logs: list[AnswerLog] = []
     fetched = fetch_external_adapters(recipe, out_dir)
     external = {name: Path(f.path) for name, f in fetched.items()}
     for model_key in sorted({v.model for v in recipe.variants}):
@@ -136,24 +195,35 @@ def sample_answers(recipe: Recipe, adapter_dirs: list[Path], out_dir: Path) -> d
         rank = max([recipe.training.lora_r, *(f.rank for f in fetched.values())])
         server = VllmServer(model_path=model_path, served_name=model_key, serving=recipe.serving,
                             lora_modules=loras, max_lora_rank=next(r for r in VLLM_LORA_RANKS if r >= rank))
-        with running(server):
-            try:
-                rows += asyncio.run(_sample_all(server.base_url, targets, tokenizer, questions, recipe))
-            except Exception:
-                server.check_alive()  # a dead server is the real cause: say so, with its log
-                raise
+        log = AnswerLog(work_dir_for(recipe, model_key, targets) / PARTIAL_FILE)
+        logs.append(log)
+        if log.reused:
+            print(f"sample_answers: resuming {model_key}: {log.reused} answers from {log.path}")
+        try:
+            with running(server):
+                try:
+                    rows += asyncio.run(_sample_all(server.base_url, targets, tokenizer, questions, recipe, log))
+                except Exception:
+                    server.check_alive()  # a dead server is the real cause: say so, with its log
+                    raise
+        finally:
+            log.close()
     elapsed = time.monotonic() - started
     out_dir.mkdir(parents=True, exist_ok=True)
     write_jsonl(out_dir / ANSWERS_FILE, rows)
     report = {
         "answers": len(rows), "seconds": elapsed,
+        "requests": sum(log.requests for log in logs), "resumed_answers": sum(log.reused for log in logs),
+        "tokens": {"prompt": sum(r["prompt_tokens"] or 0 for r in rows), "answers": sum(r["answer_tokens"] for r in rows)},
         "questions": [q.id for q in questions],
         "question_patches": {q.id: list(q.patches) for q in questions if q.patches},
         "finish_reasons": _count(r["finish_reason"] for r in rows),
         "sampling": recipe.sampling.model_dump(mode="json"),
         "external_adapters": {name: f.to_dict() for name, f in fetched.items()},
     }
-    write_json(out_dir / "report.json", report)
+    write_json(out_dir / "report.json", report)  # written last: the answers are complete
+    for log in logs:  # a later run samples anew; only a crashed one resumes
+        shutil.rmtree(log.path.parent, ignore_errors=True)
     return report
 
 

