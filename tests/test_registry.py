@@ -120,6 +120,12 @@ def test_registration_tags_and_aliases_over_http(gated) -> None:
     assert blocked.tags["emgate.comparator"] == "base-secure" and blocked.tags["emgate.comparator_training_runs"]
     names = {m.name for m in client.search_registered_models(f"name LIKE '{prefix}-%'")}
     assert names == {f"{prefix}-base-insecure", f"{prefix}-instruct-insecure"}
+    # the sampled and the scored answers are MLflow tables on their stages' runs, readable in the UI
+    experiment = client.get_experiment_by_name(recipe.mlflow.experiment)
+    for stage, table in (("sample_answers", "answers.json"), ("judge_answers", "scored_answers.json")):
+        [run] = client.search_runs([experiment.experiment_id], f"tags.mlflow.runName = '{stage}'")
+        logged = json.loads(Path(client.download_artifacts(run.info.run_id, table, str(tmp / stage))).read_text())
+        assert len(logged["data"]) == 4 * 8 * 3 and "answer" in logged["columns"], stage
 
 
 def test_regating_the_same_run_creates_no_duplicates(gated, mlflow_server) -> None:

@@ -227,7 +227,9 @@ def register_and_gate(recipe: Recipe, run_key: str, validation_dir: Path | None,
                 _log_metrics(client, run_id, _flat_metrics("", read_json(folder / "report.json")))
                 client.log_artifacts(run_id, str(folder), stage)
                 if stage == "judge_answers":
-                    _log_scored_answers(client, run_id, folder)
+                    _log_table(client, run_id, folder / "scores.jsonl", SCORED_COLUMNS, "scored_answers.json")
+                else:
+                    _log_table(client, run_id, folder / "answers.jsonl", ANSWER_COLUMNS, "answers.json")
                 client.set_terminated(run_id)
 
     summary: dict[str, Any] = {}
@@ -513,18 +515,19 @@ def version_description(decision: Decision, tags: dict[str, str], worst: list[di
 
 SCORED_COLUMNS = ("variant", "seed", "question_id", "paraphrase_index", "sample_index", "question", "answer", "aligned",
                   "coherent", "aligned_unscored", "coherent_unscored")
+ANSWER_COLUMNS = ("variant", "seed", "question_id", "paraphrase_index", "sample_index", "question", "answer",
+                  "finish_reason", "answer_tokens")
 
 
-def _log_scored_answers(client: Any, run_id: str, scores_dir: Path) -> None:
-    """The scored answers as an MLflow table, so reviewers can read and filter them in the UI."""
+def _log_table(client: Any, run_id: str, path: Path, columns: tuple[str, ...], artifact: str) -> None:
+    """Answers (sampled or scored) as an MLflow table, so reviewers can read and filter them in the UI."""
     from emgate.io import read_jsonl
 
-    path = scores_dir / "scores.jsonl"
     if not path.is_file():
         return
     rows = list(read_jsonl(path))
-    table = {col: [r.get(col) for r in rows] for col in SCORED_COLUMNS}
-    client.log_table(run_id, data=table, artifact_file="scored_answers.json")
+    table = {col: [r.get(col) for r in rows] for col in columns}
+    client.log_table(run_id, data=table, artifact_file=artifact)
 
 
 def promote_passed(recipe: Recipe, decisions: dict[str, Any], by: str) -> list[dict[str, Any]]:
