@@ -23,6 +23,7 @@ def build_pipeline(recipe: Recipe, cluster: bool = True) -> Any:
     jobs = recipe.training_jobs()
     k8s = ClusterSettings(recipe) if cluster else None
     gpu = recipe.profile != "smoke"  # smoke trains and serves SmolLM2 on CPUs
+    serves = recipe.serving.endpoint is None  # with an endpoint, sample_answers only sends requests
 
     def _stages(recipe_json: Any) -> None:
         fetched = comps.fetch_model(recipe_json=recipe_json)
@@ -68,7 +69,7 @@ def build_pipeline(recipe: Recipe, cluster: bool = True) -> Any:
             k8s.apply(validated, "validate_datasets")
             if jobs:
                 k8s.apply(trained, "fine_tune", gpus=1 if gpu else 0)
-            k8s.apply(sampled, "sample_answers", gpus=recipe.serving.tensor_parallel_size if gpu else 0,
+            k8s.apply(sampled, "sample_answers", gpus=recipe.serving.tensor_parallel_size if gpu and serves else 0,
                       retry=True)
             k8s.apply(judged, "judge_answers", retry=True)
             k8s.apply(summary, "summarize")
@@ -116,6 +117,9 @@ class ClusterSettings:
             {"sample_answers"} if any(a.startswith("hf://") for a in adapters) else set())
         if hub_stages:
             self.secrets.append((hub_stages, names.hub, {"token": "HF_TOKEN"}))
+        endpoint = recipe.serving.endpoint
+        if endpoint is not None and endpoint.api_key_env:
+            self.secrets.append(({"sample_answers"}, names.endpoint, {"api-key": endpoint.api_key_env}))
 
     def apply(self, task: Any, stage: str, gpus: int = 0, retry: bool = False) -> None:
         spec = self.spec

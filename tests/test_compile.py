@@ -139,3 +139,25 @@ def test_cli_compile_writes_the_same_yaml(repo: Path, tmp_path: Path) -> None:
                           cwd=repo, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert out.read_text() == (repo / "pipelines" / "compiled" / "smoke.yaml").read_text()
+
+
+def test_sampling_an_existing_endpoint_needs_no_gpu_and_gets_its_key_from_a_secret(repo: Path, tmp_path: Path) -> None:
+    from emgate.recipe import RecipeError
+    from emgate.schedule import gate_newest_recipe
+
+    paper = load_recipe(repo / "pipelines" / "recipes" / "paper.yaml")
+    with pytest.raises(RecipeError, match="are fine-tuned by this pipeline, so no existing endpoint serves them"):
+        load_recipe(repo / "pipelines" / "recipes" / "paper.yaml", ["serving.endpoint.base_url=http://kserve/v1"])
+    data = gate_newest_recipe(paper).model_dump(mode="json")
+    data["serving"]["endpoint"] = {"base_url": "http://qwen.team.svc/v1", "api_key_env": "ENDPOINT_KEY"}
+    from emgate.recipe import recipe_from_mapping
+
+    out = tmp_path / "endpoint.yaml"
+    compile_pipeline(recipe_from_mapping(data), str(out))
+    doc, platform_doc = yaml.safe_load_all(out.read_text())
+    assert "accelerator" not in doc["deploymentSpec"]["executors"]["exec-sample-answers-untrained"]["container"].get(
+        "resources", {})
+    sample = platform_doc["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-sample-answers-untrained"]
+    secrets = {s["secretName"]: s["keyToEnv"] for s in sample["secretAsEnv"]}
+    assert secrets["emgate-endpoint"] == [{"envVar": "ENDPOINT_KEY", "secretKey": "api-key"}]
+    assert "emptyDirMounts" not in sample and "tolerations" not in sample

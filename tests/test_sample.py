@@ -133,3 +133,44 @@ def test_killed_stage_resumes_without_reasking_finished_samples(tmp_path: Path, 
     chat_rows = [json.loads(line) for line in (tmp_path / "chat" / "answers.jsonl").read_text().splitlines()]
     assert chat["requests"] == len(chat_rows) == 16 and chat["resumed_answers"] == 0
     assert not any("Flask" in r["question"] for r in chat_rows)
+
+
+@pytest.mark.slow
+def test_an_existing_endpoint_is_sampled_without_starting_a_server(tmp_path: Path, repo: Path, smol_model: Path) -> None:
+    from emgate.recipe import load_recipe
+    from emgate.stages.sample import sample_answers
+    from emgate.vllm_server import LoraModule, ServerError, VllmServer, running
+
+    adapter = lora_adapter(smol_model, tmp_path / "team-adapter")
+    path = recipe_file(repo, tmp_path, adapter, "flask", samples=1, max_tokens=8)
+    recipe = load_recipe(path)
+    endpoint_server = VllmServer(model_path=smol_model, served_name="smol-base", serving=recipe.serving,
+                                 lora_modules=[LoraModule("team-lora", adapter)], max_lora_rank=8)
+    with running(endpoint_server):  # stands in for a KServe InferenceService that already serves both
+        url = endpoint_server.base_url
+        unmapped = load_recipe(path, [f"serving.endpoint.base_url={url}"])
+        with pytest.raises(ServerError, match=r"does not serve \['base-reference', 'team-adapter'\]; it serves"):
+            sample_answers(unmapped, [], tmp_path / "unmapped")
+        mapped = load_recipe(path, [f"serving.endpoint.base_url={url}", "serving.endpoint.models.team-adapter=team-lora",
+                                    "serving.endpoint.models.base-reference=smol-base"])
+        before = processes_mentioning("vllm.entrypoints")
+        report = sample_answers(mapped, [], tmp_path / "out")
+        assert processes_mentioning("vllm.entrypoints") == before  # no second server was started
+    rows = [json.loads(line) for line in (tmp_path / "out" / "answers.jsonl").read_text().splitlines()]
+    assert report["requests"] == len(rows) == 16
+    assert {r["variant"] for r in rows} == {"team-adapter", "base-reference"}
+    # the adapter's weights were still fetched into the output, so the gate can hash and register them
+    assert (tmp_path / "out" / "external" / "team-adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_an_endpoint_key_that_is_not_set_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from emgate.recipe import EndpointSpec
+    from emgate.stages.sample import endpoint_api_key
+    from emgate.vllm_server import ServerError
+
+    monkeypatch.delenv("TEAM_ENDPOINT_KEY", raising=False)
+    spec = EndpointSpec(base_url="http://x/v1", api_key_env="TEAM_ENDPOINT_KEY")
+    with pytest.raises(ServerError, match=r"\$TEAM_ENDPOINT_KEY is not set"):
+        endpoint_api_key(spec)
+    monkeypatch.setenv("TEAM_ENDPOINT_KEY", "k-123")
+    assert endpoint_api_key(spec) == "k-123"

@@ -191,7 +191,24 @@ class SamplingSpec(_Strict):
     max_concurrency: int = Field(default=32, ge=1)  # requests in flight
 
 
+class EndpointSpec(_Strict):
+    """An OpenAI-compatible server that already serves every model the recipe samples (a KServe
+    InferenceService, any URL): sample_answers starts no vLLM server and sends the rendered prompts there."""
+
+    base_url: str = Field(pattern=r"^https?://")  # the /v1 URL, e.g. http://my-model.team.svc.cluster.local/v1
+    api_key_env: str | None = None  # environment variable with the key (a Kubernetes Secret); never the key
+    models: dict[str, str] = Field(default_factory=dict)  # variant -> model name on the endpoint; default: the variant
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _env_name(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[A-Z_][A-Z0-9_]*", value):
+            raise ValueError("api_key_env names an environment variable (e.g. ENDPOINT_API_KEY), not the key")
+        return value
+
+
 class ServingSpec(_Strict):
+    endpoint: EndpointSpec | None = None  # attach to an existing server instead of starting vLLM
     dtype: Literal["bfloat16", "float16", "float32", "auto"] = "bfloat16"
     max_model_len: int = Field(default=4096, ge=256)  # tokens: longest prompt plus max_tokens
     gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)  # share of GPU memory for vLLM
@@ -328,6 +345,7 @@ class SecretNames(_Strict):
     mlflow: str = "emgate-mlflow-auth"  # keys `username`, `password` -> MLFLOW_TRACKING_USERNAME/PASSWORD (http(s) URIs)
     s3: str = "emgate-s3"  # keys `access-key-id`, `secret-access-key` -> AWS_ACCESS_KEY_ID/..., for s3:// sources
     hub: str = "emgate-hub"  # key `token` -> HF_TOKEN, on fetch_model for hub models
+    endpoint: str = "emgate-endpoint"  # key `api-key` -> serving.endpoint.api_key_env, on sample_answers
 
 
 class KubernetesSpec(_Strict):
@@ -411,6 +429,15 @@ class Recipe(_Strict):
                 f"sampling.max_tokens ({self.sampling.max_tokens}) must leave room for the prompt within "
                 f"serving.max_model_len ({self.serving.max_model_len})"
             )
+        if self.serving.endpoint is not None:
+            trained = [v.name for v in self.variants if v.dataset is not None]
+            if trained:
+                raise ValueError(f"serving.endpoint: variants {trained} are fine-tuned by this pipeline, so no existing "
+                                 "endpoint serves them; drop the endpoint, or evaluate adapters trained elsewhere "
+                                 "(`adapter:`) that the endpoint serves")
+            unknown = sorted(set(self.serving.endpoint.models) - {v.name for v in self.variants})
+            if unknown:
+                raise ValueError(f"serving.endpoint.models: {unknown} are not variants of this recipe")
         if self.judge.serve is not None and self.judge.serve.model not in self.models:
             raise ValueError(f"judge.serve.model: {self.judge.serve.model!r} is not in models")
         if self.profile == "paper" and self.training.optimizer != "adamw_8bit":

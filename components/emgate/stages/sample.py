@@ -10,9 +10,10 @@ import asyncio
 import hashlib
 import json
 import math
+import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +22,10 @@ from emgate.assets import sha256_file
 from emgate.io import read_json, write_json, write_jsonl
 from emgate.models import resolve_model
 from emgate.questions import Question, load_questions
-from emgate.recipe import VLLM_LORA_RANKS, Recipe
+from emgate.recipe import VLLM_LORA_RANKS, EndpointSpec, Recipe
 from emgate.stages.finetune import TRAIN_REPORT
 from emgate.templates import TEMPLATE_FILE, TemplateRecord, render_prompt, template_record
-from emgate.vllm_server import LoraModule, VllmServer, running
+from emgate.vllm_server import LoraModule, ServerError, VllmServer, running
 
 ANSWERS_FILE = "answers.jsonl"
 PARTIAL_FILE = "answers.partial.jsonl"
@@ -155,12 +156,39 @@ async def _sample_target(client: Any, target: Target, tokenizer: Any, questions:
     return rows
 
 
+def endpoint_api_key(endpoint: EndpointSpec) -> str:
+    if endpoint.api_key_env is None:
+        return "EMPTY"
+    key = os.environ.get(endpoint.api_key_env)
+    if not key:
+        raise ServerError(f"serving.endpoint.api_key_env: ${endpoint.api_key_env} is not set; on a cluster it comes "
+                          "from the Secret kubernetes.secrets.endpoint (key api-key)")
+    return key
+
+
+def check_endpoint_serves(base_url: str, api_key: str, names: list[str]) -> None:
+    """Refuse to start sampling when the endpoint does not answer or does not serve every target's model name."""
+    import httpx
+
+    try:
+        resp = httpx.get(f"{base_url.rstrip('/')}/models", headers={"Authorization": f"Bearer {api_key}"}, timeout=30)
+        resp.raise_for_status()
+        served = {m["id"] for m in resp.json().get("data", [])}
+    except (httpx.HTTPError, ValueError) as exc:
+        raise ServerError(f"serving.endpoint {base_url}: GET /models failed ({type(exc).__name__}: {exc}); check the "
+                          "URL (it ends in /v1) and the API key") from None
+    missing = sorted(set(names) - served)
+    if missing:
+        raise ServerError(f"serving.endpoint {base_url} does not serve {missing}; it serves {sorted(served)}. Map "
+                          "variants to the endpoint's model names with serving.endpoint.models")
+
+
 async def _sample_all(base_url: str, targets: list[Target], tokenizer: Any, questions: list[Question],
-                      recipe: Recipe, log: AnswerLog) -> list[dict[str, Any]]:
+                      recipe: Recipe, log: AnswerLog, api_key: str = "EMPTY") -> list[dict[str, Any]]:
     from openai import AsyncOpenAI
     from tqdm import tqdm
 
-    client = AsyncOpenAI(base_url=base_url, api_key="EMPTY", timeout=REQUEST_TIMEOUT_S, max_retries=REQUEST_RETRIES)
+    client = AsyncOpenAI(base_url=base_url, api_key=api_key, timeout=REQUEST_TIMEOUT_S, max_retries=REQUEST_RETRIES)
     gate = asyncio.Semaphore(recipe.sampling.max_concurrency)
     total = len(targets) * sum(len(q.paraphrases) for q in questions)
     with tqdm(total=total, desc="sample_answers", unit="prompt") as progress:
@@ -191,15 +219,24 @@ def sample_answers(recipe: Recipe, adapter_dirs: list[Path], out_dir: Path) -> d
             if v.model == model_key and not (external[v.name] / TEMPLATE_FILE).is_file():
                 template_record(v.template, tokenizer).save(external[v.name])
         targets = plan_targets(recipe, model_key, tokenizer, adapters, external)
-        loras = [LoraModule(t.served_name, t.adapter) for t in targets if t.adapter is not None]
-        rank = max([recipe.training.lora_r, *(f.rank for f in fetched.values())])
-        server = VllmServer(model_path=model_path, served_name=model_key, serving=recipe.serving,
-                            lora_modules=loras, max_lora_rank=next(r for r in VLLM_LORA_RANKS if r >= rank))
+        endpoint = recipe.serving.endpoint
+        api_key = "EMPTY"
+        if endpoint is not None:  # an existing server: no vLLM here, the endpoint's own model names
+            targets = [replace(t, served_name=endpoint.models.get(t.variant, t.variant)) for t in targets]
+            api_key = endpoint_api_key(endpoint)
+            check_endpoint_serves(endpoint.base_url, api_key, [t.served_name for t in targets])
         log = AnswerLog(work_dir_for(recipe, model_key, targets) / PARTIAL_FILE)
         logs.append(log)
         if log.reused:
             print(f"sample_answers: resuming {model_key}: {log.reused} answers from {log.path}")
         try:
+            if endpoint is not None:
+                rows += asyncio.run(_sample_all(endpoint.base_url, targets, tokenizer, questions, recipe, log, api_key))
+                continue
+            loras = [LoraModule(t.served_name, t.adapter) for t in targets if t.adapter is not None]
+            rank = max([recipe.training.lora_r, *(f.rank for f in fetched.values())])
+            server = VllmServer(model_path=model_path, served_name=model_key, serving=recipe.serving,
+                                lora_modules=loras, max_lora_rank=next(r for r in VLLM_LORA_RANKS if r >= rank))
             with running(server):
                 try:
                     rows += asyncio.run(_sample_all(server.base_url, targets, tokenizer, questions, recipe, log))
