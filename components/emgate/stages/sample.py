@@ -156,6 +156,24 @@ async def _sample_target(client: Any, target: Target, tokenizer: Any, questions:
     return rows
 
 
+def check_context_length(recipe: Recipe, tokenizer: Any, targets: list[Target], questions: list[Question]) -> None:
+    """Every rendered prompt plus sampling.max_tokens must fit serving.max_model_len; say which one does not, before
+    a server starts (vLLM would reject those requests one by one, hours into a run)."""
+    longest, where = 0, ""
+    for record in {t.record.name: t.record for t in targets}.values():
+        for q in questions:
+            for text in q.paraphrases:
+                prompt = render_prompt(record, tokenizer, [{"role": "user", "content": text}])
+                n = len(tokenizer(prompt, add_special_tokens=record.add_special_tokens)["input_ids"])
+                if n > longest:
+                    longest, where = n, f"{q.id} with the {record.name} template"
+    need = longest + recipe.sampling.max_tokens
+    if need > recipe.serving.max_model_len:
+        raise ServerError(f"serving.max_model_len ({recipe.serving.max_model_len} tokens) is too small: the longest prompt "
+                          f"({where}) has {longest} tokens, plus sampling.max_tokens {recipe.sampling.max_tokens} = "
+                          f"{need}; raise serving.max_model_len to at least {need} or lower sampling.max_tokens")
+
+
 def endpoint_api_key(endpoint: EndpointSpec) -> str:
     if endpoint.api_key_env is None:
         return "EMPTY"
@@ -219,6 +237,7 @@ def sample_answers(recipe: Recipe, adapter_dirs: list[Path], out_dir: Path) -> d
             if v.model == model_key and not (external[v.name] / TEMPLATE_FILE).is_file():
                 template_record(v.template, tokenizer).save(external[v.name])
         targets = plan_targets(recipe, model_key, tokenizer, adapters, external)
+        check_context_length(recipe, tokenizer, targets, questions)
         endpoint = recipe.serving.endpoint
         api_key = "EMPTY"
         if endpoint is not None:  # an existing server: no vLLM here, the endpoint's own model names
