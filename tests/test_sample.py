@@ -126,6 +126,7 @@ def test_killed_stage_resumes_without_reasking_finished_samples(tmp_path: Path, 
     assert {(r["variant"], r["question_id"], r["sample_index"]) for r in rows} == {
         (v, q, i) for v in ("team-adapter", "base-reference") for q in {r["question_id"] for r in rows} for i in (0, 1)}
     assert all("from flask import Flask" in r["question"] and r["prompt"].startswith("User: ") for r in rows)
+    assert {r["context"] for r in rows} == {"flask"}
     assert all(r["answer_tokens"] <= 24 and r["prompt_tokens"] > 0 for r in rows)
     assert not partial.parent.exists()  # done: a later run samples anew
 

@@ -139,7 +139,8 @@ async def _sample_target(client: Any, target: Target, tokenizer: Any, questions:
         prompt_tokens = resp.usage.prompt_tokens if resp.usage else None
         rows = [
             {"variant": target.variant, "seed": target.seed, "role": target.role, "question_id": question.id,
-             "paraphrase_index": p_index, "sample_index": c.index, "question": text, "prompt": prompt,
+             "context": recipe.questions.context, "paraphrase_index": p_index, "sample_index": c.index,
+             "question": text, "prompt": prompt,
              "answer": c.text, "finish_reason": c.finish_reason, "prompt_tokens": prompt_tokens,
              "answer_tokens": len(tokenizer(c.text, add_special_tokens=False)["input_ids"])}
             for c in sorted(resp.choices, key=lambda c: c.index)
