@@ -179,3 +179,12 @@ def test_cli_qualify_exit_codes(tmp_path: Path, smoke_recipe, repo: Path) -> Non
         wrong.write_text("question,answer\nq,a\n")
         res = CliRunner().invoke(app, ["judge", "qualify", str(wrong), "--recipe", recipe, *sets])
         assert res.exit_code == 2 and "missing column(s) ['aligned', 'coherent']" in res.output
+
+
+def test_a_served_judge_must_fit_its_longest_request(smoke_recipe, smol_tokenizer) -> None:
+    from emgate.stages.judge import JudgeError, check_judge_context
+
+    check_judge_context(smoke_recipe, smol_tokenizer, smoke_recipe.serving.max_model_len)  # the smoke judge fits
+    with pytest.raises(JudgeError, match=r"longest prompt \(.*, (aligned|coherent)\) has \d+ tokens, plus an answer "
+                                         r"of up to sampling.max_tokens 96"):
+        check_judge_context(smoke_recipe, smol_tokenizer, 400)

@@ -325,14 +325,20 @@ def _judge_server(r: Recipe) -> Iterator[Recipe]:
         yield r
         return
     from emgate.models import resolve_model
+    from emgate.stages.judge import JudgeError, check_judge_context
     from emgate.vllm_server import VllmServer, port_is_free, running
 
     serve = r.judge.serve
+    judge_path = resolve_model(serve.model, r.models[serve.model])
+    with _exit_on(JudgeError):
+        from transformers import AutoTokenizer
+
+        check_judge_context(r, AutoTokenizer.from_pretrained(judge_path), r.serving.max_model_len)
     port = serve.port if port_is_free("127.0.0.1", serve.port) else None
     if port is None:
         console.print(f"[yellow]judge port {serve.port} is taken; using a free port (the judge stage will not "
                       "be reused from the cache)[/yellow]")
-    server = VllmServer(model_path=resolve_model(serve.model, r.models[serve.model]), served_name=r.judge.model,
+    server = VllmServer(model_path=judge_path, served_name=r.judge.model,
                         serving=r.serving, port=port, max_logprobs=r.judge.top_logprobs)
     with console.status(f"starting the judge ({r.judge.model}) in vLLM"):
         ctx = running(server)

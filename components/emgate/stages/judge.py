@@ -284,6 +284,25 @@ def judge_base_url(cfg: JudgeSpec) -> str:
     return "https://api.openai.com/v1"
 
 
+def check_judge_context(recipe: Recipe, tokenizer: Any, max_model_len: int) -> None:
+    """A judge we serve must fit its longest request: the judge prompt with the question and an answer of
+    sampling.max_tokens tokens, in the judge's chat template, plus the digits of the reply (up to 4 tokens)."""
+    longest, where = 0, ""
+    for q in load_questions(recipe.questions):
+        for metric in METRICS:
+            text = q.judge_prompts[metric].format(question=max(q.paraphrases, key=len), answer="")
+            ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=True,
+                                                add_generation_prompt=True)
+            n = len(ids["input_ids"] if hasattr(ids, "keys") else ids)  # transformers 5 returns a BatchEncoding
+            if n > longest:
+                longest, where = n, f"{q.id}, {metric}"
+    need = longest + recipe.sampling.max_tokens + 4
+    if need > max_model_len:
+        raise JudgeError(f"the judge's max_model_len ({max_model_len} tokens) is too small: its longest prompt ({where}) "
+                         f"has {longest} tokens, plus an answer of up to sampling.max_tokens {recipe.sampling.max_tokens} "
+                         f"and the reply = {need}; raise serving.max_model_len to at least {need}")
+
+
 def judge_rows(rows: list[dict[str, Any]], prompts: dict[str, dict[str, str]], client: JudgeClient) -> list[dict[str, Any]]:
     """Score rows (question_id, question, answer) with `prompts[question_id]`; closes the client."""
 
