@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 Role = Literal["candidate", "control", "reference"]
 TemplateName = Literal["native", "qwen", "user_assistant", "user1_user2"]
@@ -20,6 +20,15 @@ NAME_PATTERN = r"^[a-z0-9][a-z0-9-]{0,62}$"
 Name = Annotated[str, Field(pattern=NAME_PATTERN)]
 # vLLM accepts only these values for --max-lora-rank (shared/ENVIRONMENT.md).
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def _env_var_name(value: str) -> str:
+    if not re.fullmatch(r"[A-Z_][A-Z0-9_]*", value):
+        raise ValueError("api_key_env names an environment variable (e.g. OPENAI_API_KEY), not the key")  # never echo it
+    return value
+
+
+EnvVarName = Annotated[str, AfterValidator(_env_var_name)]  # the variable that holds a secret, never the secret
 
 
 class RecipeError(ValueError):
@@ -196,15 +205,8 @@ class EndpointSpec(_Strict):
     InferenceService, any URL): sample_answers starts no vLLM server and sends the rendered prompts there."""
 
     base_url: str = Field(pattern=r"^https?://")  # the /v1 URL, e.g. http://my-model.team.svc.cluster.local/v1
-    api_key_env: str | None = None  # environment variable with the key (a Kubernetes Secret); never the key
+    api_key_env: EnvVarName | None = None  # environment variable with the key (a Kubernetes Secret); never the key
     models: dict[str, str] = Field(default_factory=dict)  # variant -> model name on the endpoint; default: the variant
-
-    @field_validator("api_key_env")
-    @classmethod
-    def _env_name(cls, value: str | None) -> str | None:
-        if value is not None and not re.fullmatch(r"[A-Z_][A-Z0-9_]*", value):
-            raise ValueError("api_key_env names an environment variable (e.g. ENDPOINT_API_KEY), not the key")
-        return value
 
 
 class ServingSpec(_Strict):
@@ -229,7 +231,7 @@ class JudgeServeSpec(_Strict):
 class JudgeSpec(_Strict):
     model: str = "gpt-4o-2024-08-06"  # the exact judge snapshot (paper)
     base_url: str | None = None  # OpenAI-compatible /v1 URL; None: OpenAI, or `serve` below
-    api_key_env: str | None = "OPENAI_API_KEY"  # environment variable with the key; never the key itself
+    api_key_env: EnvVarName | None = "OPENAI_API_KEY"  # environment variable with the key; never the key itself
     # single_token: the paper's rule, one token with top-20 logprobs (models with one token per number).
     # digit_expansion: open-weights judges that split numbers into digits (see emgate/stages/judge.py).
     score_mode: Literal["single_token", "digit_expansion"] = "single_token"
@@ -252,13 +254,6 @@ class JudgeSpec(_Strict):
     # qualification.json written by `emgate judge qualify` for this judge; the gate rule judge_qualified reads it
     qualification: str | None = None
     serve: JudgeServeSpec | None = None
-
-    @field_validator("api_key_env")
-    @classmethod
-    def _env_name(cls, value: str | None) -> str | None:
-        if value is not None and not re.fullmatch(r"[A-Z_][A-Z0-9_]*", value):
-            raise ValueError("api_key_env names an environment variable (e.g. OPENAI_API_KEY), not the key")
-        return value
 
 
 class SummarizeSpec(_Strict):
