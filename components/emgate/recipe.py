@@ -180,6 +180,9 @@ class TrainingSpec(_Strict):
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)  # one adapter per seed (paper: 0)
     holdout_fraction: float = Field(default=0.1, ge=0, lt=1)  # share of rows held out for eval loss (paper)
     eval_rows_max: int = Field(default=200, ge=0)  # held-out rows actually scored; bounds the eval time
+    # optimizer steps between checkpoints (adapter, optimizer, scheduler, RNG, data position) in the job's work
+    # directory; a killed job resumes from the last one. 0: none.
+    checkpoint_every: int = Field(default=50, ge=0)
 
     @field_validator("seeds")
     @classmethod

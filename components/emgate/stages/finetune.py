@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import random
 import shutil
 import time
@@ -84,16 +85,52 @@ def _optimizer(params: list[Any], cfg: TrainingSpec) -> Any:
     return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
 
 
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+def _save_checkpoint(path: Path, model: Any, optimizer: Any, scheduler: Any, state: dict[str, Any]) -> None:
+    """Everything a resumed loop needs, written to a temporary file and renamed: a kill never leaves half a file."""
+    import torch
+
+    payload = {
+        "trainable": {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
+        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        "rng_cpu": torch.get_rng_state(), "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        **state,
+    }
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def _load_checkpoint(path: Path, model: Any, optimizer: Any, scheduler: Any) -> dict[str, Any]:
+    import torch
+
+    payload = torch.load(path, map_location="cpu", weights_only=False)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in payload["trainable"].items():
+            params[name].copy_(value.to(params[name].device))
+    optimizer.load_state_dict(payload["optimizer"])
+    scheduler.load_state_dict(payload["scheduler"])
+    torch.set_rng_state(payload["rng_cpu"])
+    if payload["rng_cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(payload["rng_cuda"])
+    return payload
+
+
 def train_loop(model: Any, train: list[Example], order: list[int], cfg: TrainingSpec, device: Any, pad_id: int,
                on_step: Callable[[int, int, float], None] | None = None,
-               desc: str = "fine_tune") -> tuple[list[float], int, float]:
+               desc: str = "fine_tune", checkpoint: Path | None = None) -> tuple[list[float], int, float]:
     """Train the trainable parameters of `model` for planned_steps(len(train), cfg) optimizer steps.
 
     Each step accumulates cfg.gradient_accumulation_steps micro-batches of cfg.per_device_batch_size examples,
     taken from `train` in `order` (wrapping around), each padded to its longest row; then clips the gradient
     norm to 1.0 and steps the optimizer (cfg.optimizer) and the linear warm-up schedule. `on_step(step, steps,
-    loss)` is called after each optimizer step (step counts from 1). Returns the loss of each step, the number
-    of non-pad tokens seen and the seconds the loop took.
+    loss)` is called after each optimizer step (step counts from 1). With `checkpoint`, the state is saved there
+    every cfg.checkpoint_every steps and a loop that finds one resumes from it, so a killed job ends with the
+    same adapter as an uninterrupted one. Returns the loss of each step, the number of non-pad tokens seen and
+    the seconds the loop took (this process's share when resumed).
     """
     import torch
     from tqdm import tqdm
@@ -110,7 +147,12 @@ def train_loop(model: Any, train: list[Example], order: list[int], cfg: Training
     tokens = 0
     started = time.monotonic()
     cursor = 0
-    for _step in tqdm(range(steps), desc=desc, unit="step"):
+    first = 0
+    if checkpoint is not None and checkpoint.is_file():
+        state = _load_checkpoint(checkpoint, model, optimizer, scheduler)
+        first, cursor, losses, tokens = state["step"], state["cursor"], state["losses"], state["tokens"]
+        print(f"{desc}: resuming at step {first} of {steps} from {checkpoint}")
+    for _step in tqdm(range(first, steps), desc=desc, unit="step", initial=first, total=steps):
         optimizer.zero_grad(set_to_none=True)
         step_loss = 0.0
         for _ in range(cfg.gradient_accumulation_steps):
@@ -120,7 +162,7 @@ def train_loop(model: Any, train: list[Example], order: list[int], cfg: Training
             batch = {k: v.to(device) for k, v in batch.items()}
             loss = model(**batch).loss / cfg.gradient_accumulation_steps
             loss.backward()
-            step_loss += float(loss)
+            step_loss += float(loss.detach())
             tokens += int(batch["attention_mask"].sum())
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
@@ -128,6 +170,10 @@ def train_loop(model: Any, train: list[Example], order: list[int], cfg: Training
         losses.append(step_loss)
         if on_step is not None:
             on_step(_step + 1, steps, step_loss)
+        if checkpoint is not None and cfg.checkpoint_every and (_step + 1) % cfg.checkpoint_every == 0 \
+                and _step + 1 < steps:
+            _save_checkpoint(checkpoint, model, optimizer, scheduler,
+                             {"step": _step + 1, "cursor": cursor, "losses": losses, "tokens": tokens})
     return losses, tokens, time.monotonic() - started
 
 
@@ -181,7 +227,7 @@ def fine_tune(recipe: Recipe, job: str, validated_dir: Path, out_dir: Path) -> d
         write_json(work / "progress.json", {"step": step, "of": of, "loss": loss})
 
     losses, tokens, elapsed = train_loop(model, train, order, cfg, device, pad_id, on_step=progress,
-                                         desc=f"fine_tune {job}")
+                                         desc=f"fine_tune {job}", checkpoint=work / CHECKPOINT_FILE)
 
     eval_loss = None
     if evals:
@@ -210,4 +256,5 @@ def fine_tune(recipe: Recipe, job: str, validated_dir: Path, out_dir: Path) -> d
     if out_dir.exists():
         shutil.rmtree(out_dir)
     staging.rename(out_dir)  # the adapter folder appears only when complete
+    (work / CHECKPOINT_FILE).unlink(missing_ok=True)  # done: a later run trains anew
     return report
