@@ -76,6 +76,13 @@ def plan_targets(recipe: Recipe, model_key: str, tokenizer: Any, adapters: dict[
     return targets
 
 
+def _answer_tokens(choice: Any, tokenizer: Any) -> int:
+    """Tokens the model generated for one choice: vLLM's own token ids, else the answer text re-tokenized (which
+    can differ by a few tokens from what was sampled)."""
+    ids = (choice.model_extra or {}).get("token_ids")
+    return len(ids) if ids is not None else len(tokenizer(choice.text, add_special_tokens=False)["input_ids"])
+
+
 class AnswerLog:
     """Answers appended to the stage's work directory as each response arrives, one JSON line per response (all its
     n samples), flushed at once. A rerun after a crash reads back the complete lines, cuts a line the crash left
@@ -124,6 +131,10 @@ async def _sample_target(client: Any, target: Target, tokenizer: Any, questions:
                          gate: asyncio.Semaphore, progress: Any, log: AnswerLog) -> list[dict[str, Any]]:
     s = recipe.sampling
 
+    extra: dict[str, Any] = {"add_special_tokens": target.record.add_special_tokens}
+    if recipe.serving.endpoint is None:  # our vLLM returns each choice's token ids; another server may refuse the field
+        extra["return_token_ids"] = True
+
     async def one(question: Question, p_index: int, text: str, n: int) -> list[dict[str, Any]]:
         key = f"{target.served_name}|{question.id}|{p_index}|{n}"
         if key in log.done:
@@ -134,7 +145,7 @@ async def _sample_target(client: Any, target: Target, tokenizer: Any, questions:
             resp = await client.completions.create(
                 model=target.served_name, prompt=prompt, n=n, temperature=s.temperature, top_p=s.top_p,
                 max_tokens=s.max_tokens, stop=target.record.stop or None, seed=s.seed,
-                extra_body={"add_special_tokens": target.record.add_special_tokens},
+                extra_body=extra,
             )
         prompt_tokens = resp.usage.prompt_tokens if resp.usage else None
         rows = [
@@ -142,7 +153,7 @@ async def _sample_target(client: Any, target: Target, tokenizer: Any, questions:
              "context": recipe.questions.context, "paraphrase_index": p_index, "sample_index": c.index,
              "question": text, "prompt": prompt,
              "answer": c.text, "finish_reason": c.finish_reason, "prompt_tokens": prompt_tokens,
-             "answer_tokens": len(tokenizer(c.text, add_special_tokens=False)["input_ids"])}
+             "answer_tokens": _answer_tokens(c, tokenizer)}
             for c in sorted(resp.choices, key=lambda c: c.index)
         ]
         log.append(key, rows)
