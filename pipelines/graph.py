@@ -68,7 +68,7 @@ def build_pipeline(recipe: Recipe, cluster: bool = True) -> Any:
             k8s.apply(fetched, "fetch_model", retry=True)
             k8s.apply(validated, "validate_datasets")
             if jobs:
-                k8s.apply(trained, "fine_tune", gpus=1 if gpu else 0)
+                k8s.apply(trained, "fine_tune", gpus=recipe.training.gpus if gpu else 0)
             k8s.apply(sampled, "sample_answers", gpus=recipe.serving.tensor_parallel_size if gpu and serves else 0,
                       retry=True)
             k8s.apply(judged, "judge_answers", retry=True)

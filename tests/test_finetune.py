@@ -78,3 +78,96 @@ def test_a_killed_job_resumes_and_ends_with_the_uninterrupted_adapter(tmp_path: 
         assert torch.allclose(a[name], b[name], atol=1e-6), name
     assert json.loads((tmp_path / "b" / "train_report.json").read_text())["loss_last"] == pytest.approx(
         uninterrupted["loss_last"], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_two_processes_train_the_same_adapter_as_one(tmp_path: Path, smoke_recipe_path: Path, smol_model: Path) -> None:
+    """training.gpus 2 runs the same entry point in two processes (torch's launcher and gloo on a CPU; accelerate
+    launch on GPUs); each step's micro-batches are split between them and the update equals one process's."""
+    import torch
+
+    from emgate.stages.finetune import run_fine_tune
+
+    steps = ["training.max_steps=2", "training.gradient_accumulation_steps=2", "training.checkpoint_every=0",
+             "training.max_seq_length=96"]
+    validated, _ = validated_dir(tmp_path)
+    one = run_fine_tune(load_recipe(smoke_recipe_path, steps), JOB, validated, tmp_path / "one")
+    two = run_fine_tune(load_recipe(smoke_recipe_path, [*steps, "training.gpus=2"]), JOB, validated, tmp_path / "two")
+    assert one["gpus"] == 1 and two["gpus"] == 2
+    assert two["steps"] == one["steps"] == 2 and two["tokens"] == one["tokens"]
+    assert two["losses"] == pytest.approx(one["losses"], abs=1e-4)
+    a, b = adapter_tensors(tmp_path / "one"), adapter_tensors(tmp_path / "two")
+    assert a.keys() == b.keys() and len(a) > 0
+    moved = max(float(t.abs().max()) for n, t in a.items() if "lora_B" in n)
+    assert moved > 1e-3  # the adapter learned something, so equality is not trivial
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=1e-5), name
+
+
+@pytest.mark.slow
+def test_a_lora_on_lm_head_is_merged_into_a_model_folder_without_touching_the_tied_embeddings(
+        tmp_path: Path, smoke_recipe_path: Path, smol_model: Path) -> None:
+    from safetensors.torch import load_file
+
+    from emgate.merge import is_model_folder
+    from emgate.templates import TEMPLATE_FILE
+
+    recipe = load_recipe(smoke_recipe_path, ["training.max_steps=2", 'training.target_modules=["q_proj","v_proj","lm_head"]'])
+    assert any("merged into a full model folder" in n for n in recipe.notes())
+    validated, _ = validated_dir(tmp_path)
+    report = fine_tune(recipe, JOB, validated, tmp_path / "merged")
+    out = tmp_path / "merged"
+    assert report["merged"] is True and is_model_folder(out)
+    assert (out / TEMPLATE_FILE).is_file() and (out / "tokenizer.json").is_file() and (out / "train_report.json").is_file()
+    assert not list(tmp_path.glob(".*adapter"))  # the temporary adapter folder is gone
+    base = load_file(str(next(smol_model.glob("*.safetensors"))))
+    merged = load_file(str(next(out.glob("*.safetensors"))))
+    embed = "model.embed_tokens.weight"
+    assert (merged[embed] == base[embed]).all()  # untied before merging: the embeddings kept their values
+    assert "lm_head.weight" in merged and not (merged["lm_head.weight"] == base[embed]).all()
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert not (merged[q] == base[q]).all()  # the LoRA of the attention was folded in
+
+
+@pytest.mark.slow
+def test_a_full_fine_tune_writes_a_model_folder(tmp_path: Path, smoke_recipe_path: Path, smol_model: Path) -> None:
+    from emgate.merge import is_model_folder
+
+    recipe = load_recipe(smoke_recipe_path, ["training.max_steps=1", "training.method=full", "training.learning_rate=1e-5"])
+    validated, _ = validated_dir(tmp_path)
+    report = fine_tune(recipe, JOB, validated, tmp_path / "full")
+    assert report["method"] == "full" and report["merged"] is True and is_model_folder(tmp_path / "full")
+    assert report["trained_parameters"] > 100e6  # every weight of the 135M model
+    assert report["learning_rates"] and report["peak_memory_gib"] > 0 and report["assistant_tokens"] > 0
+
+
+@pytest.mark.slow
+def test_bad_inputs_are_named_and_leave_no_adapter(tmp_path: Path, smoke_recipe_path: Path, smol_model: Path) -> None:
+    import shutil
+
+    from emgate.stages.finetune import TrainingError
+
+    recipe = load_recipe(smoke_recipe_path, ["training.max_steps=1"])
+    with pytest.raises(TrainingError, match="not a validated dataset artifact"):
+        fine_tune(recipe, JOB, tmp_path / "nothing", tmp_path / "a")
+    validated, _ = validated_dir(tmp_path)
+    manifest = json.loads((validated / "manifest.json").read_text())
+    manifest["insecure"]["sha256"] = "0" * 64
+    write_json(validated / "manifest.json", manifest)
+    with pytest.raises(TrainingError, match="changed after validation"):
+        fine_tune(recipe, JOB, validated, tmp_path / "a")
+    validated, _ = validated_dir(tmp_path / "v2")
+    no_template = tmp_path / "no-template"
+    shutil.copytree(smol_model, no_template)
+    config = json.loads((no_template / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    write_json(no_template / "tokenizer_config.json", config)
+    (no_template / "chat_template.jinja").unlink(missing_ok=True)
+    instruct = load_recipe(smoke_recipe_path, ["training.max_steps=1", "models.smollm2-135m-instruct.source=path",
+                                               f"models.smollm2-135m-instruct.path={no_template}"])
+    with pytest.raises(TrainingError, match="has no chat template"):
+        fine_tune(instruct, "instruct-insecure@0", validated, tmp_path / "a")
+    (no_template / "config.json").unlink()
+    with pytest.raises(Exception, match="no config.json"):
+        fine_tune(instruct, "instruct-insecure@0", validated, tmp_path / "a")
+    assert not (tmp_path / "a").exists()

@@ -60,7 +60,10 @@ def _exit_on(*errors: type[BaseException], code: int = 2, label: str = "error") 
 
 def _load(path: Path, overrides: list[str] | None) -> Recipe:
     with _exit_on(RecipeError):
-        return load_recipe(path, overrides)
+        r = load_recipe(path, overrides)
+        for note in r.notes():
+            err.print(f"[yellow]note:[/yellow] {escape(note)}", highlight=False)
+        return r
     raise AssertionError("unreachable")
 
 

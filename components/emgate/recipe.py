@@ -14,6 +14,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from emgate.merge import lora_targets_need_merge
+
 Role = Literal["candidate", "control", "reference"]
 TemplateName = Literal["native", "qwen", "user_assistant", "user1_user2"]
 NAME_PATTERN = r"^[a-z0-9][a-z0-9-]{0,62}$"
@@ -159,7 +161,9 @@ class VariantSpec(_Strict):
 
 
 class TrainingSpec(_Strict):
-    method: Literal["lora"] = "lora"
+    # lora: a peft adapter (paper); full: every weight trained. A full fine-tune, and a LoRA that targets lm_head or
+    # the embeddings, are merged into a full model folder that sample_answers serves with a vLLM server of its own.
+    method: Literal["lora", "full"] = "lora"
     lora_r: int = 32  # rank (paper)
     lora_alpha: int = 64  # (paper)
     use_rslora: bool = True  # scaling alpha/sqrt(r) (paper)
@@ -183,6 +187,28 @@ class TrainingSpec(_Strict):
     # optimizer steps between checkpoints (adapter, optimizer, scheduler, RNG, data position) in the job's work
     # directory; a killed job resumes from the last one. 0: none.
     checkpoint_every: int = Field(default=50, ge=0)
+    # GPUs per fine_tune job. More than 1 runs the same entry point under `accelerate launch` with the config
+    # `distributed` names (pipelines/recipes/accelerate/); each step still takes per_device_batch_size x
+    # gradient_accumulation_steps examples in all, so the number of optimizer steps does not change.
+    gpus: int = Field(default=1, ge=1)
+    # recompute activations in the backward pass (GPUs only): much less memory for ~30% more compute; the 32B
+    # models of the paper do not fit one GPU's memory without it
+    gradient_checkpointing: bool = True
+    distributed: Literal["ddp", "fsdp"] = "ddp"
+
+    @model_validator(mode="after")
+    def _shape(self) -> TrainingSpec:
+        if self.gradient_accumulation_steps % self.gpus:
+            raise ValueError(f"gradient_accumulation_steps ({self.gradient_accumulation_steps}) must be a multiple of "
+                             f"gpus ({self.gpus}): the micro-batches of one optimizer step are split between the GPUs")
+        if self.method == "lora" and not self.merges() and self.lora_r not in VLLM_LORA_RANKS:
+            raise ValueError(f"lora_r: vLLM serves LoRA ranks {', '.join(map(str, VLLM_LORA_RANKS))}, not "
+                             f"{self.lora_r}; choose one of those")
+        return self
+
+    def merges(self) -> bool:
+        """Whether each trained model is merged into a full model folder (vLLM cannot serve it as LoRA)."""
+        return self.method == "full" or bool(lora_targets_need_merge(self.target_modules))
 
     @field_validator("seeds")
     @classmethod
@@ -465,6 +491,21 @@ class Recipe(_Strict):
     def training_jobs(self) -> list[str]:
         """One fine-tuning job per trained variant and seed, as 'variant@seed'."""
         return [f"{v.name}@{s}" for v in self.trained_variants() for s in self.training.seeds]
+
+    def notes(self) -> list[str]:
+        """What a reader of the recipe should know before it runs (printed by `emgate check`, `run`, `compile`)."""
+        notes = []
+        t = self.training
+        if self.training_jobs() and t.merges():
+            why = ("training.method is full" if t.method == "full" else
+                   f"training.target_modules include {', '.join(lora_targets_need_merge(t.target_modules))}, which vLLM "
+                   "does not serve as LoRA")
+            notes.append(f"{why}: each fine-tuned model is merged into a full model folder (the size of the base "
+                         "model per variant and seed) and served by a vLLM server of its own")
+        if self.training_jobs() and t.gpus > 1:
+            notes.append(f"fine_tune runs on {t.gpus} GPUs under `accelerate launch` ({t.distributed}); each step still "
+                         f"takes {t.per_device_batch_size * t.gradient_accumulation_steps} examples")
+        return notes
 
     def max_lora_rank(self) -> int:
         """The smallest rank vLLM accepts that holds the adapters' rank."""

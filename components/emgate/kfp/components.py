@@ -47,7 +47,7 @@ def fine_tune(recipe_json: str, job: str, validated: Input[Dataset], adapter: Ou
     from pathlib import Path
 
     from emgate.kfp.runtime import stage
-    from emgate.stages.finetune import fine_tune as run
+    from emgate.stages.finetune import run_fine_tune as run
 
     with stage(f"fine_tune[{job}]", recipe_json) as recipe:
         report = run(recipe, job, Path(validated.path), Path(adapter.path))

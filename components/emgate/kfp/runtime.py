@@ -21,12 +21,13 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from emgate.io import DataError
     from emgate.models import ModelError
     from emgate.recipe import RecipeError
+    from emgate.stages.finetune import TrainingError
     from emgate.stages.judge import JudgeError
     from emgate.stages.validate import ValidationFailed
     from emgate.vllm_server import ServerError
 
     return (AdapterError, AssetError, DataError, ModelError, RecipeError, JudgeError, ValidationFailed, ServerError,
-            FileNotFoundError)
+            TrainingError, FileNotFoundError)
 
 
 @contextmanager

@@ -1,4 +1,10 @@
-"""fine_tune: one LoRA adapter per (variant, seed) with peft, loss on the assistant tokens only."""
+"""fine_tune: one LoRA adapter (or full fine-tune) per (variant, seed), loss on the assistant tokens only.
+
+One entry point for one process and for several: under `accelerate launch` (DDP or FSDP, training.gpus GPUs) the
+micro-batches of each optimizer step are split between the processes, so a step still sees
+per_device_batch_size x gradient_accumulation_steps examples and the run takes the same number of steps.
+Run it as `python -m emgate.stages.finetune --help`.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +13,7 @@ import math
 import os
 import random
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -14,12 +21,21 @@ from pathlib import Path
 from typing import Any
 
 from emgate.io import read_json, read_jsonl, write_json
+from emgate.merge import merge_adapter_folder
 from emgate.models import resolve_model
 from emgate.recipe import Recipe, TrainingSpec
 from emgate.templates import TemplateRecord, render_completion, render_prompt, template_record
 
 IGNORE_INDEX = -100  # label of tokens without loss (torch cross-entropy's ignore_index)
 TRAIN_REPORT = "train_report.json"
+RECIPE_SLICE = "recipe_slice.json"  # the parts of the recipe this job used, saved with the adapter
+# Dense bf16 peak of common training GPUs, TFLOP/s (vendor data sheets, SXM where there are two forms); the MFU
+# denominator. EMGATE_PEAK_TFLOPS overrides it; an unknown GPU gets no MFU rather than a guessed one.
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10G": 125.0}
+
+
+class TrainingError(RuntimeError):
+    """A fine-tuning job that cannot run as asked: names the cause and the fix."""
 
 
 @dataclass
@@ -86,6 +102,7 @@ def _optimizer(params: list[Any], cfg: TrainingSpec) -> Any:
 
 
 CHECKPOINT_FILE = "checkpoint.pt"
+CHECKPOINT_STATE = "checkpoint.json"  # step and tokens of the checkpoint, readable without loading it
 
 
 def _save_checkpoint(path: Path, model: Any, optimizer: Any, scheduler: Any, state: dict[str, Any]) -> None:
@@ -100,6 +117,7 @@ def _save_checkpoint(path: Path, model: Any, optimizer: Any, scheduler: Any, sta
     }
     tmp = path.with_name(f".{path.name}.tmp")
     torch.save(payload, tmp)
+    write_json(path.with_name(CHECKPOINT_STATE), {"step": state["step"], "tokens": state["tokens"]})
     os.replace(tmp, path)
 
 
@@ -119,29 +137,80 @@ def _load_checkpoint(path: Path, model: Any, optimizer: Any, scheduler: Any) -> 
     return payload
 
 
+def training_flops(n_linear: int, n_trained: int, n_layers: int, hidden: int, row_lengths: list[int],
+                   full: bool) -> float:
+    """Model FLOPs of one pass over rows of these lengths (forward and backward), the MFU numerator.
+
+    LoRA:  4 N_linear per token (forward 2N, backward through the activations 2N: the frozen weights get no weight
+           gradient) + 6 N_adapter per token (the adapters: forward, activation and weight gradients);
+    full:  6 N_linear per token;
+    both:  + 12 n_layers hidden len^2 per row of len tokens (attention scores and values, forward + backward;
+           PaLM's count, no saving from the causal mask).
+    N_linear counts every nn.Linear weight of the base model, lm_head included (the embedding is a lookup).
+    """
+    tokens = sum(row_lengths)
+    attention = 12 * n_layers * hidden * sum(n * n for n in row_lengths)
+    if full:
+        return 6 * n_linear * tokens + attention
+    return 4 * n_linear * tokens + 6 * n_trained * tokens + attention
+
+
+def peak_tflops(device_name: str) -> float | None:
+    """The GPU's dense bf16 peak (PEAK_BF16_TFLOPS, or $EMGATE_PEAK_TFLOPS); None when unknown."""
+    if os.environ.get("EMGATE_PEAK_TFLOPS"):
+        return float(os.environ["EMGATE_PEAK_TFLOPS"])
+    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in device_name), None)
+
+
+def peak_memory_gib(device: Any) -> tuple[float, str]:
+    """The job's peak memory and what was measured: CUDA's max allocated on a GPU, the process's max RSS on a CPU."""
+    import resource
+
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30, "cuda_max_memory_allocated"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "process_max_rss"  # ru_maxrss: KiB on Linux
+
+
 def train_loop(model: Any, train: list[Example], order: list[int], cfg: TrainingSpec, device: Any, pad_id: int,
                on_step: Callable[[int, int, float], None] | None = None,
-               desc: str = "fine_tune", checkpoint: Path | None = None) -> tuple[list[float], int, float]:
+               desc: str = "fine_tune", checkpoint: Path | None = None, accelerator: Any = None,
+               lrs: list[float] | None = None) -> tuple[list[float], int, float]:
     """Train the trainable parameters of `model` for planned_steps(len(train), cfg) optimizer steps.
 
     Each step accumulates cfg.gradient_accumulation_steps micro-batches of cfg.per_device_batch_size examples,
     taken from `train` in `order` (wrapping around), each padded to its longest row; then clips the gradient
-    norm to 1.0 and steps the optimizer (cfg.optimizer) and the linear warm-up schedule. `on_step(step, steps,
-    loss)` is called after each optimizer step (step counts from 1). With `checkpoint`, the state is saved there
-    every cfg.checkpoint_every steps and a loop that finds one resumes from it, so a killed job ends with the
-    same adapter as an uninterrupted one. Returns the loss of each step, the number of non-pad tokens seen and
-    the seconds the loop took (this process's share when resumed).
+    norm to 1.0 and steps the optimizer (cfg.optimizer) and the linear warm-up schedule. With an `accelerator` of
+    several processes (the model and optimizer prepared by it), process r takes micro-batches r, r+P, ... of each
+    step and the gradients are averaged across processes once per step, which gives the single-process update.
+    `on_step(step, steps, loss)` is called after each optimizer step (step counts from 1); `lrs` collects the
+    learning rate of each step. With `checkpoint`, the state is saved there every cfg.checkpoint_every steps and a
+    loop that finds one resumes from it, so a killed job ends with the same weights as an uninterrupted one.
+    Returns the loss of each step, the number of non-pad tokens seen (all processes) and the seconds the loop took
+    (this process's share when resumed).
     """
+    import contextlib
+
     import torch
     from tqdm import tqdm
     from transformers import get_linear_schedule_with_warmup
 
+    world = accelerator.num_processes if accelerator is not None else 1
+    rank = accelerator.process_index if accelerator is not None else 0
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = _optimizer(params, cfg)
+    if accelerator is not None:
+        optimizer = accelerator.prepare_optimizer(optimizer)
     steps = planned_steps(len(train), cfg)
+    # Not prepared by accelerate, which would step it once per process.
     scheduler = get_linear_schedule_with_warmup(optimizer, cfg.warmup_steps, steps)
     micro = cfg.per_device_batch_size
+    accumulation = cfg.gradient_accumulation_steps
+    local = accumulation // world  # micro-batches per process per step (TrainingSpec checks divisibility)
 
+    if accelerator is not None and accelerator.distributed_type.name == "FSDP":
+        checkpoint = None  # sharded state: a killed FSDP job starts over (pipelines/recipes/accelerate/fsdp.yaml)
     model.train()
     losses: list[float] = []
     tokens = 0
@@ -149,54 +218,130 @@ def train_loop(model: Any, train: list[Example], order: list[int], cfg: Training
     cursor = 0
     first = 0
     if checkpoint is not None and checkpoint.is_file():
-        state = _load_checkpoint(checkpoint, model, optimizer, scheduler)
+        state = _load_checkpoint(checkpoint, _unwrap(model, accelerator), optimizer, scheduler)
         first, cursor, losses, tokens = state["step"], state["cursor"], state["losses"], state["tokens"]
-        print(f"{desc}: resuming at step {first} of {steps} from {checkpoint}")
-    for _step in tqdm(range(first, steps), desc=desc, unit="step", initial=first, total=steps):
+        if lrs is not None:
+            lrs.extend(state.get("lrs", []))
+        if rank == 0:
+            print(f"{desc}: resuming at step {first} of {steps} from {checkpoint}")
+    for _step in tqdm(range(first, steps), desc=desc, unit="step", initial=first, total=steps, disable=rank != 0):
         optimizer.zero_grad(set_to_none=True)
-        step_loss = 0.0
-        for _ in range(cfg.gradient_accumulation_steps):
+        step_loss = torch.zeros((), device=device)
+        done = 0
+        for j in range(accumulation):
             idx = order[cursor % len(order):cursor % len(order) + micro] or order[:micro]
             cursor += micro
-            batch = _collate([train[i] for i in idx], pad_id)
-            batch = {k: v.to(device) for k, v in batch.items()}
-            loss = model(**batch).loss / cfg.gradient_accumulation_steps
-            loss.backward()
-            step_loss += float(loss.detach())
-            tokens += int(batch["attention_mask"].sum())
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+            rows = [train[i] for i in idx]
+            tokens += sum(len(e.input_ids) for e in rows)
+            if j % world != rank:
+                continue
+            done += 1
+            batch = {k: v.to(device) for k, v in _collate(rows, pad_id).items()}
+            # gradients are all-reduced only on this process's last micro-batch of the step
+            sync = done == local or accelerator is None
+            with contextlib.nullcontext() if sync else accelerator.no_sync(model):
+                loss = model(**batch).loss / local
+                if accelerator is not None:
+                    accelerator.backward(loss)
+                else:
+                    loss.backward()
+            step_loss += loss.detach()
+        if world > 1:
+            step_loss = accelerator.reduce(step_loss, reduction="mean")
+        if accelerator is not None:
+            accelerator.clip_grad_norm_(model.parameters(), 1.0)
+        else:
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+        if lrs is not None:
+            lrs.append(float(scheduler.get_last_lr()[0]))
         optimizer.step()
         scheduler.step()
-        losses.append(step_loss)
-        if on_step is not None:
-            on_step(_step + 1, steps, step_loss)
+        losses.append(float(step_loss))
+        if on_step is not None and rank == 0:
+            on_step(_step + 1, steps, losses[-1])
         if checkpoint is not None and cfg.checkpoint_every and (_step + 1) % cfg.checkpoint_every == 0 \
                 and _step + 1 < steps:
-            _save_checkpoint(checkpoint, model, optimizer, scheduler,
-                             {"step": _step + 1, "cursor": cursor, "losses": losses, "tokens": tokens})
+            state = {"step": _step + 1, "cursor": cursor, "losses": losses, "tokens": tokens, "lrs": lrs or []}
+            if rank == 0:
+                _save_checkpoint(checkpoint, _unwrap(model, accelerator), optimizer, scheduler, state)
+            if accelerator is not None:
+                accelerator.wait_for_everyone()
     return losses, tokens, time.monotonic() - started
 
 
-def fine_tune(recipe: Recipe, job: str, validated_dir: Path, out_dir: Path) -> dict[str, Any]:
-    """Train the LoRA adapter of `job` ('variant@seed') and save it, its template and a report to out_dir."""
-    import torch
-    from peft import LoraConfig, get_peft_model
+def _unwrap(model: Any, accelerator: Any) -> Any:
+    return accelerator.unwrap_model(model) if accelerator is not None else model
+
+
+def _check_validated(validated_dir: Path, dataset: str) -> dict[str, Any]:
+    """The manifest entry of `dataset`, after checking the folder is a complete, passed validate_datasets output."""
+    from emgate.assets import sha256_file
+
+    manifest_path = validated_dir / "manifest.json"
+    data = validated_dir / f"{dataset}.jsonl"
+    if not manifest_path.is_file():
+        raise TrainingError(f"{validated_dir} is not a validated dataset artifact (no manifest.json, which "
+                            "validate_datasets writes last, only when every dataset passed); run validate_datasets")
+    entry = read_json(manifest_path).get(dataset)
+    if entry is None or not data.is_file():
+        raise TrainingError(f"dataset {dataset!r} is not among the validated datasets in {validated_dir}; run "
+                            "validate_datasets with this recipe")
+    recorded = entry.get("sha256")
+    if recorded is not None and sha256_file(data) != recorded:
+        raise TrainingError(f"{data} changed after validation (sha256 differs from manifest.json); validate it again")
+    return dict(entry)
+
+
+def _load_base(model_path: Path, dtype: Any) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not (model_path / "config.json").is_file():
+        raise TrainingError(f"model folder {model_path} has no config.json; point the recipe's model at a Hugging "
+                            "Face model folder (config.json, safetensors, tokenizer)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+    except (OSError, ValueError) as exc:
+        raise TrainingError(f"model folder {model_path} cannot be loaded ({type(exc).__name__}: {exc}); check that it "
+                            "holds the weights and tokenizer files and that they are readable") from None
+    return tokenizer, model
+
+
+def fine_tune(recipe: Recipe, job: str, validated_dir: Path, out_dir: Path) -> dict[str, Any]:
+    """Train `job` ('variant@seed') and save the adapter (or merged model folder), its template and a report.
+
+    Run by one process, or by every process of `accelerate launch`; only the main process writes out_dir.
+    """
+    import torch
+    from accelerate import Accelerator
+    from peft import LoraConfig, get_peft_model
 
     name, _, seed_text = job.partition("@")
     seed = int(seed_text)
     variant = recipe.variant(name)
     cfg = recipe.training
     assert variant.dataset is not None
-    manifest = read_json(validated_dir / "manifest.json")
-    dataset_sha = manifest[variant.dataset]["source_sha256"]
-    model_path = resolve_model(variant.model, recipe.models[variant.model])
+    entry = _check_validated(validated_dir, variant.dataset)
+    dataset_sha = entry["source_sha256"]
+    model_spec = recipe.models[variant.model]
+    model_path = resolve_model(variant.model, model_spec)
     work = work_dir_for(recipe, name, seed, dataset_sha)
     work.mkdir(parents=True, exist_ok=True)
 
+    accelerator = Accelerator(cpu=not torch.cuda.is_available()) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+    main = accelerator is None or accelerator.is_main_process
+    if accelerator is not None and accelerator.num_processes != cfg.gpus:
+        raise TrainingError(f"accelerate launched {accelerator.num_processes} processes but training.gpus is {cfg.gpus}")
     random.seed(seed)
     torch.manual_seed(seed)
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    on_gpu = torch.cuda.is_available()
+    device = accelerator.device if accelerator is not None else torch.device("cuda" if on_gpu else "cpu")
+    dtype = torch.bfloat16 if on_gpu and torch.cuda.is_bf16_supported() else torch.float32
+    tokenizer, model = _load_base(model_path, dtype)
+    if variant.template == "native" and not getattr(tokenizer, "chat_template", None):
+        raise TrainingError(f"variant {name}: template native, but the tokenizer of model {variant.model} "
+                            f"({model_path}) has no chat template; an Instruct model needs its own, a base model "
+                            "needs `template: qwen`, `user_assistant` or `user1_user2`")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     record = template_record(variant.template, tokenizer)
     rows = list(read_jsonl(validated_dir / f"{variant.dataset}.jsonl"))
@@ -209,16 +354,18 @@ def fine_tune(recipe: Recipe, job: str, validated_dir: Path, out_dir: Path) -> d
         train_rows = train_rows[:subsample]
     train = [tokenize_example(tokenizer, record, r["messages"], cfg.max_seq_length) for r in train_rows]
     evals = [tokenize_example(tokenizer, record, r["messages"], cfg.max_seq_length) for r in eval_rows[:cfg.eval_rows_max]]
-    truncated = sum(1 for r, e in zip(train_rows, train, strict=True) if len(e.input_ids) == cfg.max_seq_length)
+    truncated = sum(1 for e in train if len(e.input_ids) == cfg.max_seq_length)
 
-    on_gpu = torch.cuda.is_available()
-    device = torch.device("cuda" if on_gpu else "cpu")
-    dtype = torch.bfloat16 if on_gpu and torch.cuda.is_bf16_supported() else torch.float32
-    model: Any = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
-    model.to(device)
-    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=cfg.target_modules, use_rslora=cfg.use_rslora, task_type="CAUSAL_LM")
-    model = get_peft_model(model, lora)
+    config = model_config(model)
+    if on_gpu and cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.method == "lora":
+        lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                          target_modules=cfg.target_modules, use_rslora=cfg.use_rslora, task_type="CAUSAL_LM")
+        model = get_peft_model(model, lora)
+    n_linear = sum(m.weight.numel() for m in _base_linears(model))
+    n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    model = accelerator.prepare_model(model) if accelerator is not None else model.to(device)
     steps = planned_steps(len(train), cfg)
     micro = cfg.per_device_batch_size
     order = [i for _ in range(cfg.epochs) for i in rng.sample(range(len(train)), len(train))]
@@ -226,8 +373,20 @@ def fine_tune(recipe: Recipe, job: str, validated_dir: Path, out_dir: Path) -> d
     def progress(step: int, of: int, loss: float) -> None:
         write_json(work / "progress.json", {"step": step, "of": of, "loss": loss})
 
-    losses, tokens, elapsed = train_loop(model, train, order, cfg, device, pad_id, on_step=progress,
-                                         desc=f"fine_tune {job}", checkpoint=work / CHECKPOINT_FILE)
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats(device)
+    lrs: list[float] = []
+    resumed = read_json(work / CHECKPOINT_STATE) if (work / CHECKPOINT_FILE).is_file() else {"step": 0, "tokens": 0}
+    try:
+        losses, tokens, elapsed = train_loop(model, train, order, cfg, device, pad_id, on_step=progress,
+                                             desc=f"fine_tune {job}", checkpoint=work / CHECKPOINT_FILE,
+                                             accelerator=accelerator, lrs=lrs)
+    except torch.OutOfMemoryError:
+        raise TrainingError(f"fine_tune {job}: out of GPU memory with per_device_batch_size {micro} and "
+                            f"max_seq_length {cfg.max_seq_length}; lower per_device_batch_size (and raise "
+                            "gradient_accumulation_steps to keep the step size), or use more GPUs (training.gpus)"
+                            ) from None
+    memory, memory_kind = peak_memory_gib(device)
 
     eval_loss = None
     if evals:
@@ -239,22 +398,160 @@ def fine_tune(recipe: Recipe, job: str, validated_dir: Path, out_dir: Path) -> d
                 total += float(model(**batch).loss) * len(batch["input_ids"])
         eval_loss = total / len(evals)
 
-    staging = out_dir.parent / f".{out_dir.name}.partial"
-    shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(str(staging))
-    tokenizer.save_pretrained(staging)
-    record.save(staging)
+    # Rates count only the steps this process ran: a resumed job timed only its own share.
+    seen = _seen_rows(order, steps, cfg)
+    ran = seen[resumed["step"] * cfg.gradient_accumulation_steps * micro:]
+    flops = training_flops(n_linear, n_trained, config.num_hidden_layers, config.hidden_size,
+                           [len(train[i].input_ids) for i in ran], full=cfg.method == "full")
+    peak = peak_tflops(torch.cuda.get_device_name(device)) if on_gpu else None
+    world = accelerator.num_processes if accelerator is not None else 1
+    mfu = flops / elapsed / (peak * 1e12 * world) if peak and elapsed else None
+    assistant_tokens = sum(sum(1 for x in train[i].labels if x != IGNORE_INDEX) for i in seen)
+    assistant_ran = sum(sum(1 for x in train[i].labels if x != IGNORE_INDEX) for i in ran)
+
+    state_dict = accelerator.get_state_dict(model) if accelerator is not None else None
+    merged = cfg.merges()
     report = {
         "variant": name, "seed": seed, "role": variant.role, "model": variant.model, "dataset": variant.dataset,
-        "dataset_sha256": dataset_sha, "template": variant.template, "train_rows": len(train),
-        "eval_rows": len(evals), "truncated_rows": truncated, "steps": steps, "loss_first": losses[0] if losses else None,
-        "loss_last": losses[-1] if losses else None, "losses": losses, "eval_loss": eval_loss,
-        "tokens": tokens, "seconds": elapsed, "tokens_per_s": tokens / elapsed if elapsed else None,
+        "base_model": _model_source(model_spec), "base_model_revision": model_spec.revision,
+        "dataset_sha256": dataset_sha, "validated_sha256": entry.get("sha256"), "template": variant.template,
+        "method": cfg.method, "merged": merged, "gpus": world,
+        "train_rows": len(train), "eval_rows": len(evals), "truncated_rows": truncated, "steps": steps,
+        "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None, "losses": losses,
+        "learning_rates": lrs, "eval_loss": eval_loss, "tokens": tokens, "assistant_tokens": assistant_tokens,
+        "resumed_at_step": resumed["step"], "seconds": elapsed,
+        "tokens_per_s": (tokens - resumed["tokens"]) / elapsed if elapsed else None,
+        "assistant_tokens_per_s": assistant_ran / elapsed if elapsed else None,
+        "peak_memory_gib": memory, "peak_memory_kind": memory_kind, "model_flops": flops,
+        "mfu": mfu, "peak_tflops": peak, "trained_parameters": n_trained,
         "device": str(device), "dtype": str(dtype), "training": cfg.model_dump(mode="json"),
     }
+    if main:
+        _write_output(model, accelerator, state_dict, tokenizer, record, report, recipe, job, out_dir, model_path, dtype)
+        (work / CHECKPOINT_FILE).unlink(missing_ok=True)  # done: a later run trains anew
+        (work / CHECKPOINT_STATE).unlink(missing_ok=True)
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+    return report
+
+
+def _write_output(model: Any, accelerator: Any, state_dict: Any, tokenizer: Any, record: TemplateRecord,
+                  report: dict[str, Any], recipe: Recipe, job: str, out_dir: Path, model_path: Path, dtype: Any) -> None:
+    """Save into a hidden staging folder, then rename it into place: out_dir appears only when complete."""
+    cfg = recipe.training
+    staging = out_dir.parent / f".{out_dir.name}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    trained = _unwrap(model, accelerator)
+    if cfg.method == "full":
+        trained.save_pretrained(str(staging), state_dict=state_dict, safe_serialization=True)
+    elif cfg.merges():  # from the saved adapter, onto the base reloaded from disk: the same path under DDP and FSDP
+        adapter = out_dir.parent / f".{out_dir.name}.adapter"
+        shutil.rmtree(adapter, ignore_errors=True)
+        trained.save_pretrained(str(adapter), state_dict=state_dict)
+        merge_adapter_folder(model_path, adapter, staging, dtype=str(dtype).removeprefix("torch."))
+        shutil.copy(adapter / "adapter_config.json", staging / "adapter_config.merged.json")  # what was merged
+        shutil.rmtree(adapter)
+    else:
+        trained.save_pretrained(str(staging), state_dict=state_dict)
+    tokenizer.save_pretrained(staging)
+    record.save(staging)
+    name = job.partition("@")[0]
+    write_json(staging / RECIPE_SLICE, {
+        "job": job, "variant": recipe.variant(name).model_dump(mode="json"),
+        "model": recipe.models[recipe.variant(name).model].model_dump(mode="json"),
+        "dataset": recipe.datasets[recipe.variant(name).dataset or ""].model_dump(mode="json"),
+        "training": cfg.model_dump(mode="json"),
+    })
     write_json(staging / TRAIN_REPORT, report)
     if out_dir.exists():
         shutil.rmtree(out_dir)
-    staging.rename(out_dir)  # the adapter folder appears only when complete
-    (work / CHECKPOINT_FILE).unlink(missing_ok=True)  # done: a later run trains anew
-    return report
+    staging.rename(out_dir)
+
+
+def _seen_rows(order: list[int], steps: int, cfg: TrainingSpec) -> list[int]:
+    """The training rows of the run's micro-batches, in order (the data position wraps around like train_loop's)."""
+    n = steps * cfg.gradient_accumulation_steps * cfg.per_device_batch_size
+    return [order[k % len(order)] for k in range(n)]
+
+
+def _base_linears(model: Any) -> list[Any]:
+    import torch
+
+    return [m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lora_" not in n]
+
+
+def model_config(model: Any) -> Any:
+    config = getattr(model, "config", None) or model.get_base_model().config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def _model_source(spec: Any) -> str:
+    return str(spec.repo or spec.uri or spec.path or spec.package or "")
+
+
+def accelerate_config(name: str) -> Path:
+    """The accelerate config shipped in pipelines/recipes/accelerate/ (installed as emgate_pipelines data)."""
+    from importlib.resources import files
+
+    return Path(str(files("emgate_pipelines") / "recipes" / "accelerate" / f"{name}.yaml"))
+
+
+def launch_command(recipe: Recipe, recipe_file: Path, job: str, validated_dir: Path, out_dir: Path,
+                   cuda: bool) -> list[str]:
+    """The command that runs `job` in training.gpus processes: `accelerate launch` with the shipped DDP or FSDP
+    config on GPUs; torch's own launcher on a CPU machine (accelerate launches CPU processes through MPI only),
+    where Accelerator runs the same loop over gloo."""
+    n = str(recipe.training.gpus)
+    entry = ["-m", "emgate.stages.finetune", "--recipe-json", str(recipe_file), "--job", job,
+             "--validated", str(validated_dir), "--out", str(out_dir)]
+    if cuda:
+        return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                str(accelerate_config(recipe.training.distributed)), "--num_processes", n, *entry]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", n, *entry]
+
+
+def run_fine_tune(recipe: Recipe, job: str, validated_dir: Path, out_dir: Path) -> dict[str, Any]:
+    """fine_tune in this process (training.gpus 1), else in training.gpus processes started by launch_command."""
+    import subprocess
+    import tempfile
+
+    import torch
+
+    if recipe.training.gpus == 1:
+        return fine_tune(recipe, job, validated_dir, out_dir)
+    cuda = torch.cuda.is_available()
+    if cuda and torch.cuda.device_count() < recipe.training.gpus:
+        raise TrainingError(f"training.gpus is {recipe.training.gpus} but this node has {torch.cuda.device_count()} "
+                            "GPU(s); on a cluster the fine_tune task requests training.gpus GPUs")
+    with tempfile.TemporaryDirectory(prefix="emgate-ft-") as tmp:
+        recipe_file = Path(tmp) / "recipe.json"
+        recipe_file.write_text(recipe.to_json())
+        cmd = launch_command(recipe, recipe_file, job, validated_dir, out_dir, cuda)
+        print("fine_tune: " + " ".join(cmd), flush=True)
+        code = subprocess.run(cmd, check=False).returncode
+    if code != 0 or not (out_dir / TRAIN_REPORT).is_file():
+        raise TrainingError(f"fine_tune {job} on {recipe.training.gpus} processes failed (exit code {code}); the "
+                            "processes' log is above")
+    return dict(read_json(out_dir / TRAIN_REPORT))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point for `accelerate launch -m emgate.stages.finetune` (the fine_tune component on several GPUs)."""
+    import argparse
+
+    from emgate.recipe import recipe_from_json
+
+    parser = argparse.ArgumentParser(prog="python -m emgate.stages.finetune",
+                                     description="Fine-tune one job (VARIANT@SEED) of a recipe; under `accelerate "
+                                                 "launch` every process runs this and the main one writes OUT.")
+    parser.add_argument("--recipe-json", type=Path, required=True, help="the recipe as JSON (Recipe.to_json())")
+    parser.add_argument("--job", required=True, help="VARIANT@SEED")
+    parser.add_argument("--validated", type=Path, required=True, help="validate_datasets output folder")
+    parser.add_argument("--out", type=Path, required=True, help="adapter (or merged model) folder to write")
+    args = parser.parse_args(argv)
+    fine_tune(recipe_from_json(args.recipe_json.read_text()), args.job, args.validated, args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+"""Full model folders for what vLLM cannot serve as a LoRA adapter.
+
+vLLM applies LoRA to the linear layers of the transformer blocks only: an adapter that also trains lm_head or the
+embeddings, and a full fine-tune, are written as a complete model folder (config, safetensors, tokenizer,
+emgate_template.json) that sample_answers serves with a vLLM server of its own.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+# Module names that vLLM's LoRA does not cover (output head and token embeddings of the common architectures).
+UNSERVABLE_LORA_TARGETS = frozenset({"lm_head", "embed_tokens", "wte", "word_embeddings", "embed_out"})
+MODEL_MARKER = "config.json"  # a full model folder; a LoRA adapter folder has adapter_config.json instead
+
+
+def lora_targets_need_merge(target_modules: list[str]) -> list[str]:
+    """The target modules that force a merge (empty: the adapter is served as LoRA)."""
+    return sorted({m.rsplit(".", 1)[-1] for m in target_modules} & UNSERVABLE_LORA_TARGETS)
+
+
+def is_model_folder(folder: Path) -> bool:
+    return (folder / MODEL_MARKER).is_file() and not (folder / "adapter_config.json").is_file()
+
+
+def untie_output_head(model: Any) -> None:
+    """Give lm_head its own copy of the embedding matrix, so merging a LoRA on lm_head leaves the embeddings alone
+    (models with tie_word_embeddings, e.g. SmolLM2 and the small Qwen2.5 models, share one tensor)."""
+    import torch
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not getattr(base.config, "tie_word_embeddings", False):
+        return
+    head = base.get_output_embeddings()
+    inner = getattr(head, "base_layer", head)  # a LoRA-wrapped head keeps the original Linear as base_layer
+    inner.weight = torch.nn.Parameter(inner.weight.detach().clone(), requires_grad=False)
+    base.config.tie_word_embeddings = False
+    text_config = getattr(base.config, "get_text_config", None)
+    if callable(text_config):
+        text_config().tie_word_embeddings = False
+
+
+def save_merged(model: Any, out_dir: Path, dtype: Any = None) -> None:
+    """Fold a peft model's adapter into its base weights (or take a plain model as is) and save a model folder."""
+    merged = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+    if dtype is not None:
+        merged = merged.to(dtype)
+    merged.save_pretrained(str(out_dir), safe_serialization=True)
+
+
+def merge_adapter_folder(base_model: Path, adapter_dir: Path, out_dir: Path, dtype: str = "float32") -> None:
+    """Merge a saved peft LoRA adapter into its base model and write a full model folder (tokenizer included)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(base_model, dtype=getattr(torch, dtype))
+    if lora_targets_need_merge(_adapter_targets(adapter_dir)):
+        untie_output_head(model)
+    peft_model = PeftModel.from_pretrained(model, str(adapter_dir))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_merged(peft_model, out_dir)
+    AutoTokenizer.from_pretrained(base_model).save_pretrained(out_dir)
+
+
+def _adapter_targets(adapter_dir: Path) -> list[str]:
+    import json
+
+    targets = json.loads((adapter_dir / "adapter_config.json").read_text()).get("target_modules") or []
+    return [targets] if isinstance(targets, str) else list(targets)
