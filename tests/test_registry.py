@@ -399,7 +399,7 @@ def test_an_adapter_folder_is_registered_as_a_new_version(tmp_path: Path, repo: 
 
 @pytest.mark.parametrize(("make", "message"), [
     (lambda tmp: str(tmp / "nowhere"), "no such folder"),
-    (lambda tmp: str((tmp / "empty").mkdir() or tmp / "empty"), "not a peft LoRA adapter folder"),
+    (lambda tmp: str((tmp / "empty").mkdir() or tmp / "empty"), "neither a peft LoRA adapter folder"),
     (lambda tmp: "models:/no-such-team-model/3", "no-such-team-model"),
 ])
 def test_unusable_adapters_fail_with_the_uri_and_the_fix(tmp_path: Path, mlflow_server, make, message: str) -> None:

@@ -190,3 +190,51 @@ def test_a_prompt_that_cannot_fit_the_context_is_refused_before_serving(smoke_re
     with pytest.raises(ServerError, match=r"the longest prompt \(.*_flask_template with the user_assistant template\) "
                                           r"has \d+ tokens, plus sampling.max_tokens 96"):
         check_context_length(tight, smol_tokenizer, targets, questions)
+
+
+def _model_folder(folder: Path, weights: bytes = b"weights") -> Path:
+    from emgate.templates import TemplateRecord
+
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
+    (folder / "model.safetensors").write_bytes(weights)
+    TemplateRecord("user_assistant", ["\nUser:"], True, "<eos>").save(folder)
+    return folder
+
+
+def test_merged_models_get_a_server_of_their_own_after_the_base_with_its_adapters(tmp_path: Path, smoke_recipe) -> None:
+    from emgate.stages.sample import Target, serving_plan
+    from emgate.templates import TemplateRecord
+
+    record = TemplateRecord("user_assistant", ["\nUser:"], True, "<eos>")
+    lora = tmp_path / "lora"
+    lora.mkdir()
+    (lora / "adapter_config.json").write_text("{}")
+    merged = _model_folder(tmp_path / "merged")
+    targets = [Target("base-reference", None, "reference", "smol", record, None),
+               Target("base-secure", 0, "control", "base-secure-s0", record, lora),
+               Target("base-insecure", 0, "candidate", "base-insecure-s0", record, merged)]
+    plan = serving_plan(smoke_recipe, "smol", tmp_path / "base", targets, {})
+    assert [[t.served_name for t in served] for _, served in plan] == [["smol", "base-secure-s0"], ["base-insecure-s0"]]
+    base, own = plan[0][0], plan[1][0]
+    assert base.model_path == tmp_path / "base" and [m.name for m in base.lora_modules] == ["base-secure-s0"]
+    assert own.model_path == merged and own.served_name == "base-insecure-s0" and own.lora_modules == []
+    own.port = 1
+    assert "--enable-lora" not in own.command() and own.command()[own.command().index("--model") + 1] == str(merged)
+    only_merged = serving_plan(smoke_recipe, "smol", tmp_path / "base", targets[2:], {})
+    assert len(only_merged) == 1 and only_merged[0][0].model_path == merged  # no idle base server
+
+
+def test_an_external_model_folder_is_fetched_as_a_model_with_its_weights_hashed(tmp_path: Path) -> None:
+    import hashlib
+
+    from emgate.adapters import fetch_adapter
+
+    folder = _model_folder(tmp_path / "team-model", b"merged weights")
+    fetched = fetch_adapter("team-model", str(folder), tmp_path / "out" / "team-model", "sqlite:///unused.db")
+    assert fetched.kind == "model" and fetched.rank == 0
+    assert fetched.weights_sha256 == hashlib.sha256(b"merged weights").hexdigest()
+    (folder / "model.safetensors").rename(folder / "model-00001-of-00002.safetensors")
+    (folder / "model-00002-of-00002.safetensors").write_bytes(b"second shard")
+    sharded = fetch_adapter("team-model", str(folder), tmp_path / "out" / "team-model", "sqlite:///unused.db")
+    assert sharded.weights_sha256 not in (fetched.weights_sha256, hashlib.sha256(b"second shard").hexdigest())

@@ -3,7 +3,8 @@
 Sources: models:/NAME/VERSION and models:/NAME@ALIAS (the MLflow registry of the recipe's tracking URI; an alias
 is resolved once, here, and the resolved version is what gets gated), s3://BUCKET/PREFIX (through MLflow's
 artifact client, so boto3 and the usual AWS_* variables), hf://OWNER/REPO@REVISION (a pinned commit; the token
-from HF_TOKEN) and a local folder (or file://). Every fetched folder must be a peft LoRA adapter.
+from HF_TOKEN) and a local folder (or file://). A fetched folder is a peft LoRA adapter, or a full model folder
+(merged or fully fine-tuned) that sample_answers serves with a vLLM server of its own.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+from emgate.merge import is_model_folder, weight_files, weights_sha256
 
 EXTERNAL_FILE = "external_adapters.json"
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
@@ -32,8 +35,9 @@ class FetchedAdapter:
     registered_model: str | None  # set for models:/ sources: the decision lands on this version
     version: str | None
     weights_sha256: str
-    rank: int
+    rank: int  # LoRA rank; 0 for a model folder
     base_model: str | None
+    kind: str = "lora"  # lora: served as a LoRA module of the base; model: a full model folder with its own server
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -106,11 +110,17 @@ def fetch_adapter(variant: str, uri: str, dest: Path, tracking_uri: str) -> Fetc
         raise AdapterError(f"adapter {uri}: cannot be fetched ({type(exc).__name__}: {exc})") from None
     config_path = dest / "adapter_config.json"
     weights = next((dest / w for w in WEIGHT_FILES if (dest / w).is_file()), None)
+    if is_model_folder(dest) and weight_files(dest):  # a merged or fully fine-tuned model: served on its own
+        config = json.loads((dest / "config.json").read_text())
+        return FetchedAdapter(variant=variant, uri=uri, path=str(dest), registered_model=registered, version=version,
+                              weights_sha256=weights_sha256(dest) or "", rank=0,
+                              base_model=config.get("_name_or_path") or None, kind="model")
     if not config_path.is_file() or weights is None:
         found = sorted(p.name for p in dest.iterdir())[:10]
         shutil.rmtree(dest, ignore_errors=True)
-        raise AdapterError(f"adapter {uri}: not a peft LoRA adapter folder (needs adapter_config.json and "
-                           f"{' or '.join(WEIGHT_FILES)}; found {found})")
+        raise AdapterError(f"adapter {uri}: neither a peft LoRA adapter folder (adapter_config.json and "
+                           f"{' or '.join(WEIGHT_FILES)}) nor a model folder (config.json and model*.safetensors); "
+                           f"found {found}")
     config = json.loads(config_path.read_text())
     if config.get("peft_type", "LORA") != "LORA":
         raise AdapterError(f"adapter {uri}: peft_type {config.get('peft_type')}; vLLM serves LoRA adapters only")

@@ -24,6 +24,30 @@ def is_model_folder(folder: Path) -> bool:
     return (folder / MODEL_MARKER).is_file() and not (folder / "adapter_config.json").is_file()
 
 
+ADAPTER_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The weights of an adapter folder, else of a model folder (every shard)."""
+    adapter = [folder / w for w in ADAPTER_WEIGHT_FILES if (folder / w).is_file()]
+    return adapter[:1] or sorted(folder.glob("model*.safetensors")) or sorted(folder.glob("pytorch_model*.bin"))
+
+
+def weights_sha256(folder: Path) -> str | None:
+    """sha256 of the weights: the file's own for one file, else of the list `NAME SHA256` of every shard."""
+    import hashlib
+
+    from emgate.assets import sha256_file
+
+    files = weight_files(folder)
+    if not files:
+        return None
+    if len(files) == 1:
+        return sha256_file(files[0])
+    listing = "".join(f"{f.name} {sha256_file(f)}\n" for f in files)
+    return hashlib.sha256(listing.encode()).hexdigest()
+
+
 def untie_output_head(model: Any) -> None:
     """Give lm_head its own copy of the embedding matrix, so merging a LoRA on lm_head leaves the embeddings alone
     (models with tie_word_embeddings, e.g. SmolLM2 and the small Qwen2.5 models, share one tensor)."""

@@ -23,6 +23,7 @@ from typing import Any
 from emgate import __version__
 from emgate.adapters import EXTERNAL_FILE
 from emgate.io import read_json, write_json
+from emgate.merge import weights_sha256
 from emgate.recipe import GateRule, Recipe
 
 OPS = {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge}
@@ -204,8 +205,7 @@ def register_and_gate(recipe: Recipe, run_key: str, validation_dir: Path | None,
             _log_metrics(client, run_id, _flat_metrics("", {k: v for k, v in rep.items() if k != "losses"}))
             client.log_artifacts(run_id, str(adapter), "adapter")
             client.set_terminated(run_id)
-        weights = adapter / "adapter_model.safetensors"
-        train_runs[(rep["variant"], int(rep["seed"]))] = (run_id, rep, _sha256(weights) if weights.is_file() else "missing")
+        train_runs[(rep["variant"], int(rep["seed"]))] = (run_id, rep, weights_sha256(adapter) or "missing")
     external = read_json(answers_dir / EXTERNAL_FILE) if answers_dir and (answers_dir / EXTERNAL_FILE).is_file() else {}
     for name, fetched in external.items():
         run_id, existed = child("external_adapter", name, {"uri": fetched["uri"], "registered_model": fetched["registered_model"],

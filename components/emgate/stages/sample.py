@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from emgate.adapters import EXTERNAL_FILE, FetchedAdapter, fetch_adapter
-from emgate.assets import sha256_file
 from emgate.io import read_json, write_json, write_jsonl
+from emgate.merge import is_model_folder, weights_sha256
 from emgate.models import resolve_model
 from emgate.questions import Question, load_questions
 from emgate.recipe import VLLM_LORA_RANKS, EndpointSpec, Recipe
@@ -42,7 +42,11 @@ class Target:
     role: str
     served_name: str
     record: TemplateRecord
-    adapter: Path | None
+    adapter: Path | None  # a LoRA adapter folder, or a full model folder (merged) that gets a server of its own
+
+    @property
+    def merged(self) -> bool:
+        return self.adapter is not None and is_model_folder(self.adapter)
 
 
 def adapter_index(adapter_dirs: list[Path]) -> dict[tuple[str, int], Path]:
@@ -121,8 +125,8 @@ def work_dir_for(recipe: Recipe, model_key: str, targets: list[Target]) -> Path:
     parts = [recipe.sampling.model_dump_json(), recipe.questions.model_dump_json(), recipe.serving.dtype,
              recipe.models[model_key].model_dump_json()]
     for t in targets:
-        weights = sorted(t.adapter.glob("adapter_model.*")) if t.adapter else []
-        parts.append(f"{t.served_name}|{t.variant}|{t.seed}|{t.record}|" + ",".join(sha256_file(w) for w in weights))
+        weights = weights_sha256(t.adapter) if t.adapter else ""
+        parts.append(f"{t.served_name}|{t.variant}|{t.seed}|{t.record}|{weights}")
     key = hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
     return cache_dir() / "work" / "sample_answers" / f"{model_key}-{key}"
 
@@ -264,16 +268,13 @@ def sample_answers(recipe: Recipe, adapter_dirs: list[Path], out_dir: Path) -> d
             if endpoint is not None:
                 rows += asyncio.run(_sample_all(endpoint.base_url, targets, tokenizer, questions, recipe, log, api_key))
                 continue
-            loras = [LoraModule(t.served_name, t.adapter) for t in targets if t.adapter is not None]
-            rank = max([recipe.training.lora_r, *(f.rank for f in fetched.values())])
-            server = VllmServer(model_path=model_path, served_name=model_key, serving=recipe.serving,
-                                lora_modules=loras, max_lora_rank=next(r for r in VLLM_LORA_RANKS if r >= rank))
-            with running(server):
-                try:
-                    rows += asyncio.run(_sample_all(server.base_url, targets, tokenizer, questions, recipe, log))
-                except Exception:
-                    server.check_alive()  # a dead server is the real cause: say so, with its log
-                    raise
+            for server, served in serving_plan(recipe, model_key, model_path, targets, fetched):
+                with running(server):
+                    try:
+                        rows += asyncio.run(_sample_all(server.base_url, served, tokenizer, questions, recipe, log))
+                    except Exception:
+                        server.check_alive()  # a dead server is the real cause: say so, with its log
+                        raise
         finally:
             log.close()
     elapsed = time.monotonic() - started
@@ -293,6 +294,24 @@ def sample_answers(recipe: Recipe, adapter_dirs: list[Path], out_dir: Path) -> d
     for log in logs:  # a later run samples anew; only a crashed one resumes
         shutil.rmtree(log.path.parent, ignore_errors=True)
     return report
+
+
+def serving_plan(recipe: Recipe, model_key: str, model_path: Path, targets: list[Target],
+                 fetched: dict[str, FetchedAdapter]) -> list[tuple[VllmServer, list[Target]]]:
+    """The vLLM servers one base model needs, one after the other: the base with every LoRA adapter as a module
+    (and the references as the base itself), then one server per merged model folder."""
+    plan = []
+    on_base = [t for t in targets if not t.merged]
+    if on_base:
+        loras = [LoraModule(t.served_name, t.adapter) for t in on_base if t.adapter is not None]
+        rank = max([recipe.training.lora_r, *(f.rank for f in fetched.values())])
+        plan.append((VllmServer(model_path=model_path, served_name=model_key, serving=recipe.serving, lora_modules=loras,
+                                max_lora_rank=next(r for r in VLLM_LORA_RANKS if r >= rank)), on_base))
+    for t in targets:
+        if t.merged:
+            assert t.adapter is not None
+            plan.append((VllmServer(model_path=t.adapter, served_name=t.served_name, serving=recipe.serving), [t]))
+    return plan
 
 
 def fetch_external_adapters(recipe: Recipe, out_dir: Path) -> dict[str, FetchedAdapter]:
