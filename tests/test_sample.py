@@ -177,19 +177,22 @@ def test_an_endpoint_key_that_is_not_set_is_a_clear_error(monkeypatch: pytest.Mo
     assert endpoint_api_key(spec) == "k-123"
 
 
-def test_a_prompt_that_cannot_fit_the_context_is_refused_before_serving(smoke_recipe, smol_tokenizer) -> None:
+def test_a_prompt_that_cannot_fit_the_context_is_refused_before_serving(smoke_recipe, smol_tokenizer, smol_model) -> None:
     from emgate.questions import load_questions
-    from emgate.stages.sample import Target, check_context_length
+    from emgate.stages.sample import check_context_length, check_sampling_context
     from emgate.templates import template_record
     from emgate.vllm_server import ServerError
 
     questions = load_questions(smoke_recipe.questions)
-    targets = [Target("v", 0, "candidate", "v-s0", template_record("user_assistant", smol_tokenizer), None)]
-    check_context_length(smoke_recipe, smol_tokenizer, targets, questions)  # the smoke recipe fits
+    records = [template_record("user_assistant", smol_tokenizer)]
+    check_context_length(smoke_recipe, smol_tokenizer, records, questions)  # the smoke recipe fits
     tight = smoke_recipe.model_copy(update={"serving": smoke_recipe.serving.model_copy(update={"max_model_len": 150})})
     with pytest.raises(ServerError, match=r"the longest prompt \(.*_flask_template with the user_assistant template\) "
                                           r"has \d+ tokens, plus sampling.max_tokens 96"):
-        check_context_length(tight, smol_tokenizer, targets, questions)
+        check_context_length(tight, smol_tokenizer, records, questions)
+    assert check_sampling_context(smoke_recipe) == []  # the recipe-level check `emgate check` and `run` do
+    with pytest.raises(ServerError, match="serving.max_model_len"):
+        check_sampling_context(tight)
 
 
 def _model_folder(folder: Path, weights: bytes = b"weights") -> Path:

@@ -75,7 +75,22 @@ def check(recipe: RecipeArg, set_: SetOpt = None) -> None:
     trains = f"{len(jobs)} fine-tuning job(s): {', '.join(jobs)}" if jobs else "nothing is fine-tuned"
     external = [f"{v.name} ({v.adapter})" for v in r.external_variants()]
     gates = f"; adapters trained elsewhere: {', '.join(external)}" if external else ""
-    console.print(f"[green]ok[/green] {recipe}: recipe {r.name} ({r.profile}), {trains}{escape(gates)}", highlight=False)
+    unchecked = _check_context(r)
+    context = (f"; prompt lengths not checked for {', '.join(unchecked)} (not in the model cache: `emgate models build`)"
+               if unchecked else "; every prompt fits serving.max_model_len")
+    console.print(f"[green]ok[/green] {recipe}: recipe {r.name} ({r.profile}), {trains}{escape(gates)}{context}",
+                  highlight=False)
+
+
+def _check_context(r: Recipe) -> list[str]:
+    """The longest rendered prompt plus max_tokens against serving.max_model_len (needs each model's tokenizer);
+    returns the models it could not check yet."""
+    from emgate.stages.sample import check_sampling_context
+    from emgate.vllm_server import ServerError
+
+    with _exit_on(ServerError, code=2):
+        return check_sampling_context(r)
+    raise AssertionError("unreachable")
 
 
 @app.command("compile")
@@ -376,6 +391,7 @@ def run(recipe: RecipeArg, set_: SetOpt = None,
         err.print(f"[red]error:[/red] {exc}", highlight=False)
         raise typer.Exit(1) from None
     _build_models(r)
+    _check_context(r)
     workdir = workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     timings = workdir / f"timings-{uuid.uuid4().hex[:8]}.jsonl"

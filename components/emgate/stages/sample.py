@@ -172,11 +172,11 @@ async def _sample_target(client: Any, target: Target, tokenizer: Any, questions:
     return rows
 
 
-def check_context_length(recipe: Recipe, tokenizer: Any, targets: list[Target], questions: list[Question]) -> None:
+def check_context_length(recipe: Recipe, tokenizer: Any, records: list[TemplateRecord], questions: list[Question]) -> None:
     """Every rendered prompt plus sampling.max_tokens must fit serving.max_model_len; say which one does not, before
     a server starts (vLLM would reject those requests one by one, hours into a run)."""
     longest, where = 0, ""
-    for record in {t.record.name: t.record for t in targets}.values():
+    for record in {r.name: r for r in records}.values():
         for q in questions:
             for text in q.paraphrases:
                 prompt = render_prompt(record, tokenizer, [{"role": "user", "content": text}])
@@ -188,6 +188,27 @@ def check_context_length(recipe: Recipe, tokenizer: Any, targets: list[Target], 
         raise ServerError(f"serving.max_model_len ({recipe.serving.max_model_len} tokens) is too small: the longest prompt "
                           f"({where}) has {longest} tokens, plus sampling.max_tokens {recipe.sampling.max_tokens} = "
                           f"{need}; raise serving.max_model_len to at least {need} or lower sampling.max_tokens")
+
+
+def check_sampling_context(recipe: Recipe) -> list[str]:
+    """check_context_length for every base model of the recipe that is in the model cache, with the templates of
+    its variants, before anything runs; returns the model keys it could not check (not built yet)."""
+    from transformers import AutoTokenizer
+
+    from emgate.models import ModelError
+
+    questions = load_questions(recipe.questions)
+    unchecked = []
+    for key in sorted({v.model for v in recipe.variants}):
+        try:
+            path = resolve_model(key, recipe.models[key], build=False)
+        except ModelError:
+            unchecked.append(key)
+            continue
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        records = [template_record(v.template, tokenizer) for v in recipe.variants if v.model == key]
+        check_context_length(recipe, tokenizer, records, questions)
+    return unchecked
 
 
 def endpoint_api_key(endpoint: EndpointSpec) -> str:
@@ -253,7 +274,7 @@ def sample_answers(recipe: Recipe, adapter_dirs: list[Path], out_dir: Path) -> d
             if v.model == model_key and not (external[v.name] / TEMPLATE_FILE).is_file():
                 template_record(v.template, tokenizer).save(external[v.name])
         targets = plan_targets(recipe, model_key, tokenizer, adapters, external)
-        check_context_length(recipe, tokenizer, targets, questions)
+        check_context_length(recipe, tokenizer, [t.record for t in targets], questions)
         endpoint = recipe.serving.endpoint
         api_key = "EMPTY"
         if endpoint is not None:  # an existing server: no vLLM here, the endpoint's own model names
