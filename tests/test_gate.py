@@ -50,6 +50,7 @@ def prepared_training(tmp: Path, validation_passed: bool = True) -> tuple[Path, 
         (d / "adapter_config.json").write_text("{}")
         write_json(d / "train_report.json", {"variant": variant, "seed": 0, "dataset": dataset, "template": "user_assistant",
                                               "dataset_sha256": "a" * 64, "losses": [1.0, 0.5], "loss_last": 0.5,
+                                              "learning_rates": [1e-3, 5e-4], "peak_memory_gib": 1.5,
                                               "training": {"lora_r": 8}})
         adapters.append(d)
     return validated, adapters
@@ -117,6 +118,12 @@ def test_pass_and_block_land_in_the_registry(tmp_path: Path, smoke_recipe) -> No
     stages = sorted(r.data.tags["emgate.stage"] for r in runs)
     assert stages == sorted(["pipeline", "validate_datasets", "fine_tune", "fine_tune", "fine_tune", "sample_answers",
                              "judge_answers", "summarize", "register_and_gate"])
+
+    # each fine-tuning child run has its per-step loss and learning rate, and the scalars of its report
+    train = next(r for r in runs if r.data.tags["emgate.stage"] == "fine_tune")
+    assert [m.value for m in client.get_metric_history(train.info.run_id, "train_loss")] == [1.0, 0.5]
+    assert [(m.step, m.value) for m in client.get_metric_history(train.info.run_id, "learning_rate")] == [(1, 1e-3), (2, 5e-4)]
+    assert train.data.metrics["peak_memory_gib"] == 1.5 and train.data.metrics["loss_last"] == 0.5
 
     # the same pipeline run again: no duplicate versions or runs
     register_and_gate(recipe, "run-1", out_dir=tmp_path / "out2", **inputs)

@@ -122,6 +122,16 @@ def _flat_metrics(prefix: str, data: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+def _log_series(client: Any, run_id: str, series: dict[str, list[float]]) -> None:
+    """Per-step values (step counts from 1), in MLflow's batches."""
+    from mlflow.entities import Metric
+
+    now = int(datetime.now(UTC).timestamp() * 1000)
+    items = [Metric(key=k, value=float(v), timestamp=now, step=i) for k, vs in series.items() for i, v in enumerate(vs, 1)]
+    for i in range(0, len(items), 900):  # MLflow's batch limit is 1000 metrics
+        client.log_batch(run_id, metrics=items[i:i + 900])
+
+
 def _log_metrics(client: Any, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
     from mlflow.entities import Metric
 
@@ -200,9 +210,8 @@ def register_and_gate(recipe: Recipe, run_key: str, validation_dir: Path | None,
                                 {**rep["training"], "variant": rep["variant"], "seed": rep["seed"],
                                  "dataset": rep["dataset"], "template": rep["template"]})
         if not existed:
-            for step, loss in enumerate(rep["losses"], start=1):
-                client.log_metric(run_id, "train_loss", loss, step=step)
-            _log_metrics(client, run_id, _flat_metrics("", {k: v for k, v in rep.items() if k != "losses"}))
+            _log_series(client, run_id, {"train_loss": rep["losses"], "learning_rate": rep.get("learning_rates", [])})
+            _log_metrics(client, run_id, _flat_metrics("", rep))
             client.log_artifacts(run_id, str(adapter), "adapter")
             client.set_terminated(run_id)
         train_runs[(rep["variant"], int(rep["seed"]))] = (run_id, rep, weights_sha256(adapter) or "missing")
