@@ -287,6 +287,7 @@ def main() -> int:
     import transformers
 
     from emgate.recipe import TrainingSpec
+    from emgate.stages.finetune import training_flops
 
     tiny = args.shape == "tiny"
     steps = args.steps if args.steps is not None else (2 if tiny else 20)
@@ -352,8 +353,8 @@ def main() -> int:
             per_step = spec.per_device_batch_size * spec.gradient_accumulation_steps
             for k in range(spec.max_steps):  # type: ignore[arg-type]
                 rows = examples[k * per_step:(k + 1) * per_step]
-                attention = sum(12 * layers * hidden * len(e.input_ids) ** 2 for e in rows)
-                flops.append(4 * n_linear * real[k] + 6 * lora_params * real[k] + attention)
+                flops.append(training_flops(n_linear, lora_params, layers, hidden, [len(e.input_ids) for e in rows],
+                                            full=False))
         results[name] = summarise(name, stamps, warmup, real, padded, flops, peak_gib(device), args.peak_tflops)
         base = model.unload()  # the base model without LoRA layers, for the next run
         del model
