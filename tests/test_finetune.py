@@ -171,3 +171,21 @@ def test_bad_inputs_are_named_and_leave_no_adapter(tmp_path: Path, smoke_recipe_
     with pytest.raises(Exception, match="no config.json"):
         fine_tune(instruct, "instruct-insecure@0", validated, tmp_path / "a")
     assert not (tmp_path / "a").exists()
+
+
+@pytest.mark.slow
+def test_out_of_memory_is_named_with_the_fix_and_leaves_no_adapter(tmp_path: Path, smoke_recipe_path: Path, smol_model: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from emgate.stages import finetune
+    from emgate.stages.finetune import TrainingError
+
+    def train_loop_out_of_memory_double(*args: object, **kwargs: object) -> None:  # a GPU running out, on a CPU
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(finetune, "train_loop", train_loop_out_of_memory_double)
+    validated, _ = validated_dir(tmp_path)
+    with pytest.raises(TrainingError, match="out of GPU memory with per_device_batch_size 2.*lower per_device_batch_size"):
+        fine_tune(load_recipe(smoke_recipe_path), JOB, validated, tmp_path / "a")
+    assert not (tmp_path / "a").exists() and not list(tmp_path.glob(".a*"))

@@ -51,7 +51,9 @@ def fine_tune(recipe_json: str, job: str, validated: Input[Dataset], adapter: Ou
 
     with stage(f"fine_tune[{job}]", recipe_json) as recipe:
         report = run(recipe, job, Path(validated.path), Path(adapter.path))
-        adapter.metadata.update({"variant": report["variant"], "seed": report["seed"], "loss_last": report["loss_last"]})
+        adapter.metadata.update({k: report[k] for k in ("variant", "seed", "base_model", "base_model_revision",
+                                                           "dataset_sha256", "method", "merged", "steps", "loss_last",
+                                                           "eval_loss")})
 
 
 def sample_answers(recipe_json: str, adapters: Input[list[Model]], answers: Output[Dataset]) -> None:

@@ -224,7 +224,9 @@ def train_loop(model: Any, train: list[Example], order: list[int], cfg: Training
             lrs.extend(state.get("lrs", []))
         if rank == 0:
             print(f"{desc}: resuming at step {first} of {steps} from {checkpoint}")
-    for _step in tqdm(range(first, steps), desc=desc, unit="step", initial=first, total=steps, disable=rank != 0):
+    bar = tqdm(range(first, steps), desc=desc, unit="step", initial=first, total=steps, disable=rank != 0)
+    resumed_tokens = tokens
+    for _step in bar:
         optimizer.zero_grad(set_to_none=True)
         step_loss = torch.zeros((), device=device)
         done = 0
@@ -257,6 +259,7 @@ def train_loop(model: Any, train: list[Example], order: list[int], cfg: Training
         optimizer.step()
         scheduler.step()
         losses.append(float(step_loss))
+        bar.set_postfix(loss=f"{losses[-1]:.4f}", tok_s=f"{(tokens - resumed_tokens) / (time.monotonic() - started):.0f}")
         if on_step is not None and rank == 0:
             on_step(_step + 1, steps, losses[-1])
         if checkpoint is not None and cfg.checkpoint_every and (_step + 1) % cfg.checkpoint_every == 0 \
