@@ -164,3 +164,26 @@ def test_cli_bad_recipe_is_one_clear_error_without_traceback(tmp_path: Path, smo
     proc = subprocess.run([sys.executable, "-m", "emgate.cli", "check", str(path)], capture_output=True, text=True)
     assert proc.returncode == 2
     assert "variants.1.role" in proc.stderr and "Traceback" not in proc.stderr + proc.stdout
+
+
+def test_training_shape_is_checked_at_load(smoke_recipe_path: Path) -> None:
+    with pytest.raises(RecipeError, match=r"lora_r: vLLM serves LoRA ranks 1, 8, 16, .* not 4"):
+        load_recipe(smoke_recipe_path, ["training.lora_r=4"])
+    merged = load_recipe(smoke_recipe_path, ["training.lora_r=4", 'training.target_modules=["q_proj","embed_tokens"]'])
+    assert merged.training.merges()  # merged into a model folder: any rank serves
+    assert any("embed_tokens" in n and "merged into a full model folder" in n for n in merged.notes())
+    assert not load_recipe(smoke_recipe_path).notes()
+    with pytest.raises(RecipeError, match=r"gradient_accumulation_steps \(1\) must be a multiple of gpus \(2\)"):
+        load_recipe(smoke_recipe_path, ["training.gpus=2"])
+    two = load_recipe(smoke_recipe_path, ["training.gpus=2", "training.gradient_accumulation_steps=4"])
+    assert any("2 GPUs" in n and "8 examples" in n for n in two.notes())
+
+
+@pytest.mark.slow  # reads SmolLM2's tokenizer from the model cache
+def test_cli_check_refuses_prompts_that_cannot_fit_the_context(smoke_recipe_path: Path, smol_model: Path) -> None:
+    ok = subprocess.run([sys.executable, "-m", "emgate.cli", "check", str(smoke_recipe_path)], capture_output=True, text=True)
+    assert ok.returncode == 0 and "every prompt fits serving.max_model_len" in " ".join(ok.stdout.split())
+    judge = subprocess.run([sys.executable, "-m", "emgate.cli", "check", str(smoke_recipe_path), "--set",
+                            "serving.max_model_len=600", "--set", "sampling.max_tokens=380"], capture_output=True, text=True)
+    assert judge.returncode == 2 and "the judge's max_model_len (600 tokens) is too small" in " ".join(judge.stderr.split())
+    assert "Traceback" not in judge.stderr

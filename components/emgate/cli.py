@@ -85,11 +85,22 @@ def check(recipe: RecipeArg, set_: SetOpt = None) -> None:
 def _check_context(r: Recipe) -> list[str]:
     """The longest rendered prompt plus max_tokens against serving.max_model_len (needs each model's tokenizer);
     returns the models it could not check yet."""
+    from emgate.models import ModelError, resolve_model
+    from emgate.stages.judge import JudgeError, check_judge_context
     from emgate.stages.sample import check_sampling_context
     from emgate.vllm_server import ServerError
 
-    with _exit_on(ServerError, code=2):
-        return check_sampling_context(r)
+    with _exit_on(ServerError, JudgeError, code=2):
+        unchecked = check_sampling_context(r)
+        if r.judge.serve is not None:  # a judge that `emgate run` serves: its longest request must fit too
+            try:
+                judge_path = resolve_model(r.judge.serve.model, r.models[r.judge.serve.model], build=False)
+            except ModelError:
+                return sorted({*unchecked, r.judge.serve.model})
+            from transformers import AutoTokenizer
+
+            check_judge_context(r, AutoTokenizer.from_pretrained(judge_path), r.serving.max_model_len)
+        return unchecked
     raise AssertionError("unreachable")
 
 
