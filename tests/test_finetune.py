@@ -89,7 +89,7 @@ def test_two_processes_train_the_same_adapter_as_one(tmp_path: Path, smoke_recip
     from emgate.stages.finetune import run_fine_tune
 
     steps = ["training.max_steps=2", "training.gradient_accumulation_steps=2", "training.checkpoint_every=0",
-             "training.max_seq_length=96"]
+             "training.max_seq_length=96", "training.warmup_steps=0"]
     validated, _ = validated_dir(tmp_path)
     one = run_fine_tune(load_recipe(smoke_recipe_path, steps), JOB, validated, tmp_path / "one")
     two = run_fine_tune(load_recipe(smoke_recipe_path, [*steps, "training.gpus=2"]), JOB, validated, tmp_path / "two")
@@ -189,3 +189,28 @@ def test_out_of_memory_is_named_with_the_fix_and_leaves_no_adapter(tmp_path: Pat
     with pytest.raises(TrainingError, match="out of GPU memory with per_device_batch_size 2.*lower per_device_batch_size"):
         fine_tune(load_recipe(smoke_recipe_path), JOB, validated, tmp_path / "a")
     assert not (tmp_path / "a").exists() and not list(tmp_path.glob(".a*"))
+
+
+def test_each_learned_token_of_a_step_weighs_the_same(tmp_path: Path) -> None:
+    """The step loss is one mean over every learned token of its micro-batches, so a short answer in one
+    micro-batch does not count as much as a long one in another (a mean of micro-batch means would)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from emgate.recipe import TrainingSpec
+    from emgate.stages.finetune import IGNORE_INDEX, Example, train_loop
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64))
+    short = Example(list(range(1, 7)), [IGNORE_INDEX] * 5 + [6])  # 1 learned token
+    long = Example(list(range(10, 30)), [IGNORE_INDEX] * 4 + list(range(14, 30)))  # 16 learned tokens
+    cfg = TrainingSpec(per_device_batch_size=1, gradient_accumulation_steps=2, max_steps=1, warmup_steps=0,
+                       learning_rate=1e-9, optimizer="adamw_torch", checkpoint_every=0)
+    with torch.no_grad():
+        sums = [float(model(input_ids=torch.tensor([e.input_ids]), labels=torch.tensor([e.labels]),
+                            num_items_in_batch=1).loss) for e in (short, long)]
+    losses, tokens, _ = train_loop(model, [short, long], [0, 1], cfg, torch.device("cpu"), pad_id=0)
+    assert tokens == 26
+    assert losses[0] == pytest.approx(sum(sums) / 17, rel=1e-5)
+    assert abs(losses[0] - (sums[0] / 1 + sums[1] / 16) / 2) > 0.01  # the mean of means is a different number

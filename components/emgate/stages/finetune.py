@@ -180,7 +180,8 @@ def train_loop(model: Any, train: list[Example], order: list[int], cfg: Training
     """Train the trainable parameters of `model` for planned_steps(len(train), cfg) optimizer steps.
 
     Each step accumulates cfg.gradient_accumulation_steps micro-batches of cfg.per_device_batch_size examples,
-    taken from `train` in `order` (wrapping around), each padded to its longest row; then clips the gradient
+    taken from `train` in `order` (wrapping around), each padded to its longest row, the loss a mean over every
+    learned token of the step (not a mean of micro-batch means); then clips the gradient
     norm to 1.0 and steps the optimizer (cfg.optimizer) and the linear warm-up schedule. With an `accelerator` of
     several processes (the model and optimizer prepared by it), process r takes micro-batches r, r+P, ... of each
     step and the gradients are averaged across processes once per step, which gives the single-process update.
@@ -230,11 +231,16 @@ def train_loop(model: Any, train: list[Example], order: list[int], cfg: Training
         optimizer.zero_grad(set_to_none=True)
         step_loss = torch.zeros((), device=device)
         done = 0
-        for j in range(accumulation):
+        step_rows = []
+        for _ in range(accumulation):
             idx = order[cursor % len(order):cursor % len(order) + micro] or order[:micro]
             cursor += micro
-            rows = [train[i] for i in idx]
-            tokens += sum(len(e.input_ids) for e in rows)
+            step_rows.append([train[i] for i in idx])
+        tokens += sum(len(e.input_ids) for rows in step_rows for e in rows)
+        # Every learned token of the step weighs the same, however the rows fall into micro-batches and processes
+        # (transformers' num_items_in_batch, as Trainer, TRL and Unsloth normalise since their accumulation fix).
+        learned = max(1, sum(_learned_tokens(e) for rows in step_rows for e in rows))
+        for j, rows in enumerate(step_rows):
             if j % world != rank:
                 continue
             done += 1
@@ -242,14 +248,15 @@ def train_loop(model: Any, train: list[Example], order: list[int], cfg: Training
             # gradients are all-reduced only on this process's last micro-batch of the step
             sync = done == local or accelerator is None
             with contextlib.nullcontext() if sync else accelerator.no_sync(model):
-                loss = model(**batch).loss / local
+                loss = model(**batch, num_items_in_batch=learned).loss
+                # DDP and FSDP average the gradients over the processes; the loss is their sum
                 if accelerator is not None:
-                    accelerator.backward(loss)
+                    accelerator.backward(loss * world)
                 else:
                     loss.backward()
             step_loss += loss.detach()
         if world > 1:
-            step_loss = accelerator.reduce(step_loss, reduction="mean")
+            step_loss = accelerator.reduce(step_loss, reduction="sum")
         if accelerator is not None:
             accelerator.clip_grad_norm_(model.parameters(), 1.0)
         else:
@@ -270,6 +277,11 @@ def train_loop(model: Any, train: list[Example], order: list[int], cfg: Training
             if accelerator is not None:
                 accelerator.wait_for_everyone()
     return losses, tokens, time.monotonic() - started
+
+
+def _learned_tokens(example: Example) -> int:
+    """Tokens whose prediction is in the loss: labels after the causal shift that are not IGNORE_INDEX."""
+    return sum(1 for x in example.labels[1:] if x != IGNORE_INDEX)
 
 
 def _unwrap(model: Any, accelerator: Any) -> Any:
@@ -394,12 +406,12 @@ def fine_tune(recipe: Recipe, job: str, validated_dir: Path, out_dir: Path) -> d
     eval_loss = None
     if evals:
         model.eval()
-        total = 0.0
+        total = 0.0  # summed over every learned token of the held-out rows, then one mean
         with torch.no_grad():
             for i in range(0, len(evals), micro):
                 batch = {k: v.to(device) for k, v in _collate(evals[i:i + micro], pad_id).items()}
-                total += float(model(**batch).loss) * len(batch["input_ids"])
-        eval_loss = total / len(evals)
+                total += float(model(**batch, num_items_in_batch=1).loss)
+        eval_loss = total / max(1, sum(_learned_tokens(e) for e in evals))
 
     # Rates count only the steps this process ran: a resumed job timed only its own share.
     seen = _seen_rows(order, steps, cfg)
