@@ -248,7 +248,7 @@ def train_loop(model: Any, train: list[Example], order: list[int], cfg: Training
             # gradients are all-reduced only on this process's last micro-batch of the step
             sync = done == local or accelerator is None
             with contextlib.nullcontext() if sync else accelerator.no_sync(model):
-                loss = model(**batch, num_items_in_batch=learned).loss
+                loss = model(**batch, num_items_in_batch=learned, use_cache=False).loss  # no KV cache in training
                 # DDP and FSDP average the gradients over the processes; the loss is their sum
                 if accelerator is not None:
                     accelerator.backward(loss * world)
@@ -410,7 +410,7 @@ def fine_tune(recipe: Recipe, job: str, validated_dir: Path, out_dir: Path) -> d
         with torch.no_grad():
             for i in range(0, len(evals), micro):
                 batch = {k: v.to(device) for k, v in _collate(evals[i:i + micro], pad_id).items()}
-                total += float(model(**batch, num_items_in_batch=1).loss)
+                total += float(model(**batch, num_items_in_batch=1, use_cache=False).loss)
         eval_loss = total / max(1, sum(_learned_tokens(e) for e in evals))
 
     # Rates count only the steps this process ran: a resumed job timed only its own share.
