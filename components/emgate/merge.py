@@ -65,14 +65,6 @@ def untie_output_head(model: Any) -> None:
         text_config().tie_word_embeddings = False
 
 
-def save_merged(model: Any, out_dir: Path, dtype: Any = None) -> None:
-    """Fold a peft model's adapter into its base weights (or take a plain model as is) and save a model folder."""
-    merged = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
-    if dtype is not None:
-        merged = merged.to(dtype)
-    merged.save_pretrained(str(out_dir), safe_serialization=True)
-
-
 def merge_adapter_folder(base_model: Path, adapter_dir: Path, out_dir: Path, dtype: str = "float32") -> None:
     """Merge a saved peft LoRA adapter into its base model and write a full model folder (tokenizer included)."""
     import torch
@@ -84,7 +76,7 @@ def merge_adapter_folder(base_model: Path, adapter_dir: Path, out_dir: Path, dty
         untie_output_head(model)
     peft_model = PeftModel.from_pretrained(model, str(adapter_dir))
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_merged(peft_model, out_dir)
+    peft_model.merge_and_unload().save_pretrained(str(out_dir), safe_serialization=True)
     AutoTokenizer.from_pretrained(base_model).save_pretrained(out_dir)
 
 
