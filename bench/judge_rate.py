@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from emgate.assets import resolve_asset
+from emgate.hardware import resolve_dtype
 from emgate.models import resolve_model
 from emgate.questions import load_questions
 from emgate.recipe import load_recipe
@@ -92,7 +93,7 @@ def main() -> None:
                   f"{time.perf_counter() - start:.2f} s (goal: 0 requests)")
 
     payload = Path(tempfile.mkdtemp()) / "offline.json"
-    payload.write_text(json.dumps({"model": str(model_path), "dtype": recipe.serving.dtype,
+    payload.write_text(json.dumps({"model": str(model_path), "dtype": resolve_dtype(recipe.serving.dtype),
                                    "max_model_len": recipe.serving.max_model_len, "prompts": texts}))
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(recipe.serving.cpu_kvcache_gib), "HF_HUB_OFFLINE": "1",
            "VLLM_NO_USAGE_STATS": "1"}

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 from unittest import mock
 
+from emgate.hardware import resolve_dtype
 from emgate.models import resolve_model
 from emgate.questions import Question, load_questions
 from emgate.recipe import Recipe, SamplingSpec, ServingSpec, load_recipe
@@ -188,7 +189,7 @@ def measure_sampler(server: VllmServer, work: Workload, repeats: int, warmup_tok
 def offline_args(work: Workload, model_path: Path, serving: ServingSpec, repeats: int, warmup_tokens: int,
                  load_format: str = "auto") -> dict[str, Any]:
     s = work.recipe.sampling
-    return {"model": str(model_path), "dtype": serving.dtype, "max_model_len": serving.max_model_len,
+    return {"model": str(model_path), "dtype": resolve_dtype(serving.dtype), "max_model_len": serving.max_model_len,
             "tensor_parallel_size": serving.tensor_parallel_size, "enforce_eager": serving.enforce_eager,
             "gpu_memory_utilization": serving.gpu_memory_utilization if has_gpu() else None,
             "load_format": load_format, "prompts": work.prompts,

@@ -172,3 +172,18 @@ def test_a_failed_run_is_recorded_failed_with_its_evidence_and_registers_nothing
     paths = {a.path for a in client.list_artifacts(evidence_run, "validate_datasets")}
     assert {"validate_datasets/report.json", "validate_datasets/data_docs"} <= paths
     assert client.search_registered_models() == []
+
+
+def test_the_resolved_serving_dtype_is_a_param_of_the_sample_run(tmp_path: Path, smoke_recipe) -> None:
+    from mlflow import MlflowClient
+
+    recipe = mlflow_recipe(smoke_recipe, tmp_path)
+    inputs = prepared_run(tmp_path / "run", recipe, misaligned_base_insecure=0)
+    write_json(inputs["answers_dir"] / "report.json", {"answers": 160, "seconds": 1.0,
+                                                       "serving": {"dtype": "float32", "dtype_requested": "auto"}})
+    register_and_gate(recipe, "run-dtype", out_dir=tmp_path / "out", **inputs)
+    client = MlflowClient(recipe.mlflow.tracking_uri)
+    exp = client.get_experiment_by_name(recipe.mlflow.experiment)
+    sample = next(r for r in client.search_runs([exp.experiment_id]) if r.data.tags["emgate.stage"] == "sample_answers")
+    assert sample.data.params["serving.dtype"] == "float32"
+    assert sample.data.params["serving.dtype_requested"] == "auto"

@@ -240,7 +240,9 @@ class EndpointSpec(_Strict):
 
 class ServingSpec(_Strict):
     endpoint: EndpointSpec | None = None  # attach to an existing server instead of starting vLLM
-    dtype: Literal["bfloat16", "float16", "float32", "auto"] = "bfloat16"
+    # auto: bfloat16 on a GPU with bfloat16 and on a CPU with avx512_bf16/AMX, else float32 (float16 on older GPUs);
+    # emgate resolves it from the machine (emgate/hardware.py), since vLLM's own auto ignores the CPU's flags
+    dtype: Literal["bfloat16", "float16", "float32", "auto"] = "auto"
     max_model_len: int = Field(default=4096, ge=256)  # tokens: longest prompt plus max_tokens
     gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)  # share of GPU memory for vLLM
     tensor_parallel_size: int = Field(default=1, ge=1)  # GPUs per server

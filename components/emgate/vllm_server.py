@@ -18,6 +18,7 @@ from pathlib import Path
 
 import httpx
 
+from emgate.hardware import resolve_dtype
 from emgate.recipe import ServingSpec
 
 VLLM_PYTHON_ENV = "EMGATE_VLLM_PYTHON"
@@ -57,12 +58,17 @@ class VllmServer:
     def python(self) -> str:
         return vllm_python(self.serving)
 
+    @property
+    def dtype(self) -> str:
+        """serving.dtype with `auto` resolved for this machine (emgate.hardware), as vLLM gets it."""
+        return resolve_dtype(self.serving.dtype)
+
     def command(self) -> list[str]:
         cmd = [
             self.python(), "-m", "vllm.entrypoints.openai.api_server",
             "--model", str(self.model_path), "--served-model-name", self.served_name,
             "--host", self.host, "--port", str(self.port),
-            "--dtype", self.serving.dtype, "--max-model-len", str(self.serving.max_model_len),
+            "--dtype", self.dtype, "--max-model-len", str(self.serving.max_model_len),
             "--tensor-parallel-size", str(self.serving.tensor_parallel_size),
             "--max-logprobs", str(self.max_logprobs),
             "--seed", "0",

@@ -230,10 +230,13 @@ def register_and_gate(recipe: Recipe, run_key: str, validation_dir: Path | None,
 
     for stage, folder in (("sample_answers", answers_dir), ("judge_answers", scores_dir)):
         if folder is not None and (folder / "report.json").is_file():
-            run_id, existed = child(stage, "")
+            stage_report = read_json(folder / "report.json")
+            # the serving dtype as resolved on the machine that sampled (serving.dtype: auto)
+            params = {f"serving.{k}": v for k, v in stage_report.get("serving", {}).items()}
+            run_id, existed = child(stage, "", params)
             evidence_runs[stage.split("_")[0]] = run_id
             if not existed:
-                _log_metrics(client, run_id, _flat_metrics("", read_json(folder / "report.json")))
+                _log_metrics(client, run_id, _flat_metrics("", stage_report))
                 client.log_artifacts(run_id, str(folder), stage)
                 if stage == "judge_answers":
                     _log_table(client, run_id, folder / "scores.jsonl", SCORED_COLUMNS, "scored_answers.json")

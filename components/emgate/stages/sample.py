@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from emgate.adapters import EXTERNAL_FILE, FetchedAdapter, fetch_adapter
+from emgate.hardware import resolve_dtype
 from emgate.io import read_json, write_json, write_jsonl
 from emgate.merge import is_model_folder, weights_sha256
 from emgate.models import resolve_model
@@ -118,11 +119,16 @@ class AnswerLog:
         self.fh.close()
 
 
+def served_dtype(recipe: Recipe) -> str:
+    """The dtype the answers come from: serving.dtype resolved for this machine, or `endpoint` (its own choice)."""
+    return "endpoint" if recipe.serving.endpoint is not None else resolve_dtype(recipe.serving.dtype)
+
+
 def work_dir_for(recipe: Recipe, model_key: str, targets: list[Target]) -> Path:
     """Partial answers of one base model live here, keyed by everything that decides them (adapter weights too)."""
     from emgate.assets import cache_dir
 
-    parts = [recipe.sampling.model_dump_json(), recipe.questions.model_dump_json(), recipe.serving.dtype,
+    parts = [recipe.sampling.model_dump_json(), recipe.questions.model_dump_json(), served_dtype(recipe),
              recipe.models[model_key].model_dump_json()]
     for t in targets:
         weights = weights_sha256(t.adapter) if t.adapter else ""
@@ -309,6 +315,7 @@ def sample_answers(recipe: Recipe, adapter_dirs: list[Path], out_dir: Path) -> d
         "question_patches": {q.id: list(q.patches) for q in questions if q.patches},
         "finish_reasons": _count(r["finish_reason"] for r in rows),
         "sampling": recipe.sampling.model_dump(mode="json"),
+        "serving": {"dtype": served_dtype(recipe), "dtype_requested": recipe.serving.dtype},
         "external_adapters": {name: f.to_dict() for name, f in fetched.items()},
     }
     write_json(out_dir / "report.json", report)  # written last: the answers are complete
