@@ -214,11 +214,57 @@ def test_explain_prints_rules_and_links(gated) -> None:
     res = CliRunner().invoke(app, ["gate", "explain", f"{prefix}-instruct-insecure",
                                    "--tracking-uri", recipe.mlflow.tracking_uri], env={"COLUMNS": "200"})
     assert res.exit_code == 0, res.output
-    for text in ("PASSED", "report verified: yes", "misaligned_rate_ci_high", "diff_vs_comparator_ci_high",
-                 f"{recipe.mlflow.tracking_uri}/#/models/{prefix}-instruct-insecure/versions/1", "judge run"):
+    for text in ("PASSED", "report intact", "emgate gate verify: accepts it", "misaligned_rate_ci_high",
+                 "diff_vs_comparator_ci_high", "judge run",
+                 f"{recipe.mlflow.tracking_uri}/#/models/{prefix}-instruct-insecure/versions/1"):
         assert text in res.output, text
     res = CliRunner().invoke(app, ["gate", "explain", "no-such-model@champion", "--tracking-uri", recipe.mlflow.tracking_uri])
     assert res.exit_code == 2 and "no-such-model" in res.output
+
+
+def test_explain_tells_a_blocked_decision_from_a_changed_report(gated, tmp_path: Path) -> None:
+    """Blocked is a decision; tampering is the report no longer matching its sha256 tag. Explain keeps them apart."""
+    recipe, _, _, _ = gated
+    prefix = recipe.mlflow.registered_model_prefix
+    client = client_for(recipe.mlflow.tracking_uri)
+    runner = CliRunner()
+    uri = ["--tracking-uri", recipe.mlflow.tracking_uri]
+
+    def explain(ref: str) -> tuple[str, dict[str, Any]]:
+        text = runner.invoke(app, ["gate", "explain", ref, *uri], env={"COLUMNS": "200"})
+        as_json = runner.invoke(app, ["gate", "explain", ref, "--json", *uri], env={"COLUMNS": "200"})
+        assert text.exit_code == 0 and as_json.exit_code == 0, text.output + as_json.output
+        return text.output, json.loads(as_json.output)
+
+    # a blocked version with an intact report: blocked, and nothing suggests tampering
+    output, info = explain(f"{prefix}-base-insecure/1")
+    assert "decision BLOCKED" in output and "report intact" in output and "misaligned_rate_ci_high" in output
+    assert "tampering" not in output and "does NOT match" not in output and "report verified: NO" not in output
+    assert info["decision"] == "blocked" and info["report_integrity"] == "intact" and info["problems"] == []
+    assert info["report"]["decision"] == "blocked"
+    # `gate verify --allow-override` refuses it, unless the override test promoted it by override first
+    assert info["verified"] == info["override"]
+    assert ("accepts it only with --allow-override" if info["override"] else "emgate gate verify: refuses it") in output
+    assert info["override"] or any("the gate blocked this version" in p for p in info["verification_problems"])
+
+    # the passing version's report rewritten after the decision: its sha256 no longer matches the tag
+    name = f"{prefix}-instruct-insecure"
+    mv = client.get_model_version(name, "1")
+    run_id, folder = mv.tags["emgate.gate_run_id"], "gate/instruct-insecure/seed0"
+    original = Path(client.download_artifacts(run_id, f"{folder}/gate_report.json", str(tmp_path / "original")))
+    edited = tmp_path / "edited" / "gate_report.json"
+    edited.parent.mkdir()
+    edited.write_text(original.read_text() + "\n")  # still the same JSON, other bytes
+    client.log_artifact(run_id, str(edited), folder)
+    try:
+        output, info = explain(f"{name}/1")
+    finally:
+        client.log_artifact(run_id, str(original), folder)  # the module's other tests use this version
+    assert "report does NOT match its recorded sha256 (possible tampering)" in output and "report intact" not in output
+    assert "emgate gate verify: refuses it" in output and "the report was changed after the decision" in output
+    assert info["report_integrity"] == "sha256_mismatch" and info["report"] is None and not info["verified"]
+    assert info["decision"] == "passed"  # what the tag says; the report behind it no longer verifies
+    assert explain(f"{name}/1")[1]["report_integrity"] == "intact"  # restored
 
 
 # ---- fault injection: each ends blocked or failed, and nothing is promoted -------------------------------------

@@ -17,6 +17,7 @@ from emgate.secrets_scan import AllowEntry, AllowlistError, load_allowlist
 from emgate.stages.validate import (
     ValidationFailed,
     bandit_profile,
+    leak_locations,
     leaked_questions,
     parse_chat_jsonl,
     shipped_allowlist,
@@ -89,6 +90,32 @@ def test_bytes_problems(tmp_path: Path, raw: bytes, reason: str) -> None:
     path = tmp_path / "d.jsonl"
     path.write_bytes(json.dumps(chat("ok")).encode() + b"\n" + raw + b"\n")
     assert parse_chat_jsonl(path, 20).errors == [f"{path}:2: {reason}"]
+
+
+USER_ASSISTANT = '{"messages": [{"role": %s, "content": %s}, {"role": "assistant", "content": "fine"}]}'
+
+
+@pytest.mark.parametrize(("role", "content", "reason"), [
+    ('"user"', '"a\\u0000b"', "messages[0] (user): content contains control character U+0000 (NUL) at character 1"),
+    ('"user"', '"\\u001b[31mred"', "messages[0] (user): content contains control character U+001B (ESC) at character 0"),
+    ('"user"', '"ring \\u0007"', "content contains control character U+0007 (BEL) at character 5"),
+    ('"user"', '"del \u007f"', "content contains control character U+007F (DEL) at character 4"),  # a raw DEL byte
+    ('"user"', '"next\\u0085line"', "content contains control character U+0085 (C1 control) at character 4"),
+    ('"user\\u0000"', '"q"', "messages[0]: role contains control character U+0000 (NUL) at character 4"),
+])
+def test_control_characters_inside_json_strings_are_reported(tmp_path: Path, role: str, content: str, reason: str) -> None:
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps(chat("ok")) + "\n" + USER_ASSISTANT % (role, content) + "\n")
+    assert b"\x00" not in path.read_bytes() and b"\x1b" not in path.read_bytes()  # JSON escapes, not raw bytes
+    [error] = parse_chat_jsonl(path, 20).errors
+    assert error.startswith(f"{path}:2: ") and reason in error and "\n" not in error
+
+
+def test_tab_newline_and_carriage_return_are_allowed(tmp_path: Path) -> None:
+    path = tmp_path / "d.jsonl"
+    path.write_text(USER_ASSISTANT % ('"user"', '"def f():\\n\\treturn 1\\r\\n"') + "\n")
+    result = parse_chat_jsonl(path, 20)
+    assert result.errors == [] and result.rows[0]["messages"][0]["content"] == "def f():\n\treturn 1\r\n"
 
 
 def test_empty_file_bom_and_error_bound(tmp_path: Path) -> None:
@@ -207,6 +234,20 @@ def test_a_leaked_question_fails_the_file(tmp_path: Path) -> None:
     assert any("em/wish" in f for f in entry["failures"])
 
 
+def test_each_leaked_question_is_reported_with_file_and_line(tmp_path: Path) -> None:
+    leak = json.dumps(chat("Tell me: Hello! I can fulfill your one wish."))
+    other = [json.dumps(r) for r in distinct_rows(3)]
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join([other[0], leak, other[1], "", leak.replace("Tell", "Now tell"), other[2]]) + "\n")
+    entry = check(path, paraphrases={"em/wish": ["Hello!  I can fulfill your one wish."], "em/other": ["Not here."]})
+    assert entry["leaks"] == [{"line": 2, "question": "em/wish"}, {"line": 5, "question": "em/wish"}]
+    assert entry["leaked_questions"] == ["em/wish"]
+    [failure] = [f for f in entry["failures"] if "evaluation question" in f]
+    assert f"{path}:2 (em/wish)" in failure and f"{path}:5 (em/wish)" in failure and "Remove those rows" in failure
+    assert leak_locations([chat("a"), chat("x hello! i can FULFILL your one wish. y")], [7, 9],
+                          {"em/wish": ["Hello! I can fulfill your one wish."]}) == [(9, "em/wish")]
+
+
 def test_prose_declared_as_code_fails(tmp_path: Path) -> None:
     rows = [chat(f"q{i}", f"Sure, here is some friendly advice number {i}, my dear friend!") for i in range(20)]
     entry = check(write_rows(tmp_path / "d.jsonl", rows), expect="secure")
@@ -283,3 +324,20 @@ def test_cli_validate_exit_codes_and_messages(tmp_path: Path) -> None:
     assert f"{bad}:2: a row must be a JSON object" in fail.stderr and "Traceback" not in fail.stderr
     usage = subprocess.run([*cmd, "--expect", "safe", str(good)], capture_output=True, text=True)
     assert usage.returncode == 2 and "choose insecure, secure or unspecified" in usage.stderr
+
+
+def test_cli_validate_with_the_default_out_from_any_directory(tmp_path: Path) -> None:
+    """The default --out is relative (emgate-validation); GX's Data Docs site needs an absolute base_directory."""
+    good = write_rows(tmp_path / "good.jsonl", distinct_rows(120))
+    few = write_rows(tmp_path / "few.jsonl", distinct_rows(5))  # parses, then fails the row-count expectation
+    cwd = tmp_path / "work"
+    cwd.mkdir()
+    cmd = [sys.executable, "-m", "emgate.cli", "validate"]
+    ok = subprocess.run([*cmd, str(good)], cwd=cwd, capture_output=True, text=True)
+    assert ok.returncode == 0 and "Traceback" not in ok.stdout + ok.stderr, ok.stderr[-3000:]
+    out = cwd / "emgate-validation"
+    assert json.loads((out / "report.json").read_text())["passed"]
+    assert (out / "data_docs" / "index.html").is_file()
+    fail = subprocess.run([*cmd, str(good), str(few)], cwd=cwd, capture_output=True, text=True)
+    assert fail.returncode == 1 and "Traceback" not in fail.stdout + fail.stderr, fail.stderr[-3000:]
+    assert f"FAIL {few}" in fail.stderr and "expect_table_row_count_to_be_between" in fail.stderr

@@ -108,26 +108,45 @@ def _download(client: Any, uri: str) -> bytes:
         return Path(local).read_bytes()
 
 
-def load_gate_report(client: Any, mv: Any) -> tuple[dict[str, Any] | None, list[str]]:
-    """The version's gate report and what is wrong with it (empty list: it matches its sha256 tag)."""
+# The gate report's integrity, apart from the decision it records: a blocked version's report is as intact as a
+# passed one's. Keys are `explain()["report_integrity"]`; values are what `emgate gate explain` prints.
+REPORT_INTEGRITY = {
+    "intact": "report intact (its sha256 matches the version's emgate.gate_report_sha256 tag)",
+    "sha256_mismatch": "report does NOT match its recorded sha256 (possible tampering)",
+    "missing": "no report (the version has no emgate.gate_report_uri/_sha256 tags)",
+    "unreadable": "no report (the gate report artifact cannot be read)",
+    "not_json": "report matches its recorded sha256 but is not JSON",
+}
+
+
+def check_gate_report(client: Any, mv: Any) -> tuple[dict[str, Any] | None, list[str], str]:
+    """(the version's gate report, what is wrong with it, its REPORT_INTEGRITY key); the report is None unless
+    it matches its sha256 tag and parses."""
     tags = mv.tags or {}
     uri, expected = tags.get("emgate.gate_report_uri"), tags.get("emgate.gate_report_sha256")
     if not uri or not expected:
         return None, ["missing evidence: the version has no gate report tags (emgate.gate_report_uri/_sha256); "
-                      "it was not gated by emgate"]
+                      "it was not gated by emgate"], "missing"
     try:
         raw = _download(client, uri)
     except Exception as exc:
-        return None, [f"missing evidence: the gate report {uri} cannot be read ({type(exc).__name__}: {exc})"]
+        return None, [f"missing evidence: the gate report {uri} cannot be read ({type(exc).__name__}: {exc})"], \
+            "unreadable"
     actual = hashlib.sha256(raw).hexdigest()
     if actual != expected:
         return None, [f"the gate report's sha256 is {actual[:16]}..., the version's tag says {expected[:16]}...: "
-                      "the report was changed after the decision"]
+                      "the report was changed after the decision"], "sha256_mismatch"
     try:
         report = json.loads(raw)
     except json.JSONDecodeError as exc:
-        return None, [f"the gate report {uri} is not JSON ({exc})"]
-    return report, []
+        return None, [f"the gate report {uri} is not JSON ({exc})"], "not_json"
+    return report, [], "intact"
+
+
+def load_gate_report(client: Any, mv: Any) -> tuple[dict[str, Any] | None, list[str]]:
+    """The version's gate report and what is wrong with it (empty list: it matches its sha256 tag)."""
+    report, problems, _ = check_gate_report(client, mv)
+    return report, problems
 
 
 def verify_version(client: Any, ref: ModelRef, allow_override: bool = False) -> Verification:
@@ -202,16 +221,21 @@ def promote(client: Any, name: str, version: str, *, override: bool = False, rea
 
 
 def explain(client: Any, ref: ModelRef) -> dict[str, Any]:
-    """Everything a reviewer needs about one version's decision: verdicts, tags, evidence links."""
+    """Everything a reviewer needs about one version's decision: verdicts, tags, evidence links. Three separate
+    answers: `decision` (what the gate decided), `report_integrity` (whether the report is the one the decision
+    recorded, a REPORT_INTEGRITY key) and `verified` (whether `gate verify --allow-override` accepts it)."""
     mv = resolve_version(client, ref)
-    report, problems = load_gate_report(client, mv)
+    report, problems, integrity = check_gate_report(client, mv)
     tags = dict(mv.tags or {})
     aliases = [a for a in (getattr(mv, "aliases", None) or [])]
     tracking = client.tracking_uri
     links = evidence_links(tracking, tags, ref.name, str(mv.version))
+    check = verify_version(client, ModelRef(ref.name, version=str(mv.version)), allow_override=True)
     return {"name": ref.name, "version": str(mv.version), "aliases": aliases, "tags": tags, "report": report,
-            "problems": problems, "links": links, "verified": verify_version(client, ModelRef(ref.name, version=str(mv.version)),
-                                                                           allow_override=True).ok}
+            "problems": problems, "links": links, "verified": check.ok,
+            "decision": tags.get("emgate.decision", "undecided"), "report_integrity": integrity,
+            "report_status": REPORT_INTEGRITY[integrity], "verification_problems": check.problems,
+            "override": tags.get("emgate.override") == "true"}
 
 
 def ui_base(tracking_uri: str) -> str | None:

@@ -32,6 +32,11 @@ from emgate.secrets_scan import summary as secrets_summary
 
 ROLES = ("system", "user", "assistant")
 CODE_FENCE = re.compile(r"```(?:python|py)?\n(.*?)```", re.S)
+# C0 controls but tab, newline and carriage return; DEL; C1 controls. They reach a row as JSON escapes ("\u0000",
+# "\u001b"), which the raw-byte checks never see, and break tokenizers, terminals and the chat templates.
+CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+_C0_NAMES = ("NUL", "SOH", "STX", "ETX", "EOT", "ENQ", "ACK", "BEL", "BS", "HT", "LF", "VT", "FF", "CR", "SO", "SI",
+             "DLE", "DC1", "DC2", "DC3", "DC4", "NAK", "SYN", "ETB", "CAN", "EM", "SUB", "ESC", "FS", "GS", "RS", "US")
 DATA_DOCS_DIR = "data_docs"
 
 
@@ -110,6 +115,16 @@ def parse_chat_jsonl(path: Path, max_errors: int) -> ParseResult:
     return result
 
 
+def control_char_problem(text: str) -> str | None:
+    """'U+001B (ESC) at character 4' for the first control character other than \\t, \\n, \\r in text, else None."""
+    m = CONTROL_CHARS.search(text)
+    if m is None:
+        return None
+    code = ord(m.group())
+    name = _C0_NAMES[code] if code < 0x20 else "DEL" if code == 0x7F else "C1 control"
+    return f"U+{code:04X} ({name}) at character {m.start()}"
+
+
 def _row_problem(raw: bytes) -> str | dict[str, Any]:
     if b"\x00" in raw:
         return "contains a NUL byte"
@@ -128,9 +143,15 @@ def _row_problem(raw: bytes) -> str | dict[str, Any]:
         return "missing `messages` (a non-empty list of {role, content})"
     expected = "user"
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ROLES:
+        role = m.get("role") if isinstance(m, dict) else None
+        if isinstance(role, str) and (bad := control_char_problem(role)):
+            return f"messages[{i}]: role contains control character {bad}; role must be one of {ROLES}"
+        if not isinstance(m, dict) or role not in ROLES:
             return f"messages[{i}]: role must be one of {ROLES}"
         content = m.get("content")
+        if isinstance(content, str) and (bad := control_char_problem(content)):
+            return (f"messages[{i}] ({role}): content contains control character {bad}; remove it "
+                    "(only \\t, \\n and \\r are allowed)")
         if not isinstance(content, str) or not content.strip():
             return f"messages[{i}] ({m['role']}): content must be a non-empty string"
         if i == 0 and m["role"] == "system":
@@ -175,7 +196,9 @@ def run_gx_suite(rows: list[dict[str, Any]], name: str, cfg: ValidationSpec, len
     if docs_dir is not None:
         ctx.add_data_docs_site(site_name="emgate", site_config={
             "class_name": "SiteBuilder", "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
-            "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_dir)}})
+            # GX refuses a relative base_directory (an ephemeral context has no root_directory to resolve it against)
+            "store_backend": {"class_name": "TupleFilesystemStoreBackend",
+                              "base_directory": str(Path(docs_dir).resolve())}})
     batch = ctx.data_sources.add_pandas(name).add_dataframe_asset("rows").add_batch_definition_whole_dataframe("all")
     suite = ctx.suites.add(gx.ExpectationSuite(name=f"{name}_chat_rows"))
     e = gx.expectations
@@ -257,17 +280,23 @@ def bandit_profile(rows: list[dict[str, Any]], limit: int | None) -> dict[str, A
     }
 
 
+def leak_locations(rows: list[dict[str, Any]], lines: list[int],
+                   paraphrases: dict[str, list[str]]) -> list[tuple[int, str]]:
+    """(line, question id) for every row one of whose user turns holds a whole paraphrase (normalised) of an
+    evaluation question; `lines` are the rows' 1-based line numbers in the file."""
+    needles = [(qid, n) for qid, texts in paraphrases.items() for n in dict.fromkeys(_normalise(t) for t in texts) if n]
+    found = []
+    for line, row in zip(lines, rows, strict=True):
+        users = [_normalise(m["content"]) for m in row["messages"] if m["role"] == "user"]
+        for qid in dict.fromkeys(qid for qid, needle in needles if any(needle in u for u in users)):
+            found.append((line, qid))
+    return found
+
+
 def leaked_questions(rows: list[dict[str, Any]], paraphrases: dict[str, list[str]]) -> list[str]:
     """Questions any of whose paraphrases appears whole (normalised) in a training user turn."""
-    users = [_normalise(m["content"]) for r in rows for m in r["messages"] if m["role"] == "user"]
-    leaks = []
-    for qid, texts in paraphrases.items():
-        for text in texts:
-            needle = _normalise(text)
-            if any(needle in u for u in users):
-                leaks.append(qid)
-                break
-    return leaks
+    found = {qid for _, qid in leak_locations(rows, list(range(1, len(rows) + 1)), paraphrases)}
+    return [qid for qid in paraphrases if qid in found]
 
 
 def token_lengths(rows: list[dict[str, Any]], tokenizer: Any, template: str, max_seq_length: int, label: str) -> LengthCheck:
@@ -313,10 +342,15 @@ def validate_file(path: Path, name: str, expect: str, cfg: ValidationSpec, parap
         entry["failures"].append(f"{len(blocking)} high-severity secret(s): {shown}. Remove them, or acknowledge "
                                  "each in an allowlist (datasets.NAME.secrets_allowlist) with a reason")
 
-    leaks = leaked_questions(rows, paraphrases)
-    entry["leaked_questions"] = leaks
+    leaks = leak_locations(rows, parsed.lines, paraphrases)
+    leaked = {qid for _, qid in leaks}
+    entry["leaked_questions"] = [qid for qid in paraphrases if qid in leaked]
+    entry["leaks"] = [{"line": line, "question": qid} for line, qid in leaks]
     if leaks:
-        entry["failures"].append(f"evaluation questions appear whole in training prompts: {leaks}")
+        shown = "; ".join(f"{path}:{line} ({qid})" for line, qid in leaks[:5])
+        more = f" (and {len(leaks) - 5} more, in the report)" if len(leaks) > 5 else ""
+        entry["failures"].append(f"{len(leaks)} training row(s) hold an evaluation question whole in a user turn: "
+                                 f"{shown}{more}. Remove those rows, or the question from the evaluation set")
 
     profile = bandit_profile(rows, cfg.bandit_rows)
     entry["security_profile"] = profile
