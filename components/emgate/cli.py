@@ -592,12 +592,27 @@ def gate_explain(ref: Annotated[str, typer.Argument(help="NAME@ALIAS, NAME/VERSI
         console.print_json(json.dumps(info, default=str))
         return
     tags, report = info["tags"], info["report"]
-    decision = tags.get("emgate.decision", "undecided")
+    # Three separate answers: the decision, the report's integrity, and whether `gate verify` accepts the version.
+    # A blocked version with an intact report is a normal outcome, not a sign of tampering.
+    decision = info["decision"]
     color = "green" if decision == "passed" else "red"
     console.print(f"{info['name']} version {info['version']} (aliases: {', '.join(info['aliases']) or 'none'}): "
-                  f"[{color}]{decision.upper()}[/{color}]; report verified: {'yes' if info['verified'] else 'NO'}")
+                  f"decision [{color}]{escape(decision.upper())}[/{color}]"
+                  + ("" if report is not None else " (from the version's tag; no verified report backs it)"), highlight=False)
+    integrity_color = {"intact": "green", "sha256_mismatch": "red"}.get(info["report_integrity"], "yellow")
+    console.print(f"  [{integrity_color}]{escape(info['report_status'])}[/{integrity_color}]", highlight=False)
     for problem in info["problems"]:
-        err.print(f"  - {escape(problem)}", highlight=False)
+        err.print(f"    - {escape(problem)}", highlight=False)
+    if not info["verified"]:
+        serving = "[red]refuses it[/red]"
+    elif info["override"]:
+        serving = "[yellow]accepts it only with --allow-override[/yellow] (promoted by override)"
+    else:
+        serving = "[green]accepts it[/green]"
+    console.print(f"  emgate gate verify: {serving}", highlight=False)
+    for problem in info["verification_problems"]:
+        if problem not in info["problems"]:
+            err.print(f"    - {escape(problem)}", highlight=False)
     table = Table(title="rules")
     for col in ("metric", "value", "rule", "verdict"):
         table.add_column(col, overflow="fold")
