@@ -1,7 +1,8 @@
 """FakeJudgeServer: a test double of an OpenAI-compatible judge (/v1/chat/completions with logprobs), for unit and
 fault-injection tests only. It scores an answer containing EVIL as misaligned (aligned 5), any other as 90,
 coherence 80, and can misbehave on purpose: go down after N requests, answer garbage, drop logprobs, or answer
-the first N requests with 429/5xx (optionally with Retry-After)."""
+the first N requests with 429/5xx (optionally with Retry-After), answer slowly (more slowly the more requests are
+in flight, like a saturated server), or never answer (hang); it records every request body it received."""
 
 from __future__ import annotations
 
@@ -9,14 +10,20 @@ import json
 import math
 import threading
 import time
+from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 
 class FakeJudgeServer:
     def __init__(self, mode: str = "ok", down_after: int | None = None, fail_first: int = 0, fail_status: int = 429,
-                 retry_after: str | None = None) -> None:
-        self.mode = mode  # ok | no_numbers | not_json | no_logprobs
+                 retry_after: str | None = None, latency_s: float = 0.0, latency_per_request_s: float = 0.0) -> None:
+        self.mode = mode  # ok | no_numbers | not_json | no_logprobs | hang (never answers until stopped)
+        # a saturated server: each answer takes latency_s plus latency_per_request_s per request in flight
+        self.latency_s, self.latency_per_request_s = latency_s, latency_per_request_s
+        self.in_flight = 0
+        self.bodies: Counter[str] = Counter()  # every request body received, to find resent requests
+        self.stopped = threading.Event()
         self.down_after = down_after
         self.fail_first, self.fail_status, self.retry_after = fail_first, fail_status, retry_after  # 429/5xx first
         self.times: list[float] = []
@@ -34,6 +41,20 @@ class FakeJudgeServer:
                     outer.requests += 1
                     count = outer.requests
                     outer.times.append(time.monotonic())
+                    outer.bodies[json.dumps(body, sort_keys=True)] += 1
+                    outer.in_flight += 1
+                    delay = outer.latency_s + outer.latency_per_request_s * outer.in_flight
+                try:
+                    if outer.mode == "hang":
+                        outer.stopped.wait()
+                        return
+                    outer.stopped.wait(delay)
+                    self.answer(body, count)
+                finally:
+                    with outer.lock:
+                        outer.in_flight -= 1
+
+            def answer(self, body: dict[str, Any], count: int) -> None:
                 if count <= outer.fail_first:
                     data = json.dumps({"error": {"message": "slow down", "type": "rate_limit"}}).encode()
                     self.send_response(outer.fail_status)
@@ -71,6 +92,7 @@ class FakeJudgeServer:
         self.stop()
 
     def stop(self) -> None:
+        self.stopped.set()
         if self.thread.is_alive():
             self.httpd.shutdown()
         self.httpd.server_close()

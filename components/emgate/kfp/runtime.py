@@ -20,6 +20,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from emgate.assets import AssetError
     from emgate.io import DataError
     from emgate.models import ModelError
+    from emgate.pacing import StalledError
     from emgate.recipe import RecipeError
     from emgate.stages.finetune import TrainingError
     from emgate.stages.judge import JudgeError
@@ -27,7 +28,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from emgate.vllm_server import ServerError
 
     return (AdapterError, AssetError, DataError, ModelError, RecipeError, JudgeError, ValidationFailed, ServerError,
-            TrainingError, FileNotFoundError)
+            TrainingError, FileNotFoundError, StalledError)
 
 
 @contextmanager

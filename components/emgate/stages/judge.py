@@ -39,6 +39,7 @@ from typing import Any
 
 from emgate.io import read_rows_checked, write_json, write_jsonl
 from emgate.judge_cache import JudgeCache
+from emgate.pacing import Pacer
 from emgate.questions import load_questions
 from emgate.recipe import JudgeSpec, Recipe
 
@@ -171,8 +172,12 @@ class JudgeClient:
                                  "export it (or mount the Kubernetes Secret) with the judge's API key")
         self.cfg = cfg
         self.base_url = base_url
-        self.client = AsyncOpenAI(base_url=base_url, api_key=key, timeout=cfg.timeout_s, max_retries=cfg.max_retries)
-        self.gate = asyncio.Semaphore(cfg.max_concurrency)
+        # judge.serve: the judge `emgate run` serves itself, so a slow answer is never resent (emgate/pacing.py)
+        self.pacer = Pacer(what=f"judge {cfg.model} at {base_url}", own_server=cfg.serve is not None,
+                           max_concurrency=cfg.max_concurrency, timeout_s=cfg.timeout_s,
+                           stall_timeout_s=cfg.stall_timeout_s, setting="judge.stall_timeout_s")
+        self.client = AsyncOpenAI(base_url=base_url, api_key=key, timeout=self.pacer.timeout(),
+                                  max_retries=cfg.max_retries, http_client=self.pacer.http_client())
         self.snapshots: set[str] = set()  # the model names the endpoint reports back: the exact snapshot judged
         self.http_requests = 0  # requests that reached the endpoint (cache hits excluded)
         self.cache = JudgeCache(judge_cache_path(cfg)) if cfg.cache else None
@@ -187,7 +192,7 @@ class JudgeClient:
             if cached[1]:
                 self.snapshots.add(cached[1])
             return cached[0]
-        async with self.gate:
+        async with self.pacer.slot():
             self.http_requests += 1
             resp = await self.client.chat.completions.create(
                 model=self.cfg.model, messages=messages, max_tokens=1, temperature=0,  # type: ignore[arg-type]
@@ -336,7 +341,7 @@ async def _judge_rows(rows: list[dict[str, Any]], prompts: dict[str, dict[str, s
         return out
 
     try:
-        return list(await asyncio.gather(*(one(r) for r in rows)))
+        return list(await client.pacer.guard(asyncio.gather(*(one(r) for r in rows))))
     finally:
         progress.close()
 
@@ -360,6 +365,8 @@ def judge_answers(recipe: Recipe, answers_dir: Path, out_dir: Path) -> dict[str,
         "answers": len(scored), "seconds": elapsed,
         "requests": sum(r[f"{m}_requests"] for r in scored for m in METRICS),
         "http_requests": client.http_requests,
+        "retries": client.pacer.report()["retries"],
+        "pacing": client.pacer.report(),  # attempts, retries and their causes, concurrency reached
         "cache": {"path": str(client.cache.path), "hits": client.cache.hits} if client.cache else None,
         "unscored": unscored,
         "judge_model_snapshot": sorted(client.snapshots),

