@@ -7,8 +7,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -155,19 +159,83 @@ def test_bad_data_stops_the_run_before_training_and_is_recorded(tmp_path: Path, 
     assert {"validate_datasets/report.json", "validate_datasets/data_docs"} <= artifacts
 
 
+def _tagged_processes(tag: str) -> list[str]:
+    """Processes that inherited EMGATE_TEST_TAG=tag: everything one `emgate run` started, however deep."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and f"EMGATE_TEST_TAG={tag}".encode() in (entry / "environ").read_bytes():
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ")[:150].decode(errors="replace")
+                found.append(f"{entry.name}: {cmdline}")
+        except OSError:
+            continue
+    return found
+
+
+def _interrupt_during_sampling(cmd: list[str], workdir: Path, sig: signal.Signals, wait_for_answers: bool):
+    """Start `emgate run`, send `sig` once sampling runs (with answers already logged, when asked), and return
+    (exit code, seconds from the signal to the exit, output, processes left behind)."""
+    from emgate.assets import cache_dir
+
+    tag = uuid.uuid4().hex
+    out = workdir.parent / f"interrupted-{sig.name}.txt"
+    started = time.time()
+    with out.open("w") as fh:
+        proc = subprocess.Popen(cmd, cwd=Path(__file__).resolve().parents[1], stdout=fh, stderr=subprocess.STDOUT,
+                                env={**os.environ, "COLUMNS": "200", "EMGATE_TEST_TAG": tag}, start_new_session=True)
+    deadline = time.monotonic() + 600
+
+    def sampling() -> bool:
+        if "Executing task 'sample-answers" not in re.sub(r"\x1b\[[0-9;]*m", "", out.read_text()):
+            return False
+        partial = [p for p in (cache_dir() / "work" / "sample_answers").glob("*/answers.partial.jsonl")
+                   if p.stat().st_mtime >= started]
+        return not wait_for_answers or any(p.read_text().count("\n") for p in partial)
+
+    while not sampling():
+        assert proc.poll() is None and time.monotonic() < deadline, out.read_text()[-3000:]
+        time.sleep(0.5)
+    signalled = time.monotonic()
+    proc.send_signal(sig)
+    code = proc.wait(timeout=60)
+    took = time.monotonic() - signalled
+    time.sleep(0.5)
+    return code, took, out.read_text(), _tagged_processes(tag)
+
+
 def test_gating_an_adapter_trained_elsewhere_lands_on_its_registry_version(smoke_run) -> None:
     """gate-adapter.yaml through the whole pipeline, with nothing fine-tuned: it fetches the smoke run's
     registered adapter (models:/smoke-base-insecure@candidate), samples it beside the un-fine-tuned model, judges,
-    and puts the decision on that same version. Last in this module: it re-decides a version the tests above read."""
+    and puts the decision on that same version. Last in this module: it re-decides a version the tests above read.
+
+    The first two tries are stopped during sampling, by SIGINT (Ctrl-C) and by SIGTERM: each exits 130/143 with one
+    line within 30 s, leaves no emgate, KFP executor or vLLM process, nothing complete, and a KILLED MLflow run;
+    the third run resumes the answers already sampled and finishes."""
     root, db, _ = smoke_run
     client = _client(db)
     version = str(client.get_model_version_by_alias("smoke-base-insecure", "candidate").version)
+    workdir = root / "runs-gate-adapter"
     cmd = [str(Path(sys.executable).parent / "emgate"), "run", "pipelines/recipes/gate-adapter.yaml", "--workdir",
-           str(root / "runs-gate-adapter"), "--set", f"mlflow.tracking_uri=sqlite:///{db}"]
+           str(workdir), "--set", f"mlflow.tracking_uri=sqlite:///{db}"]
+    for sig, code, wait_for_answers in ((signal.SIGINT, 130, True), (signal.SIGTERM, 143, False)):
+        got, took, output, left = _interrupt_during_sampling(cmd, workdir, sig, wait_for_answers)
+        assert got == code, output[-3000:]
+        assert took < 30 and left == [], (took, left)
+        assert f"emgate: interrupted by {sig.name}: stopped " in output and "Traceback" not in output
+        assert not list((workdir / "kfp").glob("*/sample-answers*/answers/report.json"))  # no sample output complete
+        cached = " ".join(p.read_text() for p in (workdir / "kfp-cache").glob("*.json"))
+        assert "sample-answers" not in cached
+    exp = client.get_experiment_by_name("emgate-gate-adapter")
+    killed = client.search_runs([exp.experiment_id], filter_string="tags.`emgate.stage` = 'pipeline'")
+    assert sorted(r.info.status for r in killed) == ["KILLED", "KILLED"]
+    assert all("interrupted by SIG" in r.data.tags["emgate.failure"] for r in killed)
+
     proc = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
                           env={**os.environ, "COLUMNS": "200"}, timeout=1800)
     print(proc.stdout[-4000:], proc.stderr[-4000:])
     assert proc.returncode in (0, 3), proc.stderr[-4000:]
+    reports = [json.loads(p.read_text()) for p in (workdir / "kfp").glob("*/sample-answers*/answers/report.json")]
+    assert len(reports) == 1 and reports[0]["resumed_answers"] > 0  # the answers sampled before SIGINT were kept
     assert "fine_tune" not in proc.stdout and "team-adapter" in proc.stdout and "smoke-base-insecure" in proc.stdout
     mv = client.get_model_version("smoke-base-insecure", version)
     assert mv.tags["emgate.adapter_source"] == "models:/smoke-base-insecure@candidate"

@@ -384,13 +384,12 @@ def run(recipe: RecipeArg, set_: SetOpt = None,
         workdir: Annotated[Path, typer.Option(help="Pipeline root, KFP cache and logs")] = Path("emgate-runs"),
         cache: Annotated[bool, typer.Option(help="Reuse finished stages whose inputs did not change")] = True,
         verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Stream every stage's log")] = False) -> None:
-    """Run the recipe's pipeline locally with the Kubeflow Pipelines local runner."""
-    from kfp import local
+    """Run the recipe's pipeline locally with the Kubeflow Pipelines local runner.
 
+    Ctrl-C or SIGTERM stops the running stage and every vLLM server the run started (exit 130 or 143); finished
+    stages stay in the KFP cache and sampling resumes where it stopped, so rerunning the same command goes on."""
     from emgate.assets import AssetError, resolve_asset
-    from emgate.kfp.runtime import TIMINGS_ENV
-    from emgate.vllm_server import ServerError
-    from emgate_pipelines.graph import build_pipeline
+    from emgate.interrupt import Interrupted, stop_everything_on_signal
 
     r = _absolute_tracking(_load(recipe, set_))
     started = time.monotonic()
@@ -401,9 +400,24 @@ def run(recipe: RecipeArg, set_: SetOpt = None,
     except AssetError as exc:
         err.print(f"[red]error:[/red] {exc}", highlight=False)
         raise typer.Exit(1) from None
+    workdir = workdir.resolve()
+    try:
+        with stop_everything_on_signal():
+            _run_pipeline(r, workdir, cache, verbose, started, started_at)
+    except Interrupted as stop:
+        _record_interruption(r, workdir, started_at, stop)
+        raise typer.Exit(stop.exit_code) from None
+
+
+def _run_pipeline(r: Recipe, workdir: Path, cache: bool, verbose: bool, started: float, started_at: float) -> None:
+    from kfp import local
+
+    from emgate.kfp.runtime import TIMINGS_ENV
+    from emgate.vllm_server import ServerError
+    from emgate_pipelines.graph import build_pipeline
+
     _build_models(r)
     _check_context(r)
-    workdir = workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     timings = workdir / f"timings-{uuid.uuid4().hex[:8]}.jsonl"
     os.environ[TIMINGS_ENV] = str(timings)
@@ -450,6 +464,23 @@ def run(recipe: RecipeArg, set_: SetOpt = None,
     _print_decisions(decisions, time.monotonic() - started, promotions)
     if any(c["decision"] != "passed" for c in decisions["candidates"].values()):
         raise typer.Exit(3)
+
+
+def _record_interruption(r: Recipe, workdir: Path, since: float, stop: Any) -> None:
+    """After Ctrl-C or SIGTERM (every process already stopped): the MLflow parent run KILLED, one line."""
+    from emgate.stages.gate import record_interrupted_run
+
+    runs = [p for p in (workdir / "kfp").glob("*/") if p.is_dir() and p.stat().st_mtime >= since]
+    where = ""
+    if runs:  # the pipeline had started: its MLflow parent run is KILLED, the reason on it
+        run_dir = max(runs, key=lambda p: p.stat().st_mtime)
+        try:
+            parent = record_interrupted_run(r, run_dir.name, since, f"interrupted by {stop} (emgate run)")
+            where = f"; MLflow run {parent} marked KILLED"
+        except Exception as exc:  # the stop itself succeeded; say what could not be recorded
+            where = f"; could not mark the MLflow run KILLED ({type(exc).__name__}: {exc})"
+    err.print(f"emgate: interrupted by {stop}: stopped {stop.stopped} process(es){where}. Nothing was promoted; "
+              "rerun the same command to resume.", highlight=False, markup=False, soft_wrap=True)
 
 
 def _failure_excerpt(lines: list[str]) -> str:

@@ -338,7 +338,29 @@ def log_failure_evidence(recipe: Recipe, stage: str, folder: Path, reason: str) 
     return run_id
 
 
-def record_pipeline_outcome(recipe: Recipe, run_key: str, state: str, error: str) -> str | None:
+def record_interrupted_run(recipe: Recipe, run_key: str, since: float, reason: str) -> str:
+    """After `emgate run` was interrupted (its processes stopped, so no exit handler ran): the pipeline's parent run
+    KILLED with the reason; a parent run that register_and_gate had started (RUNNING since `since`, epoch seconds)
+    is that run, else a new one keyed by `run_key`."""
+    from mlflow import MlflowClient
+
+    _ensure_sqlite_dir(recipe.mlflow.tracking_uri)
+    client = MlflowClient(recipe.mlflow.tracking_uri)
+    exp_id = _experiment(client, recipe)
+    running = client.search_runs([exp_id], filter_string=(
+        f"tags.`emgate.stage` = 'pipeline' and attributes.status = 'RUNNING' and attributes.start_time >= {int(since * 1000)}"))
+    if not running:
+        parent_id = record_pipeline_outcome(recipe, run_key, "CANCELLED", reason, status="KILLED")
+        assert parent_id is not None
+        return parent_id
+    parent_id = str(running[0].info.run_id)
+    client.set_tag(parent_id, "emgate.decision", "failed")
+    client.set_tag(parent_id, "emgate.failure", reason[:4900])
+    client.set_terminated(parent_id, status="KILLED")
+    return parent_id
+
+
+def record_pipeline_outcome(recipe: Recipe, run_key: str, state: str, error: str, status: str = "FAILED") -> str | None:
     """The exit handler: after a failed or cancelled run, a FAILED parent run with the reason, and the failed
     stages' evidence runs attached as its children. A succeeded run was logged by register_and_gate."""
     from mlflow import MlflowClient
@@ -368,7 +390,7 @@ def record_pipeline_outcome(recipe: Recipe, run_key: str, state: str, error: str
     for run in evidence:
         client.set_tag(run.info.run_id, "mlflow.parentRunId", parent_id)
         client.set_tag(run.info.run_id, RUN_KEY_TAG, run_key)
-    client.set_terminated(parent_id, status="FAILED")
+    client.set_terminated(parent_id, status=status)
     return parent_id
 
 
