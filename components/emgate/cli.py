@@ -468,8 +468,11 @@ def _run_pipeline(r: Recipe, workdir: Path, cache: bool, verbose: bool, started:
 
 def _record_interruption(r: Recipe, workdir: Path, since: float, stop: Any) -> None:
     """After Ctrl-C or SIGTERM (every process already stopped): the MLflow parent run KILLED, one line."""
+    import logging
+
     from emgate.stages.gate import record_interrupted_run
 
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # its store's start-up notes would bury the one line
     runs = [p for p in (workdir / "kfp").glob("*/") if p.is_dir() and p.stat().st_mtime >= since]
     where = ""
     if runs:  # the pipeline had started: its MLflow parent run is KILLED, the reason on it
