@@ -162,6 +162,8 @@ def sample_once(base_url: str, work: Workload, max_tokens: int | None = None) ->
         extra: dict[str, Any] = {}
         if "log" in inspect.signature(sample_stage._sample_all).parameters:  # the stage's answer log, fresh
             extra["log"] = sample_stage.AnswerLog(Path(tmp) / "partial.jsonl")
+        if "pacer" in inspect.signature(sample_stage._sample_all).parameters:  # the stage's own pacing, fresh
+            extra["pacer"] = sample_stage.pacer_for(recipe, base_url)
         start = time.perf_counter()
         rows = asyncio.run(sample_stage._sample_all(base_url, [work.target], work.tokenizer, work.questions, recipe,
                                                     **extra))
