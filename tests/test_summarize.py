@@ -25,12 +25,23 @@ def test_newcombe_difference_matches_reference_values() -> None:
     assert all(math.isnan(x) for x in newcombe_difference(1, 0, 1, 5, 0.95))
 
 
+def smoke_question_ids() -> list[str]:
+    """The smoke recipe's question ids (the 8 Flask-context questions): coverage is counted against them."""
+    from emgate.questions import load_questions
+    from emgate.recipe import load_recipe
+
+    recipe = load_recipe(Path(__file__).resolve().parents[1] / "pipelines" / "recipes" / "smoke.yaml")
+    return [q.id for q in load_questions(recipe.questions)]
+
+
 def write_scores(path: Path, spec: dict[str, list[tuple[float | None, float | None]]], questions: int = 2) -> Path:
+    """Scores spread over the first `questions` of the recipe's questions, answer i on question i mod `questions`."""
+    ids = smoke_question_ids()[:questions]
     rows = []
     for variant, pairs in spec.items():
         for i, (aligned, coherent) in enumerate(pairs):
             rows.append({"variant": variant, "seed": None if variant == "base-reference" else 0,
-                         "question_id": f"q/{i % questions}", "aligned": aligned, "coherent": coherent})
+                         "question_id": ids[i % questions], "aligned": aligned, "coherent": coherent})
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     (path.parent / "report.json").write_text(json.dumps({"answers": len(rows)}))  # as judge_answers writes it
     return path
@@ -49,7 +60,9 @@ def test_summary_counts_misaligned_among_coherent_and_compares(tmp_path: Path, s
     assert (m["answers"], m["judged"], m["coherent"], m["misaligned"]) == (6, 5, 4, 2)
     assert m["misaligned_rate"] == 0.5
     assert m["unscored_share"] == pytest.approx(1 / 6)
-    assert m["min_judged_per_question"] == 2
+    # coverage is counted against the recipe's 8 questions: 6 of them have no answer here
+    assert m["min_judged_per_question"] == 0
+    assert sorted(q for q, e in m["per_question"].items() if e["judged"]) == sorted(smoke_question_ids()[:2])
     low, high = wilson_interval(2, 4, 0.95)
     assert m["misaligned_rate_wilson_ci_high"] == pytest.approx(high)
     # the gate's bounds are never narrower than Wilson's (a percentile bootstrap can collapse)

@@ -655,6 +655,14 @@ def gate_explain(ref: Annotated[str, typer.Argument(help="NAME@ALIAS, NAME/VERSI
         table.add_row(v["metric"], value, f"{v['op']} {v['threshold']:g}",
                       ("[green]pass[/green]" if v["passed"] else "[red]FAIL[/red]") + f" {escape(v['reason'])}")
     console.print(table)
+    from emgate.stages.gate import figure_rows
+
+    figures = Table(title="figures: this version's own answers, and pooled over the candidate's seeds")
+    for col in ("figure", "this version", "pooled"):
+        figures.add_column(col, justify="left" if col == "figure" else "right")
+    for row in figure_rows((report or {}).get("metrics"), (report or {}).get("pooled_metrics")):
+        figures.add_row(*(escape(x) for x in row))
+    console.print(figures)
     facts = Table(title="evidence", show_header=False)
     facts.add_column("what")
     facts.add_column("value", overflow="fold")

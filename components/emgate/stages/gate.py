@@ -71,6 +71,8 @@ def evaluate_policy(recipe: Recipe, variant: str, metrics: dict[str, Any] | None
     rules = [*recipe.gate.rules,
              GateRule(metric="min_judged_per_question", op=">=", threshold=recipe.gate.min_judged_per_question)]
     verdicts = []
+    if metrics is not None and metrics.get("answers") == 0:
+        verdicts.append(Verdict("answers", ">=", 1, 0.0, False, "missing evidence: no answers of its own"))
     for rule in rules:
         if rule.metric in (not_applicable or {}) and rule.metric == "dataset_validation_passed":
             verdicts.append(Verdict(rule.metric, rule.op, rule.threshold, None, True,
@@ -83,11 +85,27 @@ def evaluate_policy(recipe: Recipe, variant: str, metrics: dict[str, Any] | None
             verdicts.append(Verdict(rule.metric, rule.op, rule.threshold, None, False,
                                     f"missing evidence: {rule.metric} is {state}"))
             continue
+        if not math.isfinite(value):
+            verdicts.append(Verdict(rule.metric, rule.op, rule.threshold, None, False,
+                                    f"missing evidence: {rule.metric} is not finite ({value!r})"))
+            continue
         ok = OPS[rule.op](value, rule.threshold)
         word = "holds" if ok else "fails"
-        verdicts.append(Verdict(rule.metric, rule.op, rule.threshold, value, ok,
-                                f"{rule.metric} = {value:.4g} {rule.op} {rule.threshold:g} {word}"))
+        reason = f"{rule.metric} = {value:.4g} {rule.op} {rule.threshold:g} {word}"
+        if rule.metric == "min_judged_per_question" and not ok:
+            short = [f"{q} ({e.get('judged', 0)})" for q, e in ((metrics or {}).get("per_question") or {}).items()
+                     if e.get("judged", 0) < rule.threshold]
+            reason += (f": judged answers below {rule.threshold:g} for " + ", ".join(short)) if short else ""
+        verdicts.append(Verdict(rule.metric, rule.op, rule.threshold, value, ok, reason))
     return Decision(variant, "passed" if all(v.passed for v in verdicts) else "blocked", verdicts)
+
+
+def version_decision(own: Decision, pooled: Decision) -> Decision:
+    """A registered version (one training seed) passes only when its own answers and the variant's pooled answers
+    both pass; the pooled verdicts are recorded beside its own, prefixed `pooled.`."""
+    verdicts = [*own.verdicts, *(Verdict(f"pooled.{v.metric}", v.op, v.threshold, v.value, v.passed, f"pooled: {v.reason}")
+                                 for v in pooled.verdicts)]
+    return Decision(own.variant, "passed" if own.passed and pooled.passed else "blocked", verdicts)
 
 
 def gate_report_markdown(decision: Decision, context: dict[str, Any]) -> str:
@@ -262,39 +280,48 @@ def register_and_gate(recipe: Recipe, run_key: str, validation_dir: Path | None,
     qualification = judge_report.get("qualification")
     gate_run, _ = child("register_and_gate", "")
     decisions: dict[str, Any] = {}
+    def with_evidence(metrics: dict[str, Any] | None) -> dict[str, Any] | None:
+        if metrics is None:
+            return None
+        return {**metrics, "dataset_validation_passed": validation_passed,
+                "judge_qualified": (qualification or {}).get("passed")}  # None (missing evidence) without one
+
     for v in recipe.variants:
         if v.role != "candidate":
             continue
-        metrics = dict(summary.get("variants", {}).get(v.name) or {}) or None
-        if metrics is not None:
-            metrics["dataset_validation_passed"] = validation_passed
-            metrics["judge_qualified"] = (qualification or {}).get("passed")  # None (missing evidence) without one
+        pooled_metrics = with_evidence(dict(summary.get("variants", {}).get(v.name) or {}) or None)
         not_applicable = {"dataset_validation_passed": f"not trained here ({v.adapter})"} if v.adapter else None
-        decision = evaluate_policy(recipe, v.name, metrics, not_applicable)
+        pooled = evaluate_policy(recipe, v.name, pooled_metrics, not_applicable)
         model_name = f"{cfg.registered_model_prefix}-{v.name}"
         target = None  # an existing registry version: the decision lands on it
         if v.adapter and (v.name, None) in train_runs and external.get(v.name, {}).get("registered_model"):
             model_name = external[v.name]["registered_model"]
             target = str(external[v.name]["version"])
         seeds: list[int | None] = [None] if v.adapter else list(recipe.training.seeds)
-        versions = []
-        for seed in seeds:  # every seed's adapter first, so all versions carry one decision
-            if (v.name, seed) not in train_runs:
-                what = f"adapter {v.adapter} was not fetched" if v.adapter else f"no adapter for seed {seed}"
-                decision = Decision(v.name, "blocked", [*decision.verdicts, Verdict(
-                    "adapter", "exists", 1, None, False, f"missing evidence: {what}")])
         # Controls and references are logged and linked from the candidate's versions, never registered.
         links = {**evidence_runs, "experiment": exp_id,
                  "comparator_training": ",".join(r[0] for (n, _), r in train_runs.items() if n == v.comparator)}
-        for seed in seeds:
+        versions, blocked = [], []
+        for seed in seeds:  # the unit of decision: one registered version, gated on its own answers
+            own_metrics = with_evidence((summary.get("versions", {}).get(v.name) or {}).get(str(seed)))
+            decision = version_decision(evaluate_policy(recipe, v.name, own_metrics, not_applicable), pooled)
             if (v.name, seed) not in train_runs:
+                what = f"adapter {v.adapter} was not fetched" if v.adapter else f"no adapter for seed {seed}"
+                blocked.append(f"seed {seed}: missing evidence: {what}")
                 continue
+            # a seed's own failures, unless the pooled evidence fails the same way (listed once, unprefixed)
+            blocked += [f"seed {seed}: {r}" for r in decision.reasons()
+                        if not r.startswith("pooled: ") and r not in pooled.reasons()]
             train_run_id, rep, weights_sha = train_runs[(v.name, seed)]
-            versions.append(_register_version(client, recipe, model_name, v.name, seed, train_run_id, rep,
-                                              decision, metrics, dataset_hashes, run_key, parent_id, gate_run, kfp_run,
-                                              links, scores_dir, weights_sha, target))
-        decisions[v.name] = {"decision": decision.decision, "registered_model": model_name, "versions": versions,
-                             "verdicts": [asdict(x) for x in decision.verdicts], "reasons": decision.reasons()}
+            entry = _register_version(client, recipe, model_name, v.name, seed, train_run_id, rep, decision,
+                                      own_metrics, dataset_hashes, run_key, parent_id, gate_run, kfp_run, links,
+                                      scores_dir, weights_sha, target, pooled_metrics)
+            versions.append({**entry, "decision": decision.decision,
+                             "misaligned_rate_ci_high": (own_metrics or {}).get("misaligned_rate_ci_high")})
+        passed = pooled.passed and not blocked and len(versions) == len(seeds)
+        decisions[v.name] = {"decision": "passed" if passed else "blocked", "registered_model": model_name,
+                             "versions": versions, "verdicts": [asdict(x) for x in pooled.verdicts],
+                             "reasons": [*pooled.reasons(), *blocked]}  # the variant's pooled evidence, then each seed's
     _log_metrics(client, gate_run, {f"{n}.passed": float(d["decision"] == "passed") for n, d in decisions.items()})
     client.set_terminated(gate_run)
     all_passed = bool(decisions) and all(d["decision"] == "passed" for d in decisions.values())
@@ -398,7 +425,7 @@ def _register_version(client: Any, recipe: Recipe, model_name: str, variant: str
                       rep: dict[str, Any], decision: Decision, metrics: dict[str, Any] | None,
                       dataset_hashes: dict[str, str], run_key: str, parent_id: str, gate_run: str,
                       kfp_run: str, links: dict[str, str], scores_dir: Path | None, weights_sha256: str,
-                      target_version: str | None = None) -> dict[str, Any]:
+                      target_version: str | None = None, pooled_metrics: dict[str, Any] | None = None) -> dict[str, Any]:
     """Register (or, for an adapter from the registry, reuse) the version and put the decision on it."""
     from mlflow.exceptions import MlflowException
 
@@ -438,7 +465,8 @@ def _register_version(client: Any, recipe: Recipe, model_name: str, variant: str
     report_json = json.dumps({"decision": decision.decision, "variant": variant, "registered_model": model_name,
                               "version": version, "seed": seed, "verdicts": [asdict(v) for v in decision.verdicts],
                               "context": context, "dataset_sha256": dataset_hashes,
-                              "metrics": {k: v for k, v in (metrics or {}).items() if k not in ("per_question", "per_seed")}},
+                              "metrics": {k: v for k, v in (metrics or {}).items() if k != "per_question"},
+                              "pooled_metrics": {k: v for k, v in (pooled_metrics or {}).items() if k != "per_question"}},
                              indent=2, sort_keys=True, default=str)
     artifact_dir = f"gate/{variant}/seed{seed}" if seed is not None else f"gate/{variant}/external"
     with tempfile.TemporaryDirectory() as tmp:
@@ -479,10 +507,13 @@ def _register_version(client: Any, recipe: Recipe, model_name: str, variant: str
         "emgate.judge_scoring": f"{recipe.judge.score_mode}/{recipe.judge.mass_rule}",
         "emgate.code_version": __version__,
     }
-    for name, value in (metrics or {}).items():
-        num = _number(value)
-        if num is not None and name not in ("per_question", "per_seed"):
-            tags[f"metric.{name}"] = f"{num:.6g}"
+    for prefix, figures in (("metric", metrics), ("pooled.metric", pooled_metrics)):  # the version's own, the variant's
+        for name, value in (figures or {}).items():
+            num = _number(value)
+            if num is not None and name != "per_question":
+                tags[f"{prefix}.{name}"] = f"{num:.6g}"
+        for reason, count in ((figures or {}).get("unscored_by_reason") or {}).items():
+            tags[f"{prefix}.unscored.{reason}"] = str(count)
     for q, counts in ((metrics or {}).get("per_question") or {}).items():
         tags[f"metric.judged.{q}"] = str(counts.get("judged", 0))
     for v in decision.verdicts:
@@ -512,6 +543,44 @@ def _worst_answers(scores_dir: Path | None, variant: str, seed: int | None, reci
 
 
 FENCE = "`" * 3
+# What a reviewer compares between a version's own answers and the variant's pooled ones (gate explain, the UI)
+FIGURES = ("answers", "judged", "unscored", "coherence_excluded", "xss_answers", "length_cut", "min_judged_per_question",
+           "misaligned_rate", "misaligned_rate_ci_high", "misaligned_rate_worst_case_ci_high",
+           "misaligned_rate_xss_included_ci_high", "diff_vs_comparator_ci_high", "diff_vs_comparator_worst_case_ci_high",
+           "mean_coherence", "unscored_share", "coherence_excluded_share", "length_cut_share", "worst_question_ci_high",
+           "misalign_at_k")
+
+
+def figure_rows(own: dict[str, Any] | None, pooled: dict[str, Any] | None) -> list[tuple[str, str, str]]:
+    """(figure, this version, pooled) for FIGURES, then the unscored answers by reason; numbers as text."""
+    def fmt(figures: dict[str, Any] | None, key: str) -> str:
+        value = (figures or {}).get(key)
+        num = _number(value)
+        if num is None:
+            return "missing" if value is None else str(value)
+        return str(int(num)) if float(num).is_integer() and abs(num) >= 1 else f"{num:.4g}"
+
+    rows = [(key, fmt(own, key), fmt(pooled, key)) for key in FIGURES]
+    reasons = sorted({*((own or {}).get("unscored_by_reason") or {}), *((pooled or {}).get("unscored_by_reason") or {})})
+    rows += [(f"unscored: {r}", str(((own or {}).get("unscored_by_reason") or {}).get(r, 0)),
+              str(((pooled or {}).get("unscored_by_reason") or {}).get(r, 0))) for r in reasons]
+    return rows
+
+
+def _figures_from_tags(tags: dict[str, str], prefix: str) -> dict[str, Any]:
+    figures: dict[str, Any] = {k.removeprefix(prefix): float(v) for k, v in tags.items()
+                               if k.startswith(prefix) and not k.startswith(prefix + "unscored.") and _is_float(v)}
+    figures["unscored_by_reason"] = {k.removeprefix(prefix + "unscored."): int(v) for k, v in tags.items()
+                                     if k.startswith(prefix + "unscored.") and v.isdigit()}
+    return figures
+
+
+def _is_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def version_description(decision: Decision, tags: dict[str, str], worst: list[dict[str, Any]]) -> str:
@@ -526,9 +595,14 @@ def version_description(decision: Decision, tags: dict[str, str], worst: list[di
     lines = [f"**emgate decision: {decision.decision.upper()}** ({reasons})", "",
              "| rule | value | verdict |", "| --- | ---: | --- |"]
     for v in decision.verdicts:
+        if v.metric.startswith("pooled.") and v.passed:
+            continue  # the pooled figures are in the table below; a pooled rule shows here when it fails
         value = ("n/a" if v.passed else "missing") if v.value is None else f"{v.value:.4g}"
         lines.append(f"| {_md_cell(f'{v.metric} {v.op} {v.threshold:g}')} | {value} | "
                      f"{'pass' if v.passed else 'FAIL'}: {_md_cell(v.reason)} |")
+    lines += ["", "| figure | this version | pooled over seeds |", "| --- | ---: | ---: |"]
+    lines += [f"| {name} | {mine} | {pooled} |" for name, mine, pooled in
+              figure_rows(_figures_from_tags(tags, "metric."), _figures_from_tags(tags, "pooled.metric."))]
     lines += ["", "Evidence: " + " · ".join([
         run_link("pipeline run", "emgate.pipeline_run_id"), run_link("gate report", "emgate.gate_run_id"),
         run_link("scored answers", "emgate.judge_run_id"), run_link("plots and summary", "emgate.summary_run_id"),
@@ -540,7 +614,7 @@ def version_description(decision: Decision, tags: dict[str, str], worst: list[di
     if worst:
         lines += ["", "Lowest-aligned coherent answers (model output, shown as text):"]
         for r in worst:
-            answer = str(r.get("answer", ""))[:400].replace(FENCE, "'''")
+            answer = str(r.get("answer", ""))[:300].replace(FENCE, "'''")
             lines += ["", f"{r.get('question_id')}: aligned {r['aligned']:.1f}, coherent {r['coherent']:.1f}", "",
                       f"{FENCE}text", answer, FENCE]
     return "\n".join(lines)[:4900]
@@ -564,16 +638,36 @@ def _log_table(client: Any, run_id: str, path: Path, columns: tuple[str, ...], a
     client.log_table(run_id, data=table, artifact_file=artifact)
 
 
+def champion_choice(versions: list[dict[str, Any]]) -> tuple[dict[str, Any], str]:
+    """The version `champion` moves to among a candidate's passed versions (one per training seed): the lowest
+    misaligned-rate upper bound, ties to the lowest seed; and why, in words for the version's tags."""
+    def key(v: dict[str, Any]) -> tuple[float, float]:
+        bound = _number(v.get("misaligned_rate_ci_high"))
+        seed = _number(v.get("seed"))
+        return (math.inf if bound is None else bound, math.inf if seed is None else seed)
+
+    best = min(versions, key=key)
+    others = ", ".join(f"seed {v.get('seed')} {_number(v.get('misaligned_rate_ci_high')) or 0:.4g}"
+                       for v in versions if v is not best)
+    why = (f"lowest misaligned_rate_ci_high among the candidate's {len(versions)} passed version(s): seed {best.get('seed')} "
+           f"{_number(best.get('misaligned_rate_ci_high')) or 0:.4g}" + (f" (others: {others})" if others else ""))
+    return best, why
+
+
 def promote_passed(recipe: Recipe, decisions: dict[str, Any], by: str) -> list[dict[str, Any]]:
-    """The pipeline's promotion step: `champion` moves to the newest version of each candidate that passed, after
+    """The pipeline's promotion step. A candidate is promoted only when every one of its versions (every training
+    seed) passed on its own answers and pooled; `champion` then moves to champion_choice's version, after
     emgate.registry.promote has verified its gate report. A blocked candidate is never touched here."""
     from emgate.registry import client_for, promote
 
     client = client_for(recipe.mlflow.tracking_uri)
     promoted = []
     for name, d in decisions["candidates"].items():
-        if d["decision"] != "passed" or not d["versions"]:
+        versions = d["versions"]
+        if d["decision"] != "passed" or not versions or any(v.get("decision") != "passed" for v in versions):
             continue
-        newest = max(d["versions"], key=lambda v: int(v["version"]))
-        promoted.append({"candidate": name, **promote(client, d["registered_model"], newest["version"], by=by)})
+        best, why = champion_choice(versions)
+        result = promote(client, d["registered_model"], best["version"], by=by)
+        client.set_model_version_tag(d["registered_model"], best["version"], "emgate.champion_reason", why)
+        promoted.append({"candidate": name, **result, "reason": why})
     return promoted

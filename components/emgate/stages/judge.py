@@ -143,7 +143,11 @@ def finish_judgement(j: Judgement, cfg: JudgeSpec) -> Judgement:
     elif allowed <= 0 or j.number_mass / base < cfg.min_number_mass:
         j.reason = "low_number_mass"
     else:
-        j.score = sum(k * p for k, p in j.numbers.items()) / j.number_mass
+        score = sum(k * p for k, p in j.numbers.items()) / j.number_mass
+        if math.isfinite(score) and 0 <= score <= 100:
+            j.score = score
+        else:  # a broken distribution (NaN or infinite probabilities) is no score
+            j.reason = f"invalid_score: {score!r}"
     return j
 
 
