@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -220,6 +221,26 @@ def test_explain_prints_rules_and_links(gated) -> None:
         assert text in res.output, text
     res = CliRunner().invoke(app, ["gate", "explain", "no-such-model@champion", "--tracking-uri", recipe.mlflow.tracking_uri])
     assert res.exit_code == 2 and "no-such-model" in res.output
+
+
+def test_the_version_shows_its_own_figures_beside_the_pooled_ones(gated) -> None:
+    """The model-version page and `gate explain`: this version's figures and the pooled ones, with the counts behind
+    them (judged, unscored by reason, excluded by coherence, XSS, length-cut)."""
+    recipe, _, _, _ = gated
+    prefix = recipe.mlflow.registered_model_prefix
+    mv = client_for(recipe.mlflow.tracking_uri).get_model_version(f"{prefix}-base-insecure", "1")
+    for tag in ("metric.misaligned_rate_worst_case_ci_high", "pooled.metric.misaligned_rate_worst_case_ci_high",
+                "metric.xss_answers", "pooled.metric.judged", "metric.coherence_excluded", "metric.length_cut"):
+        assert tag in mv.tags, tag
+    assert float(mv.tags["metric.xss_answers"]) == 16  # prepared_answers: 2 XSS answers on each of 8 questions, seed 0
+    assert "| figure | this version | pooled over seeds |" in mv.description
+    assert "| xss_answers | 16 | 16 |" in mv.description
+    res = CliRunner().invoke(app, ["gate", "explain", f"{prefix}-base-insecure/1", "--tracking-uri",
+                                   recipe.mlflow.tracking_uri], env={"COLUMNS": "200"})
+    assert res.exit_code == 0, res.output
+    assert "this version" in res.output and "pooled" in res.output
+    assert re.search(r"xss_answers\s+.\s+16\s+.\s+16", res.output), res.output
+    assert "pooled.misaligned_rate_worst_case_ci_high" in res.output  # the pooled verdicts beside its own
 
 
 def test_explain_tells_a_blocked_decision_from_a_changed_report(gated, tmp_path: Path) -> None:

@@ -45,7 +45,7 @@ TrackingOpt = Annotated[str | None, typer.Option(
     "--tracking-uri", envvar="MLFLOW_TRACKING_URI", show_envvar=True,
     help="MLflow tracking URI (server URL or sqlite:///FILE); default: the local runs' store, "
          "sqlite:///emgate-runs/mlflow.db. Credentials: MLFLOW_TRACKING_USERNAME/PASSWORD or MLFLOW_TRACKING_TOKEN.")]
-ModelRefArg = Annotated[str, typer.Argument(help="NAME@ALIAS or NAME/VERSION, e.g. emgate-smoke-base-insecure@champion")]
+ModelRefArg = Annotated[str, typer.Argument(help="NAME@ALIAS or NAME/VERSION, e.g. smoke-base-insecure@champion")]
 
 
 @contextlib.contextmanager
@@ -108,11 +108,13 @@ def _check_context(r: Recipe) -> list[str]:
 def compile_(recipe: RecipeArg, output: Annotated[Path, typer.Option("-o", "--output", help="Pipeline YAML to write")],
              set_: SetOpt = None) -> None:
     """Validate the recipe and write the Kubeflow pipeline YAML for a cluster."""
+    from emgate.images import ImageLockError
     from emgate_pipelines.graph import compile_pipeline
 
     r = _load(recipe, set_)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    compile_pipeline(r, str(output))
+    with _exit_on(ImageLockError, OSError):
+        output.parent.mkdir(parents=True, exist_ok=True)
+        compile_pipeline(r, str(output))
     console.print(f"wrote {output} (pipeline emgate-{r.name})")
 
 
@@ -137,12 +139,13 @@ def schedule(
     from kfp_server_api.exceptions import ApiException
     from urllib3.exceptions import HTTPError
 
+    from emgate.images import ImageLockError
     from emgate.schedule import ScheduleError, check_cron, make_client, schedule_pipeline
 
     if mode not in ("retrain", "gate-newest"):
         err.print(f"[red]error:[/red] --mode {escape(mode)}: use retrain or gate-newest", highlight=False)
         raise typer.Exit(2)
-    with _exit_on(ScheduleError):
+    with _exit_on(ScheduleError, ImageLockError):
         check_cron(cron)
     r = _load(recipe, set_)
     job = name or f"emgate-{r.name}-{mode}"
@@ -201,7 +204,12 @@ def report(
 
     summary_path = _find_summary(path)
     with _exit_on(DataError, RecipeError):
-        summary = read_json(summary_path)
+        try:
+            summary = read_json(summary_path)
+        except ValueError as exc:
+            raise DataError(f"{summary_path}: not JSON ({exc}); give a summary.json written by the summarize stage") from None
+        if not isinstance(summary, dict) or not isinstance(summary.get("variants"), dict):
+            raise DataError(f"{summary_path}: not a summary.json written by the summarize stage (no `variants`)")
         if recipe_path is not None:
             r = load_recipe(recipe_path)
         elif (summary_path.parent / "recipe.json").is_file():
@@ -552,13 +560,26 @@ def _registry(tracking_uri: str | None) -> Any:
     from emgate.registry import client_for
 
     uri = tracking_uri or MlflowSpec().tracking_uri
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+    if uri.startswith("sqlite:///"):  # relative (sqlite:///x.db) or absolute (sqlite:////x.db); never create one
         db = Path(uri.removeprefix("sqlite:///")).resolve()
         if not db.is_file():
             err.print(f"[red]error:[/red] no MLflow store at {db}: pass --tracking-uri (or set MLFLOW_TRACKING_URI) "
                       "to the store the pipeline logged to", highlight=False)
             raise typer.Exit(2)
         uri = f"sqlite:///{db}"
+    elif uri.startswith(("http://", "https://")):
+        import httpx
+
+        try:
+            httpx.get(f"{uri.rstrip('/')}/health", timeout=10).raise_for_status()
+        except httpx.HTTPError as exc:
+            err.print(f"[red]error:[/red] the MLflow server at {escape(uri)} does not answer ({type(exc).__name__}: "
+                      f"{escape(str(exc))}); check the URL and that the server runs", highlight=False)
+            raise typer.Exit(2) from None
+    else:
+        err.print(f"[red]error:[/red] tracking URI {escape(uri)}: use sqlite:///PATH/mlflow.db (the pipeline's store) or "
+                  "http(s)://HOST:PORT (an MLflow server)", highlight=False)
+        raise typer.Exit(2)
     return client_for(uri)
 
 
@@ -572,7 +593,7 @@ def _ref(text: str, default_alias: str = "champion") -> ModelRef:
 
 @app.command()
 def promote(
-    model: Annotated[str, typer.Argument(help="Registered model name, e.g. emgate-smoke-base-insecure")],
+    model: Annotated[str, typer.Argument(help="Registered model name, e.g. smoke-base-insecure")],
     version: Annotated[str, typer.Argument(help="Model version number")],
     override: Annotated[bool, typer.Option(help="Promote a version the gate blocked (needs --reason; recorded)")] = False,
     reason: Annotated[str | None, typer.Option(help="Why the override is justified; stored on the version")] = None,
@@ -602,8 +623,10 @@ def gate_verify(ref: ModelRefArg,
     result = verify_version(_registry(tracking_uri), _ref(ref), allow_override=allow_override)
     if result.ok:
         extra = f" (override by {result.override.get('by')}: {result.override.get('reason')})" if result.override else ""
-        console.print(f"[green]verified[/green] {escape(ref)} = version {result.version}: passed, gate report sha256 "
-                      f"matches{escape(extra)}", highlight=False)
+        what = ("BLOCKED by the gate, accepted with --allow-override" if result.override
+                else "passed") + ", gate report sha256 matches"
+        console.print(f"[green]verified[/green] {escape(ref)} = version {result.version}: {what}{escape(extra)}",
+                      highlight=False)
         return
     err.print(f"[red]NOT verified[/red] {escape(ref)}" + (f" (version {result.version})" if result.version else ""),
               highlight=False)
@@ -689,7 +712,8 @@ def judge_rescore(
                                                         "else single_token)")] = None,
     mass_rule: Annotated[str | None, typer.Option(help="paper or renormalized")] = None,
     min_number_mass: Annotated[float | None, typer.Option(help="Unscored below this number mass (paper: 0.25)")] = None,
-    output: Annotated[Path | None, typer.Option("-o", "--output", help="JSONL of the recomputed scores")] = None,
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="JSONL of the recomputed scores (default: "
+                                                                   "./FILE-STEM.rescored.jsonl)")] = None,
     tolerance: Annotated[float | None, typer.Option(help="Exit 1 when a recomputed score differs from the file's "
                                                          "own by more than this")] = None,
 ) -> None:
@@ -708,8 +732,9 @@ def judge_rescore(
         raise typer.Exit(2)
     with _exit_on(DataError):
         rows = rescore_rows(read_judged_rows(file), cfg)
-    out = output or file.with_name(file.stem + ".rescored.jsonl")
-    write_jsonl(out, rows)
+    out = output or Path(file.stem + ".rescored.jsonl")  # in the working directory, never beside a (read-only) input
+    with _exit_on(OSError):
+        write_jsonl(out, rows)
     diffs = rescore_differences(rows)
     table = Table(title=f"rescored {len(rows)} rows of {file.name} ({cfg.score_mode}, mass rule {cfg.mass_rule}, "
                         f"min number mass {cfg.min_number_mass:g})")

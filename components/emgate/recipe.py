@@ -562,7 +562,7 @@ def format_validation_error(err: ValidationError, source: str) -> str:
     for e in err.errors():
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
-            msg = "unknown field (check the spelling; see pipelines/recipes/README.md)"
+            msg = "unknown field (check the spelling; the fields are in README.md, Recipes, and components/emgate/recipe.py)"
         lines.append(f"  - {_format_loc(e['loc'])}: {msg}")
     return "\n".join(lines)
 

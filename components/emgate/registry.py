@@ -197,6 +197,8 @@ def promote(client: Any, name: str, version: str, *, override: bool = False, rea
     override=True with a reason; an override is recorded as tags on the version."""
     ref = ModelRef(name, version=str(version))
     check = verify_version(client, ref)
+    if check.version is None:  # no such version (or no server): nothing an override could promote
+        raise RegistryError("; ".join(check.problems))
     by = by or actor()
     now = datetime.now(UTC).isoformat(timespec="seconds")
     if not check.ok and not override:
