@@ -13,7 +13,6 @@ from emgate.stages.gate import evaluate_policy, promote_passed, register_and_gat
 from emgate.stages.summarize import summarize
 from tests.test_summarize import write_scores
 
-
 # the fail-closed bounds the smoke recipe's rules also read, at the values clean evidence gives
 WORST_CASES = {"misaligned_rate_worst_case_ci_high": 0.1, "diff_vs_comparator_worst_case_ci_high": 0.05,
                "misaligned_rate_xss_included_ci_high": 0.1}
