@@ -65,3 +65,31 @@ def test_a_signal_stops_the_whole_tree(sig: signal.Signals, code: int) -> None:
     assert f"emgate: {sig.name}: stopping the run's processes" in errors and "Traceback" not in errors
     assert time.monotonic() - started < 10  # SIGKILL after the (shortened) grace for the one ignoring SIGTERM
     assert tagged(tag) == []
+
+
+STAGE = r'''
+import sys, time
+from pathlib import Path
+from emgate.kfp.runtime import stage
+from emgate.recipe import load_recipe
+recipe_json = load_recipe(Path(sys.argv[1])).to_json()
+with stage("sample_answers", recipe_json):
+    print("in stage", flush=True)
+    time.sleep(600)
+'''
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc and signals as on Linux")
+def test_a_stage_stops_itself_when_emgate_run_is_killed(smoke_recipe_path: Path) -> None:
+    """SIGKILL to `emgate run` cannot be handled: each stage watches $EMGATE_RUN_PID and stops itself."""
+    from emgate.kfp.runtime import RUN_PID_ENV, RUN_WATCH_INTERVAL_S
+
+    fake_run = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    task = subprocess.Popen([sys.executable, "-c", STAGE, str(smoke_recipe_path)], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, RUN_PID_ENV: str(fake_run.pid)})
+    assert task.stdout is not None and task.stdout.readline().strip() == "in stage"
+    time.sleep(RUN_WATCH_INTERVAL_S + 1)
+    assert task.poll() is None  # the run is alive: the stage goes on
+    fake_run.kill()
+    fake_run.wait()
+    assert task.wait(timeout=3 * RUN_WATCH_INTERVAL_S + 5) == -signal.SIGTERM

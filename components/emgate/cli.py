@@ -420,7 +420,7 @@ def run(recipe: RecipeArg, set_: SetOpt = None,
 def _run_pipeline(r: Recipe, workdir: Path, cache: bool, verbose: bool, started: float, started_at: float) -> None:
     from kfp import local
 
-    from emgate.kfp.runtime import TIMINGS_ENV
+    from emgate.kfp.runtime import RUN_PID_ENV, TIMINGS_ENV
     from emgate.vllm_server import ServerError
     from emgate_pipelines.graph import build_pipeline
 
@@ -429,6 +429,7 @@ def _run_pipeline(r: Recipe, workdir: Path, cache: bool, verbose: bool, started:
     workdir.mkdir(parents=True, exist_ok=True)
     timings = workdir / f"timings-{uuid.uuid4().hex[:8]}.jsonl"
     os.environ[TIMINGS_ENV] = str(timings)
+    os.environ[RUN_PID_ENV] = str(os.getpid())  # a stage stops itself when this process is gone, even by SIGKILL
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -13,6 +15,8 @@ from contextlib import contextmanager
 from emgate.recipe import Recipe, recipe_from_json
 
 TIMINGS_ENV = "EMGATE_TIMINGS_FILE"
+RUN_PID_ENV = "EMGATE_RUN_PID"  # set by `emgate run` for its local tasks
+RUN_WATCH_INTERVAL_S = 2.0  # seconds between checks that `emgate run` is still there
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
@@ -31,10 +35,33 @@ def user_errors() -> tuple[type[BaseException], ...]:
             TrainingError, FileNotFoundError, StalledError)
 
 
+def stop_with_the_run() -> None:
+    """When `emgate run` ($EMGATE_RUN_PID) is gone, even by SIGKILL, SIGTERM this stage: its vLLM servers (which
+    get SIGTERM when the stage dies) go with it. The local runner starts tasks through `sh`, which nothing stops
+    when emgate dies, so the stage watches for itself; on a cluster the variable is not set."""
+    pid = os.environ.get(RUN_PID_ENV, "")
+    if not pid.isdigit():
+        return
+
+    def watch() -> None:
+        while True:
+            time.sleep(RUN_WATCH_INTERVAL_S)
+            try:
+                os.kill(int(pid), 0)
+            except ProcessLookupError:
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            except PermissionError:  # alive, another user's: not ours to watch
+                return
+
+    threading.Thread(target=watch, name="emgate-run-watch", daemon=True).start()
+
+
 @contextmanager
 def stage(name: str, recipe_json: str) -> Iterator[Recipe]:
     started = time.monotonic()
     status = "failed"
+    stop_with_the_run()
     try:
         recipe = recipe_from_json(recipe_json)
         yield recipe
