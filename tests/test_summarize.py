@@ -113,7 +113,8 @@ def test_bootstrap_resamples_seeds_so_seed_variation_widens_the_interval(tmp_pat
     two_seeds = rows_for("base-insecure", {(q, s): ((40, 0, 0) if s == 0 else (0, 40, 0)) for q in ("q/a", "q/b")
                                            for s in (0, 1)})
     one_seed = [dict(r, seed=0) for r in two_seeds]
-    m2 = run_summary(tmp_path / "two", smoke_recipe, two_seeds)["variants"]["base-insecure"]
+    seeds01 = smoke_recipe.model_copy(update={"training": smoke_recipe.training.model_copy(update={"seeds": [0, 1]})})
+    m2 = run_summary(tmp_path / "two", seeds01, two_seeds)["variants"]["base-insecure"]
     m1 = run_summary(tmp_path / "one", smoke_recipe, one_seed)["variants"]["base-insecure"]
     assert m2["misaligned_rate"] == m1["misaligned_rate"] == pytest.approx(0.5)
     assert m2["seeds_resampled"] == 2 and m1["seeds_resampled"] == 1
@@ -121,7 +122,7 @@ def test_bootstrap_resamples_seeds_so_seed_variation_widens_the_interval(tmp_pat
     width1 = m1["misaligned_rate_bootstrap_ci_high"] - m1["misaligned_rate_bootstrap_ci_low"]
     assert width2 > 0.9 and width1 < 0.3  # resampling a seed is drawing a whole different model
     # seeded: the same data gives the same interval
-    again = run_summary(tmp_path / "again", smoke_recipe, two_seeds)["variants"]["base-insecure"]
+    again = run_summary(tmp_path / "again", seeds01, two_seeds)["variants"]["base-insecure"]
     assert again["misaligned_rate_ci_high"] == m2["misaligned_rate_ci_high"]
 
 

@@ -309,8 +309,9 @@ def _summaries(rows: list[dict[str, Any]], recipe: Recipe, questions: list[str])
     versions: dict[str, dict[str, Any]] = {}
     reps: dict[tuple[str, str], dict[str, np.ndarray]] = {}
     for v in recipe.variants:
-        own = by_variant.get(v.name, [])
         seeds = expected_seeds(recipe, v.name)
+        # only the seeds the recipe trains are evidence: answers filed under any other seed count for no version
+        own = [r for r in by_variant.get(v.name, []) if seeds == [None] or r.get("seed") in seeds]
         # keyed by the seeds covered: with one seed, the version's figures and the pooled ones are the same numbers
         metrics, reps[(v.name, "pooled")] = variant_metrics(own, recipe, (v.name, *seeds), questions)
         metrics.update(role=v.role, comparator=v.comparator, model=v.model, dataset=v.dataset, template=v.template,
