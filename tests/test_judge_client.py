@@ -228,7 +228,7 @@ def test_a_stalled_judge_fails_the_stage_with_a_named_error(tmp_path: Path, smok
         answers = prepared_answers(tmp_path / "answers", recipe, {}, per_question=1)
         started = time.monotonic()
         with pytest.raises(StalledError, match=r"judge fake-judge at http://127\.0\.0\.1:\d+/v1 sent no response for \d+ s "
-                                               r"with 2 request\(s\) in flight \(judge\.stall_timeout_s = 2 s\)"):
+                                               r"with 8 request\(s\) in flight \(judge\.stall_timeout_s = 2 s\)"):
             judge_answers(recipe, answers, tmp_path / "scores")
         assert time.monotonic() - started < 10
     assert not (tmp_path / "scores" / "report.json").exists()  # nothing that looks complete

