@@ -54,3 +54,26 @@ def test_stop_kills_the_whole_process_group() -> None:
     server.stop()
     assert proc.poll() is not None
     assert not _descendants_alive(proc.pid)  # the background sleeps died with their leader
+
+
+def test_a_port_whose_server_just_stopped_is_free_again() -> None:
+    """A stopped server's connections wait in TIME_WAIT on its port; the fixed judge port must still count as free
+    (else a rerun serves the judge elsewhere and no stage is reused from the KFP cache)."""
+    import socket
+    import time
+
+    from emgate.vllm_server import port_is_free
+
+    server = socket.socket()
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn, vLLM's server, binds
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    port = server.getsockname()[1]
+    client = socket.create_connection(("127.0.0.1", port))
+    conn, _ = server.accept()
+    assert not port_is_free("127.0.0.1", port)  # something listens
+    conn.close()  # the server closes first, as a killed server does: its side waits in TIME_WAIT
+    server.close()
+    time.sleep(0.2)
+    client.close()
+    assert port_is_free("127.0.0.1", port)

@@ -199,7 +199,11 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def port_is_free(host: str, port: int) -> bool:
+    """No server listens on it. Binds as uvicorn (vLLM's server) does, with SO_REUSEADDR: connections of a server
+    that just stopped linger in TIME_WAIT for a minute and must not make a fixed port (judge.serve.port) look taken,
+    which would change the judge URL and so every KFP cache key of a rerun."""
     with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError:
