@@ -16,6 +16,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 if "EMGATE_ASSETS_DIR" not in os.environ and SHARED_MIRROR.is_dir():
     os.environ["EMGATE_ASSETS_DIR"] = str(SHARED_MIRROR)
+elif os.environ.get("EMGATE_ASSETS_DIR"):  # README's ../shared/em-data: absolute, for tests that run elsewhere
+    os.environ["EMGATE_ASSETS_DIR"] = str(Path(os.environ["EMGATE_ASSETS_DIR"]).resolve())
 
 
 @pytest.fixture(scope="session")
