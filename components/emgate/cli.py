@@ -4,21 +4,29 @@ models, and check or promote gate decisions."""
 from __future__ import annotations
 
 import contextlib
+import difflib
+import functools
 import io
 import json
 import os
 import re
 import sys
 import time
+import types
 import uuid
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, TextIO
+from typing import TYPE_CHECKING, Annotated, Any, TextIO, Union, get_args, get_origin
 
 import typer
+import yaml
+from pydantic import BaseModel
+from pydantic.fields import FieldInfo
+from pydantic_core import to_jsonable_python
 from rich.console import Console
 from rich.markup import escape
+from rich.padding import Padding
 from rich.table import Table
 
 from emgate.recipe import Recipe, RecipeError, load_recipe
@@ -34,6 +42,9 @@ gate_app = typer.Typer(help="Check and explain gate decisions in the MLflow mode
 app.add_typer(gate_app, name="gate")
 judge_app = typer.Typer(help="Work with judge outputs without running the pipeline.", no_args_is_help=True)
 app.add_typer(judge_app, name="judge")
+recipe_app = typer.Typer(help="Document the recipe format: its JSON Schema and what each field means.",
+                         no_args_is_help=True)
+app.add_typer(recipe_app, name="recipe")
 # Logs and CI are no terminal: keep tables wide enough to read instead of Rich's 80 columns.
 _WIDTH = None if sys.stdout.isatty() else 160
 console = Console(width=_WIDTH)
@@ -805,6 +816,167 @@ def judge_qualify(
         err.print("[red]not qualified[/red]: a gate rule `judge_qualified` blocks with this report")
         raise typer.Exit(3)
     console.print(f"[green]qualified[/green]: set judge.qualification: {output / QUALIFICATION_FILE} in the recipe")
+
+
+def _recipe_models(annotation: Any) -> tuple[str, type[BaseModel] | None]:
+    """What a field holds: its container ('list', 'dict' or '') and the section (a model) inside, if any."""
+    origin, args = get_origin(annotation), [a for a in get_args(annotation) if a is not type(None)]
+    if origin in (Union, types.UnionType) and len(args) == 1:
+        return _recipe_models(args[0])
+    container, inner = {list: ("list", args[0] if args else None), dict: ("dict", args[-1] if args else None)}.get(
+        origin, ("", annotation))
+    return container, inner if isinstance(inner, type) and issubclass(inner, BaseModel) else None
+
+
+@functools.cache
+def _field_schemas(model: type[BaseModel]) -> dict[str, Any]:
+    return dict(model.model_json_schema()["properties"])
+
+
+def _schema_type(schema: dict[str, Any]) -> str:
+    """A JSON Schema fragment as a reader would say it: `int >= 1`, `one of: lora, full`, `float in (0, 1]`."""
+    if "$ref" in schema:
+        return str(schema["$ref"]).rsplit("/", 1)[-1]
+    if "anyOf" in schema:
+        options = [s for s in schema["anyOf"] if s.get("type") != "null"]
+        text = " or ".join(_schema_type(s) for s in options)
+        return f"{text}, or null" if len(options) < len(schema["anyOf"]) else text
+    if "const" in schema:
+        return f"only {schema['const']}"
+    if "enum" in schema:
+        return "one of: " + ", ".join(str(v) for v in schema["enum"])
+    kind = schema.get("type")
+    if kind == "array":
+        text = f"list of {_schema_type(schema.get('items', {}))}"
+        return f"{text}, at least {schema['minItems']}" if "minItems" in schema else text
+    if kind == "object":
+        values = schema.get("additionalProperties")
+        return f"mapping of str to {_schema_type(values)}" if isinstance(values, dict) else "mapping"
+    text = {"integer": "int", "number": "float", "string": "str", "boolean": "bool"}.get(str(kind), "any")
+    low = next(((bracket, schema[key]) for key, bracket in (("minimum", "["), ("exclusiveMinimum", "(")) if key in schema),
+               None)
+    high = next(((bracket, schema[key]) for key, bracket in (("maximum", "]"), ("exclusiveMaximum", ")")) if key in schema),
+                None)
+    if low and high:
+        text = f"{text} in {low[0]}{low[1]}, {high[1]}{high[0]}"
+    elif low:
+        text = f"{text} {'>=' if low[0] == '[' else '>'} {low[1]}"
+    elif high:
+        text = f"{text} {'<=' if high[0] == ']' else '<'} {high[1]}"
+    return f"{text} matching {schema['pattern']}" if "pattern" in schema else text
+
+
+def _default_text(field: FieldInfo, block: bool = False) -> str:
+    if field.is_required():
+        return "required"
+    value = field.get_default(call_default_factory=True)
+    if isinstance(value, BaseModel) and not block:
+        return "per field"
+    value = to_jsonable_python(value)
+    text = json.dumps(value)
+    if block and len(text) > 80:
+        return "".join(f"\n    {line}" for line in yaml.safe_dump(value, sort_keys=False, width=120).splitlines())
+    return text
+
+
+def _first_sentence(text: str | None) -> str:
+    return re.split(r"\.\s+(?=[A-Z])", text or "")[0].removesuffix(".")
+
+
+class _UnknownField(Exception):
+    pass
+
+
+def _resolve_field(dotted: str) -> tuple[type[BaseModel], str, type[BaseModel] | None]:
+    """The model that owns the last field of a dotted recipe path, that field's name, and the section it holds.
+    List items (`variants.0.role` or `variants.role`) and mapping values (`models.source`, `models.base.source`) are
+    looked through."""
+    model: type[BaseModel] | None = Recipe
+    owner: type[BaseModel] = Recipe
+    name, container, seen = "", "", list[str]()
+    parts = dotted.split(".")
+    for i, part in enumerate(parts):
+        where = ".".join(seen) or "the recipe"
+        if model is None:
+            raise _UnknownField(f"{where} ({_schema_type(_field_schemas(owner)[name])}) has no field {part!r}")
+        if (container == "list" and part.isdigit()) or (container == "dict" and part not in model.model_fields
+                                                         and i < len(parts) - 1):
+            seen.append(part)
+            container = ""
+            continue
+        if part not in model.model_fields:
+            fields = list(model.model_fields)
+            close = difflib.get_close_matches(part, fields, n=3, cutoff=0.6)
+            hint = f"did you mean {', '.join(close)}?" if close else f"fields: {', '.join(fields)}"
+            section = "" if model is Recipe else f" ({model.__name__})"
+            raise _UnknownField(f"unknown field {part!r} in {where}{section}; {hint}")
+        owner, name = model, part
+        seen.append(part)
+        container, model = _recipe_models(model.model_fields[part].annotation)
+    return owner, name, model
+
+
+def _fields_table(model: type[BaseModel], prefix: str) -> Table:
+    table = Table(title=f"{prefix or 'recipe'}: fields of {model.__name__}")
+    for col in ("field", "type", "default", "description"):
+        table.add_column(col, overflow="fold")
+    schemas = _field_schemas(model)
+    for name, field in model.model_fields.items():
+        default = _default_text(field)
+        table.add_row(escape(name), escape(_schema_type(schemas[name])),
+                      escape(default if len(default) <= 40 else default[:37] + "..."), escape(_first_sentence(field.description)))
+    return table
+
+
+@recipe_app.command("schema")
+def recipe_schema(out: Annotated[Path | None, typer.Option("-o", "--out", help="Write the schema to FILE instead of "
+                                                                                "stdout")] = None) -> None:
+    """Print the recipe's JSON Schema: every field's type, bounds, default and description.
+
+    Editors complete and check recipe YAML with it: write it to a file and start the recipe with
+    `# yaml-language-server: $schema=recipe.schema.json`."""
+    text = json.dumps(Recipe.model_json_schema(), indent=2) + "\n"
+    if out is None:
+        typer.echo(text, nl=False)
+        return
+    try:
+        out.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        err.print(f"[red]error:[/red] {escape(str(out))}: cannot write the schema: {escape(exc.strerror or str(exc))}",
+                  highlight=False)
+        raise typer.Exit(2) from None
+    console.print(f"[green]wrote[/green] {escape(str(out))}", highlight=False)
+
+
+@recipe_app.command("explain")
+def recipe_explain(field: Annotated[str | None, typer.Argument(
+        metavar="FIELD", help="Dotted recipe path, e.g. training.lora_r, judge.serve.port, variants.role")] = None) -> None:
+    """Explain a recipe field: its type, default, unit and source; for a section, its fields.
+
+    FIELD is a dotted path; list items and mapping values are looked through (variants.role, variants.0.role,
+    models.source). Without FIELD, list the top-level sections."""
+    if field is None:
+        console.print(_fields_table(Recipe, ""))
+        console.print("More on one: emgate recipe explain FIELD, e.g. emgate recipe explain training.lora_r",
+                      highlight=False)
+        return
+    try:
+        owner, name, section = _resolve_field(field.strip().strip("."))
+    except _UnknownField as exc:
+        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
+        raise typer.Exit(2) from None
+    info = owner.model_fields[name]
+    console.print(f"[bold]{escape(field)}[/bold] ({owner.__name__}.{name})", highlight=False)
+    console.print(f"  type: {escape(_schema_type(_field_schemas(owner)[name]))}", highlight=False)
+    if not isinstance(info.get_default(call_default_factory=True), BaseModel):
+        default = _default_text(info, block=True)
+        sep = "" if default.startswith("\n") else " "
+        console.print(f"  default:{sep}{escape(default)}", highlight=False, soft_wrap=True)
+    console.print(Padding(escape(info.description or ""), (0, 0, 0, 2), expand=False), highlight=False)
+    if section is not None:
+        if section.__doc__:
+            console.print(Padding(escape(" ".join(section.__doc__.split())), (0, 0, 0, 2), expand=False), highlight=False)
+        console.print(_fields_table(section, field))
 
 
 def main() -> None:
