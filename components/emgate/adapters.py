@@ -19,7 +19,6 @@ from typing import Any
 
 from emgate.merge import is_model_folder, weight_files, weights_sha256
 
-EXTERNAL_FILE = "external_adapters.json"
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 
 

@@ -185,9 +185,11 @@ def _find_summary(path: Path) -> Path:
     """summary.json from a file, its folder, or the newest one under a run folder (default: the local runs)."""
     if path.is_file():
         return path
-    if (path / "summary.json").is_file():
-        return path / "summary.json"
-    found = sorted(path.glob("**/summarize/summary/summary.json"), key=lambda p: p.stat().st_mtime) if path.is_dir() else []
+    from emgate.contract import SUMMARY_FILE
+
+    if (path / SUMMARY_FILE).is_file():
+        return path / SUMMARY_FILE
+    found = sorted(path.glob(f"**/summarize/summary/{SUMMARY_FILE}"), key=lambda p: p.stat().st_mtime) if path.is_dir() else []
     if not found:
         err.print(f"[red]error:[/red] no summary.json under {escape(str(path))}; give a summarize stage's summary.json "
                   "(local runs: emgate-runs/kfp/RUN/summarize/summary/summary.json)", highlight=False)
@@ -300,9 +302,10 @@ def validate(
         datasets[str(path)] = entry
     report["datasets"] = datasets
     report["passed"] = all(not e["failures"] for e in datasets.values())
-    from emgate.io import write_json, write_text_atomic
+    from emgate.contract import REPORT_FILE, write_report
+    from emgate.io import write_text_atomic
 
-    write_json(out / "report.json", report)
+    write_report(out, report)
     write_text_atomic(out / "summary.md", summary_table(report))
     for path_name, entry in datasets.items():
         failures = entry["failures"]
@@ -313,7 +316,7 @@ def validate(
                 err.print(f"  - {escape(str(f))}", highlight=False)
         else:
             console.print(f"[green]pass[/green] {escape(path_name)}: {entry['rows']} rows", highlight=False)
-    console.print(f"report: {out / 'report.json'}, Data Docs: {out / DATA_DOCS_DIR / 'index.html'}")
+    console.print(f"report: {out / REPORT_FILE}, Data Docs: {out / DATA_DOCS_DIR / 'index.html'}")
     if not report["passed"]:
         raise typer.Exit(1)
 
@@ -521,11 +524,13 @@ def _failure_excerpt(lines: list[str]) -> str:
 
 def _record_failure(r: Recipe, workdir: Path, since: float, reason: str) -> None:
     """Show the evidence the failed stage left (validation: its table); the exit handler recorded it in MLflow."""
-    reports = [p.parent for p in (workdir / "kfp").glob("*/**/validate-datasets/validated/report.json")
+    from emgate.contract import REPORT_FILE, report_if_complete
+
+    reports = [p.parent for p in (workdir / "kfp").glob(f"*/**/validate-datasets/validated/{REPORT_FILE}")
                if p.stat().st_mtime >= since]
     if reports:
         validation = max(reports, key=lambda p: p.stat().st_mtime)
-        report = json.loads((validation / "report.json").read_text())
+        report = report_if_complete(validation)
         if not report.get("passed", True):
             err.print("dataset validation:\n" + (validation / "summary.md").read_text(), highlight=False, markup=False)
     err.print(f"The pipeline's exit handler records the failure as a FAILED run in MLflow experiment "
@@ -690,7 +695,7 @@ def gate_explain(ref: Annotated[str, typer.Argument(help="NAME@ALIAS, NAME/VERSI
         table.add_row(v["metric"], value, f"{v['op']} {v['threshold']:g}",
                       ("[green]pass[/green]" if v["passed"] else "[red]FAIL[/red]") + f" {escape(v['reason'])}")
     console.print(table)
-    from emgate.stages.gate import figure_rows
+    from emgate.policy import figure_rows
 
     figures = Table(title="figures: this version's own answers, and pooled over the candidate's seeds")
     for col in ("figure", "this version", "pooled"):
@@ -785,9 +790,10 @@ def judge_qualify(
 ) -> None:
     """Score a labelled set with the recipe's judge and report agreement with the reference; exit 0 when the judge
     qualifies, 3 when it does not. Point the recipe's judge.qualification at the written qualification.json."""
+    from emgate.contract import QUALIFICATION_FILE
     from emgate.io import DataError
+    from emgate.qualification import qualify_judge
     from emgate.stages.judge import JudgeError
-    from emgate.stages.qualify import QUALIFICATION_FILE, qualify_judge
     from emgate.vllm_server import ServerError
 
     r = _absolute_tracking(_load(recipe, set_))

@@ -90,8 +90,8 @@ def judge_answers(recipe_json: str, answers: Input[Dataset], scores: Output[Data
 def summarize(recipe_json: str, scores: Input[Dataset], summary: Output[Artifact]) -> None:
     from pathlib import Path
 
+    from emgate.contract import SCORES_FILE
     from emgate.kfp.runtime import stage
-    from emgate.stages.judge import SCORES_FILE
     from emgate.stages.summarize import summarize as run
 
     with stage("summarize", recipe_json) as recipe:
@@ -135,12 +135,13 @@ def register_and_gate_untrained(recipe_json: str, kfp_run: str, validated: Input
 def promote_passed(recipe_json: str, kfp_run: str, decisions: Input[Artifact], promotions: Output[Artifact]) -> None:
     from pathlib import Path
 
-    from emgate.io import read_json, write_json
+    from emgate.contract import read_decisions
+    from emgate.io import write_json
     from emgate.kfp.runtime import stage
-    from emgate.stages.gate import DECISIONS_FILE, promote_passed
+    from emgate.stages.gate import promote_passed
 
     with stage("promote_passed", recipe_json) as recipe:
-        done = promote_passed(recipe, read_json(Path(decisions.path) / DECISIONS_FILE), by=f"emgate pipeline {kfp_run}")
+        done = promote_passed(recipe, read_decisions(Path(decisions.path)), by=f"emgate pipeline {kfp_run}")
         write_json(Path(promotions.path) / "promotions.json", done)
 
 

@@ -1,122 +1,53 @@
-"""register_and_gate: log the run to MLflow, register every candidate and decide, fail closed, on promotion.
+"""register_and_gate: log the run to MLflow, register every candidate and record its decision; promotion.
 
-One parent run per pipeline run (found again by its run key, so a rerun adds nothing twice), one child run per
-stage and fine-tuning job, logged from the stages' artifacts (so stages reused from the KFP cache are logged
-too). Each candidate adapter becomes a version of the registered model PREFIX-VARIANT with the decision, every
-rule's verdict, the evidence's hashes and the gate report's sha256 as tags, and a description that shows the
-decision in the MLflow UI. Aliases, not stages: `candidate` moves to each gated version; `champion` moves only
-through emgate.registry.promote, which the pipeline's promotion step calls for versions that passed.
+The policy (rules, verdicts, decisions) is emgate.policy: plain data. This module is the tracking side: one parent
+run per pipeline run (found again by its run key, so a rerun adds nothing twice), one child run per stage and
+fine-tuning job, logged from the stages' artifacts (so stages reused from the KFP cache are logged too). Each
+candidate adapter becomes a version of the registered model PREFIX-VARIANT with the decision, every rule's verdict,
+the evidence's hashes and the gate report's sha256 as tags, and a description that shows the decision in the MLflow
+UI. Aliases, not stages: `candidate` moves to each gated version; `champion` moves only through
+emgate.registry.promote, which the pipeline's promotion step calls for versions that passed.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
-import operator
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from emgate import __version__
-from emgate.adapters import EXTERNAL_FILE
-from emgate.io import read_json, write_json
+from emgate.contract import (
+    ANSWERS_FILE,
+    SCORES_FILE,
+    iter_scores,
+    read_external,
+    read_summary,
+    read_train_report,
+    read_validation,
+    report_if_complete,
+    write_decisions,
+)
 from emgate.merge import weights_sha256
-from emgate.recipe import GateRule, Recipe
+from emgate.policy import (
+    Decision,
+    Policy,
+    champion_choice,
+    evaluate_policy,
+    figure_rows,
+    number,
+    promotable,
+    report_markdown,
+    seed_failures,
+    variant_outcome,
+    version_decision,
+)
+from emgate.recipe import Recipe, VariantSpec
 
-OPS = {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge}
-DECISIONS_FILE = "decisions.json"
 RUN_KEY_TAG = "emgate.run_key"
-
-
-@dataclass
-class Verdict:
-    metric: str
-    op: str
-    threshold: float
-    value: float | None
-    passed: bool
-    reason: str
-
-
-@dataclass
-class Decision:
-    variant: str
-    decision: str  # "passed" or "blocked"
-    verdicts: list[Verdict]
-
-    @property
-    def passed(self) -> bool:
-        return self.decision == "passed"
-
-    def reasons(self) -> list[str]:
-        return [v.reason for v in self.verdicts if not v.passed]
-
-
-def _number(value: Any) -> float | None:
-    if isinstance(value, bool):
-        return 1.0 if value else 0.0
-    if isinstance(value, int | float) and not math.isnan(value):
-        return float(value)
-    return None
-
-
-def evaluate_policy(recipe: Recipe, variant: str, metrics: dict[str, Any] | None,
-                    not_applicable: dict[str, str] | None = None) -> Decision:
-    """Every rule gives a verdict; a missing or NaN metric is a failed rule ('missing evidence'): fail closed.
-    `not_applicable` names rules that cannot apply to this variant, with the reason (recorded in the verdict):
-    only dataset validation, for an adapter trained elsewhere."""
-    rules = [*recipe.gate.rules,
-             GateRule(metric="min_judged_per_question", op=">=", threshold=recipe.gate.min_judged_per_question)]
-    verdicts = []
-    if metrics is not None and metrics.get("answers") == 0:
-        verdicts.append(Verdict("answers", ">=", 1, 0.0, False, "missing evidence: no answers of its own"))
-    for rule in rules:
-        if rule.metric in (not_applicable or {}) and rule.metric == "dataset_validation_passed":
-            verdicts.append(Verdict(rule.metric, rule.op, rule.threshold, None, True,
-                                    f"not applicable: {(not_applicable or {})[rule.metric]}"))
-            continue
-        raw = None if metrics is None else metrics.get(rule.metric)
-        value = _number(raw)
-        if value is None:
-            state = "missing" if raw is None else f"not a number ({raw!r})"
-            verdicts.append(Verdict(rule.metric, rule.op, rule.threshold, None, False,
-                                    f"missing evidence: {rule.metric} is {state}"))
-            continue
-        if not math.isfinite(value):
-            verdicts.append(Verdict(rule.metric, rule.op, rule.threshold, None, False,
-                                    f"missing evidence: {rule.metric} is not finite ({value!r})"))
-            continue
-        ok = OPS[rule.op](value, rule.threshold)
-        word = "holds" if ok else "fails"
-        reason = f"{rule.metric} = {value:.4g} {rule.op} {rule.threshold:g} {word}"
-        if rule.metric == "min_judged_per_question" and not ok:
-            short = [f"{q} ({e.get('judged', 0)})" for q, e in ((metrics or {}).get("per_question") or {}).items()
-                     if e.get("judged", 0) < rule.threshold]
-            reason += (f": judged answers below {rule.threshold:g} for " + ", ".join(short)) if short else ""
-        verdicts.append(Verdict(rule.metric, rule.op, rule.threshold, value, ok, reason))
-    return Decision(variant, "passed" if all(v.passed for v in verdicts) else "blocked", verdicts)
-
-
-def version_decision(own: Decision, pooled: Decision) -> Decision:
-    """A registered version (one training seed) passes only when its own answers and the variant's pooled answers
-    both pass; the pooled verdicts are recorded beside its own, prefixed `pooled.`."""
-    verdicts = [*own.verdicts, *(Verdict(f"pooled.{v.metric}", v.op, v.threshold, v.value, v.passed, f"pooled: {v.reason}")
-                                 for v in pooled.verdicts)]
-    return Decision(own.variant, "passed" if own.passed and pooled.passed else "blocked", verdicts)
-
-
-def gate_report_markdown(decision: Decision, context: dict[str, Any]) -> str:
-    lines = [f"# emgate decision: {decision.variant} is {decision.decision.upper()}", ""]
-    for key, value in context.items():
-        lines.append(f"- {key}: {value}")
-    lines += ["", "| metric | value | rule | verdict |", "| --- | ---: | --- | --- |"]
-    for v in decision.verdicts:
-        value = "missing" if v.value is None else f"{v.value:.4g}"
-        lines.append(f"| {v.metric} | {value} | {v.op} {v.threshold:g} | {'pass' if v.passed else 'FAIL'}: {v.reason} |")
-    return "\n".join(lines) + "\n"
 
 
 def _sqlite_artifact_root(tracking_uri: str) -> str | None:
@@ -134,7 +65,7 @@ def _ensure_sqlite_dir(tracking_uri: str) -> None:
 def _flat_metrics(prefix: str, data: dict[str, Any]) -> dict[str, float]:
     out = {}
     for k, v in data.items():
-        num = _number(v)
+        num = number(v)
         if num is not None and not isinstance(v, bool):
             out[f"{prefix}{k}"] = num
     return out
@@ -163,175 +94,248 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def register_and_gate(recipe: Recipe, run_key: str, validation_dir: Path | None, adapter_dirs: list[Path],
-                      answers_dir: Path | None, scores_dir: Path | None, summary_dir: Path | None,
-                      out_dir: Path, kfp_run: str = "") -> dict[str, Any]:
-    """Log everything to MLflow, register each candidate version and record its decision; returns decisions."""
-    import mlflow
-    from mlflow import MlflowClient
+@dataclass
+class Tracking:
+    """The MLflow experiment and parent run of one pipeline run, and the child runs under it."""
 
-    cfg = recipe.mlflow
-    _ensure_sqlite_dir(cfg.tracking_uri)
-    mlflow.set_tracking_uri(cfg.tracking_uri)
-    client = MlflowClient(cfg.tracking_uri)
-    exp = client.get_experiment_by_name(cfg.experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(
-        cfg.experiment, artifact_location=_sqlite_artifact_root(cfg.tracking_uri))
+    client: Any
+    recipe: Recipe
+    run_key: str
+    kfp_run: str
+    exp_id: str
+    parent_id: str
 
-    found = client.search_runs([exp_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{run_key}' and tags.`emgate.stage` = 'pipeline'")
-    if found:
-        parent_id = found[0].info.run_id
-    else:
-        parent = client.create_run(exp_id, run_name=f"{recipe.name}-{run_key[:8]}",
-                                   tags={RUN_KEY_TAG: run_key, "emgate.stage": "pipeline", "emgate.recipe": recipe.name,
-                                         "emgate.profile": recipe.profile, "emgate.version": __version__,
-                                         "emgate.kfp_run": kfp_run})
-        parent_id = parent.info.run_id
-        client.log_text(parent_id, json.dumps(recipe.model_dump(mode="json"), indent=2), "recipe.json")
+    @classmethod
+    def open(cls, recipe: Recipe, run_key: str, kfp_run: str) -> Tracking:
+        """The pipeline's parent run: found again by its run key, or created with the recipe logged."""
+        import mlflow
+        from mlflow import MlflowClient
 
-    def child(stage: str, key: str, params: dict[str, Any] | None = None) -> tuple[str, bool]:
+        cfg = recipe.mlflow
+        _ensure_sqlite_dir(cfg.tracking_uri)
+        mlflow.set_tracking_uri(cfg.tracking_uri)
+        client = MlflowClient(cfg.tracking_uri)
+        exp_id = _experiment(client, recipe)
+        found = client.search_runs([exp_id], filter_string=(
+            f"tags.`{RUN_KEY_TAG}` = '{run_key}' and tags.`emgate.stage` = 'pipeline'"))
+        if found:
+            parent_id = found[0].info.run_id
+        else:
+            parent = client.create_run(exp_id, run_name=f"{recipe.name}-{run_key[:8]}",
+                                       tags={RUN_KEY_TAG: run_key, "emgate.stage": "pipeline", "emgate.recipe": recipe.name,
+                                             "emgate.profile": recipe.profile, "emgate.version": __version__,
+                                             "emgate.kfp_run": kfp_run})
+            parent_id = parent.info.run_id
+            client.log_text(parent_id, json.dumps(recipe.model_dump(mode="json"), indent=2), "recipe.json")
+        return cls(client, recipe, run_key, kfp_run, exp_id, parent_id)
+
+    def child(self, stage: str, key: str, params: dict[str, Any] | None = None) -> tuple[str, bool]:
         """The child run for (stage, key); True when it already existed (nothing to log again)."""
-        hits = client.search_runs([exp_id], filter_string=(
-            f"tags.`mlflow.parentRunId` = '{parent_id}' and tags.`emgate.child` = '{stage}:{key}'"))
+        hits = self.client.search_runs([self.exp_id], filter_string=(
+            f"tags.`mlflow.parentRunId` = '{self.parent_id}' and tags.`emgate.child` = '{stage}:{key}'"))
         if hits:
             return hits[0].info.run_id, True
-        run = client.create_run(exp_id, run_name=f"{stage}:{key}" if key else stage,
-                                tags={"mlflow.parentRunId": parent_id, "emgate.stage": stage,
-                                      "emgate.child": f"{stage}:{key}", RUN_KEY_TAG: run_key})
+        run = self.client.create_run(self.exp_id, run_name=f"{stage}:{key}" if key else stage,
+                                     tags={"mlflow.parentRunId": self.parent_id, "emgate.stage": stage,
+                                           "emgate.child": f"{stage}:{key}", RUN_KEY_TAG: self.run_key})
         for k, v in (params or {}).items():
-            client.log_param(run.info.run_id, k, str(v)[:500])
+            self.client.log_param(run.info.run_id, k, str(v)[:500])
         return run.info.run_id, False
 
-    # ---- evidence from each stage --------------------------------------------------------------------
-    evidence_runs: dict[str, str] = {}
-    validation_passed: bool | None = None
-    dataset_hashes: dict[str, str] = {}
-    if validation_dir is not None and (validation_dir / "report.json").is_file():
-        report = read_json(validation_dir / "report.json")
-        validation_passed = bool(report.get("passed")) and (validation_dir / "manifest.json").is_file()
-        dataset_hashes = {n: e.get("sha256", "") for n, e in report["datasets"].items()}
-        run_id, existed = child("validate_datasets", "")
-        evidence_runs["validation"] = run_id
-        if not existed:
-            client.log_metric(run_id, "passed", float(validation_passed))
-            for name, entry in report["datasets"].items():
-                _log_metrics(client, run_id, _flat_metrics(f"{name}.", entry) |
-                                   _flat_metrics(f"{name}.bandit.", entry.get("security_profile", {})))
-            client.log_artifacts(run_id, str(validation_dir), "validation")
-            client.set_terminated(run_id)
 
-    # (variant, seed) -> (run id, report, adapter weights sha256); seed None: an adapter trained elsewhere
-    train_runs: dict[tuple[str, int | None], tuple[str, dict[str, Any], str]] = {}
-    for adapter in adapter_dirs:
-        rep = read_json(adapter / "train_report.json")
-        run_id, existed = child("fine_tune", f"{rep['variant']}@{rep['seed']}",
-                                {**rep["training"], "variant": rep["variant"], "seed": rep["seed"],
-                                 "dataset": rep["dataset"], "template": rep["template"]})
-        if not existed:
-            _log_series(client, run_id, {"train_loss": rep["losses"], "learning_rate": rep.get("learning_rates", [])})
-            _log_metrics(client, run_id, _flat_metrics("", rep))
-            client.log_artifacts(run_id, str(adapter), "adapter")
-            client.set_terminated(run_id)
-        train_runs[(rep["variant"], int(rep["seed"]))] = (run_id, rep, weights_sha256(adapter) or "missing")
-    external = read_json(answers_dir / EXTERNAL_FILE) if answers_dir and (answers_dir / EXTERNAL_FILE).is_file() else {}
-    for name, fetched in external.items():
-        run_id, existed = child("external_adapter", name, {"uri": fetched["uri"], "registered_model": fetched["registered_model"],
-                                                           "version": fetched["version"], "rank": fetched["rank"]})
-        folder = answers_dir / "external" / name if answers_dir else None
-        if not existed and folder is not None and folder.is_dir():
-            client.log_artifacts(run_id, str(folder), "adapter")
-            client.set_terminated(run_id)
-        saved = folder / "emgate_template.json" if folder else None
-        template = read_json(saved).get("name") if saved and saved.is_file() else recipe.variant(name).template
-        train_runs[(name, None)] = (run_id, {"variant": name, "seed": None, "dataset": f"not trained here ({fetched['uri']})",
-                                             "dataset_sha256": "", "template": template}, fetched["weights_sha256"])
+@dataclass
+class TrainedModel:
+    """What was evaluated for one (variant, seed): its training run (or fetch run), report and weights' sha256."""
 
-    for stage, folder in (("sample_answers", answers_dir), ("judge_answers", scores_dir)):
-        if folder is not None and (folder / "report.json").is_file():
-            stage_report = read_json(folder / "report.json")
-            # the serving dtype as resolved on the machine that sampled (serving.dtype: auto)
-            params = {f"serving.{k}": v for k, v in stage_report.get("serving", {}).items()}
-            run_id, existed = child(stage, "", params)
-            evidence_runs[stage.split("_")[0]] = run_id
-            if not existed:
-                _log_metrics(client, run_id, _flat_metrics("", stage_report))
-                client.log_artifacts(run_id, str(folder), stage)
-                if stage == "judge_answers":
-                    _log_table(client, run_id, folder / "scores.jsonl", SCORED_COLUMNS, "scored_answers.json")
-                else:
-                    _log_table(client, run_id, folder / "answers.jsonl", ANSWER_COLUMNS, "answers.json")
-                client.set_terminated(run_id)
+    run_id: str
+    report: dict[str, Any]
+    weights_sha256: str
 
-    summary: dict[str, Any] = {}
-    if summary_dir is not None and (summary_dir / "summary.json").is_file():
-        summary = read_json(summary_dir / "summary.json")
-        run_id, existed = child("summarize", "")
-        evidence_runs["summary"] = run_id
-        if not existed:
-            for name, m in summary["variants"].items():
-                _log_metrics(client, run_id, _flat_metrics(f"{name}.", {k: v for k, v in m.items() if k != "per_question"}))
-            client.log_artifacts(run_id, str(summary_dir), "summary")
-            client.set_terminated(run_id)
-        client.log_artifact(parent_id, str(summary_dir / "misaligned_rates.png"))
-        client.log_artifact(parent_id, str(summary_dir / "summary.md"))
 
-    # ---- decisions -----------------------------------------------------------------------------------
-    judge_report = read_json(scores_dir / "report.json") if scores_dir and (scores_dir / "report.json").is_file() else {}
-    qualification = judge_report.get("qualification")
-    gate_run, _ = child("register_and_gate", "")
-    decisions: dict[str, Any] = {}
-    def with_evidence(metrics: dict[str, Any] | None) -> dict[str, Any] | None:
+@dataclass
+class Evidence:
+    """Everything the stages handed the gate, as logged to MLflow."""
+
+    runs: dict[str, str] = field(default_factory=dict)  # evidence kind -> child run id
+    validation_passed: bool | None = None  # None: no validation report (missing evidence)
+    dataset_hashes: dict[str, str] = field(default_factory=dict)
+    trained: dict[tuple[str, int | None], TrainedModel] = field(default_factory=dict)  # seed None: trained elsewhere
+    external: dict[str, dict[str, Any]] = field(default_factory=dict)
+    summary: dict[str, Any] = field(default_factory=dict)
+    judge_report: dict[str, Any] = field(default_factory=dict)
+    scores_dir: Path | None = None
+
+    def with_evidence(self, metrics: dict[str, Any] | None) -> dict[str, Any] | None:
+        """A variant's (or seed's) figures with the run-wide evidence the rules also read."""
         if metrics is None:
             return None
-        return {**metrics, "dataset_validation_passed": validation_passed,
+        qualification = self.judge_report.get("qualification")
+        return {**metrics, "dataset_validation_passed": self.validation_passed,
                 "judge_qualified": (qualification or {}).get("passed")}  # None (missing evidence) without one
 
-    for v in recipe.variants:
-        if v.role != "candidate":
+
+def register_and_gate(recipe: Recipe, run_key: str, validation_dir: Path | None,  # noqa: PLR0913  one per artifact
+                      adapter_dirs: list[Path], answers_dir: Path | None, scores_dir: Path | None, summary_dir: Path | None,
+                      out_dir: Path, kfp_run: str = "") -> dict[str, Any]:
+    """Log everything to MLflow, register each candidate version and record its decision; returns decisions."""
+    tracking = Tracking.open(recipe, run_key, kfp_run)
+    evidence = Evidence(scores_dir=scores_dir, judge_report=report_if_complete(scores_dir))
+    _log_validation(tracking, validation_dir, evidence)
+    _log_training(tracking, adapter_dirs, evidence)
+    _log_external(tracking, answers_dir, evidence)
+    _log_stage_folder(tracking, "sample_answers", answers_dir, evidence)
+    _log_stage_folder(tracking, "judge_answers", scores_dir, evidence)
+    _log_summary(tracking, summary_dir, evidence)
+    gate_run, _ = tracking.child("register_and_gate", "")
+    decisions = {v.name: _gate_candidate(tracking, v, evidence, gate_run) for v in recipe.variants if v.role == "candidate"}
+    return _finish(tracking, gate_run, decisions, out_dir)
+
+
+def _log_validation(tracking: Tracking, validation_dir: Path | None, evidence: Evidence) -> None:
+    validation = read_validation(validation_dir)
+    if validation is None:
+        return
+    assert validation_dir is not None
+    evidence.validation_passed = validation.passed
+    evidence.dataset_hashes = {n: e.get("sha256", "") for n, e in validation.datasets.items()}
+    run_id, existed = tracking.child("validate_datasets", "")
+    evidence.runs["validation"] = run_id
+    if existed:
+        return
+    client = tracking.client
+    client.log_metric(run_id, "passed", float(validation.passed))
+    for name, entry in validation.datasets.items():
+        _log_metrics(client, run_id, _flat_metrics(f"{name}.", entry) |
+                     _flat_metrics(f"{name}.bandit.", entry.get("security_profile", {})))
+    client.log_artifacts(run_id, str(validation_dir), "validation")
+    client.set_terminated(run_id)
+
+
+def _log_training(tracking: Tracking, adapter_dirs: list[Path], evidence: Evidence) -> None:
+    for adapter in adapter_dirs:
+        rep = read_train_report(adapter)
+        run_id, existed = tracking.child("fine_tune", f"{rep['variant']}@{rep['seed']}",
+                                         {**rep["training"], "variant": rep["variant"], "seed": rep["seed"],
+                                          "dataset": rep["dataset"], "template": rep["template"]})
+        if not existed:
+            _log_series(tracking.client, run_id, {"train_loss": rep["losses"], "learning_rate": rep.get("learning_rates", [])})
+            _log_metrics(tracking.client, run_id, _flat_metrics("", rep))
+            tracking.client.log_artifacts(run_id, str(adapter), "adapter")
+            tracking.client.set_terminated(run_id)
+        evidence.trained[(rep["variant"], int(rep["seed"]))] = TrainedModel(run_id, rep, weights_sha256(adapter) or "missing")
+
+
+def _log_external(tracking: Tracking, answers_dir: Path | None, evidence: Evidence) -> None:
+    """Adapters trained elsewhere that sample_answers fetched: a child run each, with the files that were judged."""
+    from emgate.io import read_json
+
+    evidence.external = read_external(answers_dir)
+    for name, fetched in evidence.external.items():
+        run_id, existed = tracking.child("external_adapter", name, {
+            "uri": fetched["uri"], "registered_model": fetched["registered_model"], "version": fetched["version"],
+            "rank": fetched["rank"]})
+        folder = answers_dir / "external" / name if answers_dir else None
+        if not existed and folder is not None and folder.is_dir():
+            tracking.client.log_artifacts(run_id, str(folder), "adapter")
+            tracking.client.set_terminated(run_id)
+        saved = folder / "emgate_template.json" if folder else None
+        template = read_json(saved).get("name") if saved and saved.is_file() else tracking.recipe.variant(name).template
+        evidence.trained[(name, None)] = TrainedModel(run_id, {
+            "variant": name, "seed": None, "dataset": f"not trained here ({fetched['uri']})", "dataset_sha256": "",
+            "template": template}, fetched["weights_sha256"])
+
+
+def _log_stage_folder(tracking: Tracking, stage: str, folder: Path | None, evidence: Evidence) -> None:
+    """sample_answers or judge_answers: the report's figures, the folder, and the answers as a table."""
+    stage_report = report_if_complete(folder)
+    if not stage_report:
+        return
+    assert folder is not None
+    # the serving dtype as resolved on the machine that sampled (serving.dtype: auto)
+    params = {f"serving.{k}": v for k, v in stage_report.get("serving", {}).items()}
+    run_id, existed = tracking.child(stage, "", params)
+    evidence.runs[stage.split("_")[0]] = run_id
+    if existed:
+        return
+    _log_metrics(tracking.client, run_id, _flat_metrics("", stage_report))
+    tracking.client.log_artifacts(run_id, str(folder), stage)
+    if stage == "judge_answers":
+        _log_table(tracking.client, run_id, folder / SCORES_FILE, SCORED_COLUMNS, "scored_answers.json")
+    else:
+        _log_table(tracking.client, run_id, folder / ANSWERS_FILE, ANSWER_COLUMNS, "answers.json")
+    tracking.client.set_terminated(run_id)
+
+
+def _log_summary(tracking: Tracking, summary_dir: Path | None, evidence: Evidence) -> None:
+    summary = read_summary(summary_dir)
+    if summary is None:
+        return
+    assert summary_dir is not None
+    evidence.summary = summary
+    client = tracking.client
+    run_id, existed = tracking.child("summarize", "")
+    evidence.runs["summary"] = run_id
+    if not existed:
+        for name, m in summary["variants"].items():
+            _log_metrics(client, run_id, _flat_metrics(f"{name}.", {k: v for k, v in m.items() if k != "per_question"}))
+        client.log_artifacts(run_id, str(summary_dir), "summary")
+        client.set_terminated(run_id)
+    client.log_artifact(tracking.parent_id, str(summary_dir / "misaligned_rates.png"))
+    client.log_artifact(tracking.parent_id, str(summary_dir / "summary.md"))
+
+
+def _gate_candidate(tracking: Tracking, v: VariantSpec, evidence: Evidence, gate_run: str) -> dict[str, Any]:
+    """Decide a candidate pooled over its seeds and each of its versions (one per seed), and register each version."""
+    recipe = tracking.recipe
+    policy = Policy.of(recipe)
+    pooled_metrics = evidence.with_evidence(dict(evidence.summary.get("variants", {}).get(v.name) or {}) or None)
+    not_applicable = {"dataset_validation_passed": f"not trained here ({v.adapter})"} if v.adapter else None
+    pooled = evaluate_policy(policy, v.name, pooled_metrics, not_applicable)
+    model_name, target = _registered_model(recipe, v, evidence)
+    seeds: list[int | None] = [None] if v.adapter else list(recipe.training.seeds)
+    # Controls and references are logged and linked from the candidate's versions, never registered.
+    links = {**evidence.runs, "experiment": tracking.exp_id,
+             "comparator_training": ",".join(m.run_id for (n, _), m in evidence.trained.items() if n == v.comparator)}
+    versions: list[dict[str, Any]] = []
+    blocked: list[str] = []
+    for seed in seeds:  # the unit of decision: one registered version, gated on its own answers
+        own_metrics = evidence.with_evidence((evidence.summary.get("versions", {}).get(v.name) or {}).get(str(seed)))
+        decision = version_decision(evaluate_policy(policy, v.name, own_metrics, not_applicable), pooled)
+        trained = evidence.trained.get((v.name, seed))
+        if trained is None:
+            what = f"adapter {v.adapter} was not fetched" if v.adapter else f"no adapter for seed {seed}"
+            blocked.append(f"seed {seed}: missing evidence: {what}")
             continue
-        pooled_metrics = with_evidence(dict(summary.get("variants", {}).get(v.name) or {}) or None)
-        not_applicable = {"dataset_validation_passed": f"not trained here ({v.adapter})"} if v.adapter else None
-        pooled = evaluate_policy(recipe, v.name, pooled_metrics, not_applicable)
-        model_name = f"{cfg.registered_model_prefix}-{v.name}"
-        target = None  # an existing registry version: the decision lands on it
-        if v.adapter and (v.name, None) in train_runs and external.get(v.name, {}).get("registered_model"):
-            model_name = external[v.name]["registered_model"]
-            target = str(external[v.name]["version"])
-        seeds: list[int | None] = [None] if v.adapter else list(recipe.training.seeds)
-        # Controls and references are logged and linked from the candidate's versions, never registered.
-        links = {**evidence_runs, "experiment": exp_id,
-                 "comparator_training": ",".join(r[0] for (n, _), r in train_runs.items() if n == v.comparator)}
-        versions, blocked = [], []
-        for seed in seeds:  # the unit of decision: one registered version, gated on its own answers
-            own_metrics = with_evidence((summary.get("versions", {}).get(v.name) or {}).get(str(seed)))
-            decision = version_decision(evaluate_policy(recipe, v.name, own_metrics, not_applicable), pooled)
-            if (v.name, seed) not in train_runs:
-                what = f"adapter {v.adapter} was not fetched" if v.adapter else f"no adapter for seed {seed}"
-                blocked.append(f"seed {seed}: missing evidence: {what}")
-                continue
-            # a seed's own failures, unless the pooled evidence fails the same way (listed once, unprefixed)
-            blocked += [f"seed {seed}: {r}" for r in decision.reasons()
-                        if not r.startswith("pooled: ") and r not in pooled.reasons()]
-            train_run_id, rep, weights_sha = train_runs[(v.name, seed)]
-            entry = _register_version(client, recipe, model_name, v.name, seed, train_run_id, rep, decision,
-                                      own_metrics, dataset_hashes, run_key, parent_id, gate_run, kfp_run, links,
-                                      scores_dir, weights_sha, target, pooled_metrics)
-            versions.append({**entry, "decision": decision.decision,
-                             "misaligned_rate_ci_high": (own_metrics or {}).get("misaligned_rate_ci_high")})
-        passed = pooled.passed and not blocked and len(versions) == len(seeds)
-        decisions[v.name] = {"decision": "passed" if passed else "blocked", "registered_model": model_name,
-                             "versions": versions, "verdicts": [asdict(x) for x in pooled.verdicts],
-                             "reasons": [*pooled.reasons(), *blocked]}  # the variant's pooled evidence, then each seed's
+        blocked += seed_failures(seed, decision, pooled)
+        version = VersionToRegister(model_name, v.name, seed, trained, decision, own_metrics, pooled_metrics, target)
+        entry = _register_version(tracking, version, evidence, links, gate_run)
+        versions.append({**entry, "decision": decision.decision,
+                         "misaligned_rate_ci_high": (own_metrics or {}).get("misaligned_rate_ci_high")})
+    return {"decision": variant_outcome(pooled, versions, len(seeds), blocked), "registered_model": model_name,
+            "versions": versions, "verdicts": [x.to_dict() for x in pooled.verdicts],
+            "reasons": [*pooled.reasons(), *blocked]}  # the variant's pooled evidence, then each seed's
+
+
+def _registered_model(recipe: Recipe, v: VariantSpec, evidence: Evidence) -> tuple[str, str | None]:
+    """The registered model a candidate's versions go to, and for an adapter from the registry, its version there
+    (the decision lands on that version)."""
+    fetched = evidence.external.get(v.name, {})
+    if v.adapter and (v.name, None) in evidence.trained and fetched.get("registered_model"):
+        return str(fetched["registered_model"]), str(fetched["version"])
+    return f"{recipe.mlflow.registered_model_prefix}-{v.name}", None
+
+
+def _finish(tracking: Tracking, gate_run: str, decisions: dict[str, Any], out_dir: Path) -> dict[str, Any]:
+    client = tracking.client
     _log_metrics(client, gate_run, {f"{n}.passed": float(d["decision"] == "passed") for n, d in decisions.items()})
     client.set_terminated(gate_run)
     all_passed = bool(decisions) and all(d["decision"] == "passed" for d in decisions.values())
-    client.set_tag(parent_id, "emgate.decision", "passed" if all_passed else "blocked")
-    client.set_terminated(parent_id)
-    result = {"run_key": run_key, "parent_run_id": parent_id, "experiment_id": exp_id,
-              "tracking_uri": cfg.tracking_uri, "candidates": decisions,
-              "promotable": any(d["decision"] == "passed" and d["versions"] for d in decisions.values())}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_json(out_dir / DECISIONS_FILE, result)
+    client.set_tag(tracking.parent_id, "emgate.decision", "passed" if all_passed else "blocked")
+    client.set_terminated(tracking.parent_id)
+    result = {"run_key": tracking.run_key, "parent_run_id": tracking.parent_id, "experiment_id": tracking.exp_id,
+              "tracking_uri": tracking.recipe.mlflow.tracking_uri, "candidates": decisions,
+              "promotable": any(promotable(d) for d in decisions.values())}
+    write_decisions(out_dir, result)
     return result
 
 
@@ -421,109 +425,162 @@ def record_pipeline_outcome(recipe: Recipe, run_key: str, state: str, error: str
     return parent_id
 
 
-def _register_version(client: Any, recipe: Recipe, model_name: str, variant: str, seed: int | None, train_run_id: str,
-                      rep: dict[str, Any], decision: Decision, metrics: dict[str, Any] | None,
-                      dataset_hashes: dict[str, str], run_key: str, parent_id: str, gate_run: str,
-                      kfp_run: str, links: dict[str, str], scores_dir: Path | None, weights_sha256: str,
-                      target_version: str | None = None, pooled_metrics: dict[str, Any] | None = None) -> dict[str, Any]:
+@dataclass
+class VersionToRegister:
+    """One candidate version (one training seed, or the adapter trained elsewhere) and its decision."""
+
+    model_name: str
+    variant: str
+    seed: int | None
+    trained: TrainedModel
+    decision: Decision
+    metrics: dict[str, Any] | None  # the version's own figures
+    pooled_metrics: dict[str, Any] | None  # the variant's, pooled over seeds
+    target_version: str | None = None  # an existing registry version the decision lands on
+
+
+def _register_version(tracking: Tracking, version: VersionToRegister, evidence: Evidence, links: dict[str, str],
+                      gate_run: str) -> dict[str, Any]:
     """Register (or, for an adapter from the registry, reuse) the version and put the decision on it."""
+    number_ = _model_version(tracking, version)
+    context = _decision_context(tracking, version, number_, evidence)
+    report = _log_gate_report(tracking, version, number_, context, evidence, gate_run)
+    tags = _decision_tags(tracking, version, context, links, evidence, report)
+    client = tracking.client
+    for key, value in tags.items():
+        client.set_model_version_tag(version.model_name, number_, key, value)
+    client.update_model_version(version.model_name, number_, description=version_description(
+        version.decision, tags, _worst_answers(evidence.scores_dir, version.variant, version.seed, tracking.recipe)))
+    client.set_registered_model_alias(version.model_name, "candidate", number_)
+    return {"version": number_, "seed": version.seed, "gate_report_sha256": report.sha256}
+
+
+def _model_version(tracking: Tracking, version: VersionToRegister) -> str:
+    """The registry version of this candidate: the existing one for an adapter from the registry, the one this
+    pipeline run registered before (a rerun), or a new one whose source is the training run's adapter."""
     from mlflow.exceptions import MlflowException
 
-    if target_version is not None:
-        version = target_version
-        client.set_model_version_tag(model_name, version, RUN_KEY_TAG, run_key)
-    else:
-        try:
-            client.get_registered_model(model_name)
-        except MlflowException:
-            client.create_registered_model(model_name, description=f"emgate candidate lineage {variant}: every version is "
-                                           "gated; `champion` points at the version allowed to serve")
-        existing = client.search_model_versions(f"name = '{model_name}' and tags.`{RUN_KEY_TAG}` = '{run_key}'")
-        existing = [mv for mv in existing if mv.tags.get("emgate.seed") == str(seed)]
-        if existing:  # the same pipeline run gated again: same version, fresh decision
-            mv = existing[0]
-        else:
-            source = f"{client.get_run(train_run_id).info.artifact_uri}/adapter"
-            mv = client.create_model_version(model_name, source=source, run_id=train_run_id,
-                                             tags={RUN_KEY_TAG: run_key, "emgate.seed": str(seed)})
-        version = str(mv.version)
-    model = recipe.models[recipe.variant(variant).model]
-    judge_report = read_json(scores_dir / "report.json") if scores_dir and (scores_dir / "report.json").is_file() else {}
-    snapshot = ", ".join(judge_report.get("judge_model_snapshot") or []) or "not reported by the endpoint"
-    context = {
-        "registered model": f"{model_name} version {version}",
-        "pipeline run": f"{parent_id} (run key {run_key}, KFP run {kfp_run or 'local'})",
-        "training run": train_run_id,
-        "base model": model.package or model.repo or model.path,
+    client, run_key = tracking.client, tracking.run_key
+    if version.target_version is not None:
+        client.set_model_version_tag(version.model_name, version.target_version, RUN_KEY_TAG, run_key)
+        return version.target_version
+    try:
+        client.get_registered_model(version.model_name)
+    except MlflowException:
+        client.create_registered_model(version.model_name, description=f"emgate candidate lineage {version.variant}: every "
+                                       "version is gated; `champion` points at the version allowed to serve")
+    existing = client.search_model_versions(f"name = '{version.model_name}' and tags.`{RUN_KEY_TAG}` = '{run_key}'")
+    existing = [mv for mv in existing if mv.tags.get("emgate.seed") == str(version.seed)]
+    if existing:  # the same pipeline run gated again: same version, fresh decision
+        return str(existing[0].version)
+    source = f"{client.get_run(version.trained.run_id).info.artifact_uri}/adapter"
+    mv = client.create_model_version(version.model_name, source=source, run_id=version.trained.run_id,
+                                     tags={RUN_KEY_TAG: run_key, "emgate.seed": str(version.seed)})
+    return str(mv.version)
+
+
+def _decision_context(tracking: Tracking, version: VersionToRegister, number_: str, evidence: Evidence) -> dict[str, str]:
+    """What the decision is about, in words: the header of the gate report."""
+    recipe, rep = tracking.recipe, version.trained.report
+    variant = recipe.variant(version.variant)
+    model = recipe.models[variant.model]
+    snapshot = _judge_snapshot(evidence)
+    return {
+        "registered model": f"{version.model_name} version {number_}",
+        "pipeline run": f"{tracking.parent_id} (run key {tracking.run_key}, KFP run {tracking.kfp_run or 'local'})",
+        "training run": version.trained.run_id,
+        "base model": str(model.package or model.repo or model.path),
         "dataset": f"{rep['dataset']} sha256 {rep['dataset_sha256']}",
-        "comparator": str(recipe.variant(variant).comparator),
-        "seeds": ",".join(str(x) for x in recipe.training.seeds) if seed is not None else "trained elsewhere",
+        "comparator": str(variant.comparator),
+        "seeds": ",".join(str(x) for x in recipe.training.seeds) if version.seed is not None else "trained elsewhere",
         "judge": f"{recipe.judge.model} (snapshot {snapshot}; {recipe.judge.score_mode}, mass rule {recipe.judge.mass_rule})",
         "decided at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
-    report_md = gate_report_markdown(decision, context)
-    report_json = json.dumps({"decision": decision.decision, "variant": variant, "registered_model": model_name,
-                              "version": version, "seed": seed, "verdicts": [asdict(v) for v in decision.verdicts],
-                              "context": context, "dataset_sha256": dataset_hashes,
-                              "metrics": {k: v for k, v in (metrics or {}).items() if k != "per_question"},
-                              "pooled_metrics": {k: v for k, v in (pooled_metrics or {}).items() if k != "per_question"}},
-                             indent=2, sort_keys=True, default=str)
-    artifact_dir = f"gate/{variant}/seed{seed}" if seed is not None else f"gate/{variant}/external"
+
+
+def _judge_snapshot(evidence: Evidence) -> str:
+    return ", ".join(evidence.judge_report.get("judge_model_snapshot") or []) or "not reported by the endpoint"
+
+
+@dataclass(frozen=True)
+class GateReport:
+    run_id: str  # the register_and_gate child run holding it
+    sha256: str  # of gate_report.json
+    uri: str
+
+
+def _log_gate_report(tracking: Tracking, version: VersionToRegister, number_: str, context: dict[str, str],
+                     evidence: Evidence, gate_run: str) -> GateReport:
+    """The gate report (Markdown and JSON) in the gate run."""
+    decision = version.decision
+    strip = ("per_question",)
+    report_json = json.dumps({
+        "decision": decision.decision, "variant": version.variant, "registered_model": version.model_name,
+        "version": number_, "seed": version.seed, "verdicts": [v.to_dict() for v in decision.verdicts],
+        "context": context, "dataset_sha256": evidence.dataset_hashes,
+        "metrics": {k: v for k, v in (version.metrics or {}).items() if k not in strip},
+        "pooled_metrics": {k: v for k, v in (version.pooled_metrics or {}).items() if k not in strip}},
+        indent=2, sort_keys=True, default=str)
+    artifact_dir = f"gate/{version.variant}/" + (f"seed{version.seed}" if version.seed is not None else "external")
     with tempfile.TemporaryDirectory() as tmp:
         md, js = Path(tmp, "gate_report.md"), Path(tmp, "gate_report.json")
-        md.write_text(report_md)
+        md.write_text(report_markdown(decision, context))
         js.write_text(report_json)
-        client.log_artifact(gate_run, str(md), artifact_dir)
-        client.log_artifact(gate_run, str(js), artifact_dir)
-        report_sha = _sha256(js)
+        tracking.client.log_artifact(gate_run, str(md), artifact_dir)
+        tracking.client.log_artifact(gate_run, str(js), artifact_dir)
+        sha = _sha256(js)
+    return GateReport(gate_run, sha, f"{tracking.client.get_run(gate_run).info.artifact_uri}/{artifact_dir}/gate_report.json")
+
+
+def _decision_tags(tracking: Tracking, version: VersionToRegister, context: dict[str, str], links: dict[str, str],
+                   evidence: Evidence, report: GateReport) -> dict[str, str]:
+    """The version's tags: the decision and its reasons, the evidence's runs and hashes, every figure and verdict."""
+    recipe, rep, decision = tracking.recipe, version.trained.report, version.decision
+    variant = recipe.variant(version.variant)
+    model = recipe.models[variant.model]
     tags: dict[str, str] = {
         "validation_status": decision.decision,
         "emgate.decision": decision.decision,
         "emgate.reasons": "; ".join(decision.reasons())[:4900] or "all rules hold",
-        "emgate.gate_report_sha256": report_sha,
-        "emgate.gate_report_uri": f"{client.get_run(gate_run).info.artifact_uri}/{artifact_dir}/gate_report.json",
-        "emgate.gate_run_id": gate_run,
-        "emgate.pipeline_run_id": parent_id,
-        "emgate.training_run_id": train_run_id,
+        "emgate.gate_report_sha256": report.sha256,
+        "emgate.gate_report_uri": report.uri,
+        "emgate.gate_run_id": report.run_id,
+        "emgate.pipeline_run_id": tracking.parent_id,
+        "emgate.training_run_id": version.trained.run_id,
         "emgate.experiment_id": links.get("experiment", ""),
         "emgate.validation_run_id": links.get("validation", ""),
         "emgate.judge_run_id": links.get("judge", ""),
         "emgate.summary_run_id": links.get("summary", ""),
-        "emgate.comparator": str(recipe.variant(variant).comparator),
+        "emgate.comparator": str(variant.comparator),
         "emgate.comparator_training_runs": links.get("comparator_training", ""),
-        "emgate.kfp_run": kfp_run or "local",
-        "emgate.variant": variant,
-        "emgate.seed": str(seed),
-        "emgate.seeds": str(context["seeds"]),
-        "emgate.base_model": str(context["base model"]),
+        "emgate.kfp_run": tracking.kfp_run or "local",
+        "emgate.variant": version.variant,
+        "emgate.seed": str(version.seed),
+        "emgate.seeds": context["seeds"],
+        "emgate.base_model": context["base model"],
         "emgate.base_revision": model.revision or model.package or "",
         "emgate.dataset": str(rep["dataset"]),
         "emgate.dataset_sha256": str(rep["dataset_sha256"]),
-        "emgate.adapter_sha256": weights_sha256,
-        "emgate.adapter_source": recipe.variant(variant).adapter or f"trained here (run {train_run_id})",
+        "emgate.adapter_sha256": version.trained.weights_sha256,
+        "emgate.adapter_source": variant.adapter or f"trained here (run {version.trained.run_id})",
         "emgate.template": str(rep["template"]),
         "emgate.judge_model": recipe.judge.model,
-        "emgate.judge_model_snapshot": snapshot,
+        "emgate.judge_model_snapshot": _judge_snapshot(evidence),
         "emgate.judge_scoring": f"{recipe.judge.score_mode}/{recipe.judge.mass_rule}",
         "emgate.code_version": __version__,
     }
-    for prefix, figures in (("metric", metrics), ("pooled.metric", pooled_metrics)):  # the version's own, the variant's
+    for prefix, figures in (("metric", version.metrics), ("pooled.metric", version.pooled_metrics)):
         for name, value in (figures or {}).items():
-            num = _number(value)
+            num = number(value)
             if num is not None and name != "per_question":
                 tags[f"{prefix}.{name}"] = f"{num:.6g}"
         for reason, count in ((figures or {}).get("unscored_by_reason") or {}).items():
             tags[f"{prefix}.unscored.{reason}"] = str(count)
-    for q, counts in ((metrics or {}).get("per_question") or {}).items():
+    for q, counts in ((version.metrics or {}).get("per_question") or {}).items():
         tags[f"metric.judged.{q}"] = str(counts.get("judged", 0))
     for v in decision.verdicts:
         tags[f"rule.{v.metric}"] = f"{'pass' if v.passed else 'fail'}: {v.reason}"[:4900]
-    for key, value in tags.items():
-        client.set_model_version_tag(model_name, version, key, value)
-    client.update_model_version(model_name, version, description=version_description(
-        decision, tags, _worst_answers(scores_dir, variant, seed, recipe)))
-    client.set_registered_model_alias(model_name, "candidate", version)
-    return {"version": version, "seed": seed, "gate_report_sha256": report_sha}
+    return tags
 
 
 def _md_cell(text: str) -> str:
@@ -532,39 +589,13 @@ def _md_cell(text: str) -> str:
 
 def _worst_answers(scores_dir: Path | None, variant: str, seed: int | None, recipe: Recipe, k: int = 3) -> list[dict[str, Any]]:
     """The lowest-aligned coherent answers of this version: what a reviewer should read first."""
-    if scores_dir is None or not (scores_dir / "scores.jsonl").is_file():
-        return []
-    from emgate.io import read_jsonl
-
     threshold = recipe.coherent_threshold()
-    rows = [r for r in read_jsonl(scores_dir / "scores.jsonl") if r.get("variant") == variant and r.get("seed") == seed
+    rows = [r for r in iter_scores(scores_dir) if r.get("variant") == variant and r.get("seed") == seed
             and r.get("aligned") is not None and (r.get("coherent") or 0) > threshold]
     return sorted(rows, key=lambda r: r["aligned"])[:k]
 
 
 FENCE = "`" * 3
-# What a reviewer compares between a version's own answers and the variant's pooled ones (gate explain, the UI)
-FIGURES = ("answers", "judged", "unscored", "coherence_excluded", "xss_answers", "length_cut", "min_judged_per_question",
-           "misaligned_rate", "misaligned_rate_ci_high", "misaligned_rate_worst_case_ci_high",
-           "misaligned_rate_xss_included_ci_high", "diff_vs_comparator_ci_high", "diff_vs_comparator_worst_case_ci_high",
-           "mean_coherence", "unscored_share", "coherence_excluded_share", "length_cut_share", "worst_question_ci_high",
-           "misalign_at_k")
-
-
-def figure_rows(own: dict[str, Any] | None, pooled: dict[str, Any] | None) -> list[tuple[str, str, str]]:
-    """(figure, this version, pooled) for FIGURES, then the unscored answers by reason; numbers as text."""
-    def fmt(figures: dict[str, Any] | None, key: str) -> str:
-        value = (figures or {}).get(key)
-        num = _number(value)
-        if num is None:
-            return "missing" if value is None else str(value)
-        return str(int(num)) if float(num).is_integer() and abs(num) >= 1 else f"{num:.4g}"
-
-    rows = [(key, fmt(own, key), fmt(pooled, key)) for key in FIGURES]
-    reasons = sorted({*((own or {}).get("unscored_by_reason") or {}), *((pooled or {}).get("unscored_by_reason") or {})})
-    rows += [(f"unscored: {r}", str(((own or {}).get("unscored_by_reason") or {}).get(r, 0)),
-              str(((pooled or {}).get("unscored_by_reason") or {}).get(r, 0))) for r in reasons]
-    return rows
 
 
 def _figures_from_tags(tags: dict[str, str], prefix: str) -> dict[str, Any]:
@@ -638,22 +669,6 @@ def _log_table(client: Any, run_id: str, path: Path, columns: tuple[str, ...], a
     client.log_table(run_id, data=table, artifact_file=artifact)
 
 
-def champion_choice(versions: list[dict[str, Any]]) -> tuple[dict[str, Any], str]:
-    """The version `champion` moves to among a candidate's passed versions (one per training seed): the lowest
-    misaligned-rate upper bound, ties to the lowest seed; and why, in words for the version's tags."""
-    def key(v: dict[str, Any]) -> tuple[float, float]:
-        bound = _number(v.get("misaligned_rate_ci_high"))
-        seed = _number(v.get("seed"))
-        return (math.inf if bound is None else bound, math.inf if seed is None else seed)
-
-    best = min(versions, key=key)
-    others = ", ".join(f"seed {v.get('seed')} {_number(v.get('misaligned_rate_ci_high')) or 0:.4g}"
-                       for v in versions if v is not best)
-    why = (f"lowest misaligned_rate_ci_high among the candidate's {len(versions)} passed version(s): seed {best.get('seed')} "
-           f"{_number(best.get('misaligned_rate_ci_high')) or 0:.4g}" + (f" (others: {others})" if others else ""))
-    return best, why
-
-
 def promote_passed(recipe: Recipe, decisions: dict[str, Any], by: str) -> list[dict[str, Any]]:
     """The pipeline's promotion step. A candidate is promoted only when every one of its versions (every training
     seed) passed on its own answers and pooled; `champion` then moves to champion_choice's version, after
@@ -663,10 +678,9 @@ def promote_passed(recipe: Recipe, decisions: dict[str, Any], by: str) -> list[d
     client = client_for(recipe.mlflow.tracking_uri)
     promoted = []
     for name, d in decisions["candidates"].items():
-        versions = d["versions"]
-        if d["decision"] != "passed" or not versions or any(v.get("decision") != "passed" for v in versions):
+        if not promotable(d):
             continue
-        best, why = champion_choice(versions)
+        best, why = champion_choice(d["versions"])
         result = promote(client, d["registered_model"], best["version"], by=by)
         client.set_model_version_tag(d["registered_model"], best["version"], "emgate.champion_reason", why)
         promoted.append({"candidate": name, **result, "reason": why})

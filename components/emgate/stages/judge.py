@@ -37,14 +37,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from emgate.io import read_rows_checked, write_json, write_jsonl
+from emgate.contract import (
+    METRICS,
+    Unscored,
+    check_qualification,
+    read_answers,
+    unscored_fields,
+    unscored_of,
+    write_report,
+    write_scores,
+)
 from emgate.judge_cache import JudgeCache
 from emgate.pacing import Pacer
 from emgate.questions import load_questions
 from emgate.recipe import JudgeSpec, Recipe
 
-SCORES_FILE = "scores.jsonl"
-METRICS = ("aligned", "coherent")
 _LEADING_DIGITS = re.compile(r"^(\d+)(.*)$", re.S)
 
 NextTokenDist = Callable[[str], Awaitable[dict[str, float] | None]]  # None: unknown (counted unresolved)
@@ -57,7 +64,7 @@ class JudgeError(RuntimeError):
 @dataclass
 class Judgement:
     score: float | None
-    reason: str | None  # why there is no score: CODE, REFUSAL, low_number_mass, request_failed
+    reason: str | None  # why there is no score: a category of contract.Unscored (CODE, REFUSAL, low_number_mass, ...)
     number_mass: float
     code_mass: float = 0.0
     refusal_mass: float = 0.0
@@ -66,6 +73,10 @@ class Judgement:
     numbers: dict[int, float] = field(default_factory=dict)
     requests: int = 0
     tree: dict[str, dict[str, float]] = field(default_factory=dict)  # reply prefix -> next-token distribution
+    detail: str = ""  # the message of the unscored reason (the error of a failed request, the invalid score)
+
+    def unscored(self) -> Unscored | None:
+        return None if self.reason is None else Unscored(self.reason, self.detail)
 
 
 def is_number_prefix(s: str) -> bool:
@@ -147,7 +158,7 @@ def finish_judgement(j: Judgement, cfg: JudgeSpec) -> Judgement:
         if math.isfinite(score) and 0 <= score <= 100:
             j.score = score
         else:  # a broken distribution (NaN or infinite probabilities) is no score
-            j.reason = f"invalid_score: {score!r}"
+            j.reason, j.detail = "invalid_score", repr(score)
     return j
 
 
@@ -275,7 +286,7 @@ class JudgeClient:
         except JudgeError:
             raise
         except Exception as exc:  # network, timeouts after retries, HTTP errors: unscored, counted
-            return Judgement(score=None, reason=f"request_failed: {type(exc).__name__}: {exc}"[:300], number_mass=0.0)
+            return Judgement(score=None, reason="request_failed", number_mass=0.0, detail=f"{type(exc).__name__}: {exc}"[:300])
         return finish_judgement(j, self.cfg)
 
     async def close(self) -> None:
@@ -336,7 +347,7 @@ async def _judge_rows(rows: list[dict[str, Any]], prompts: dict[str, dict[str, s
             template = prompts[row["question_id"]][metric]
             j = await client.judge(template.format(question=row["question"], answer=row["answer"]))
             out[metric] = j.score
-            out[f"{metric}_unscored"] = j.reason
+            out |= unscored_fields(metric, j.unscored())
             out[f"{metric}_number_mass"] = j.number_mass
             out[f"{metric}_requests"] = j.requests
             out[f"{metric}_numbers"] = {str(k): round(v, 6) for k, v in j.numbers.items() if v >= 1e-4}
@@ -352,18 +363,14 @@ async def _judge_rows(rows: list[dict[str, Any]], prompts: dict[str, dict[str, s
 
 def judge_answers(recipe: Recipe, answers_dir: Path, out_dir: Path) -> dict[str, Any]:
     """Score every answer for alignment and coherence; write scores.jsonl + report.json."""
-    from emgate.stages.qualify import qualification_evidence
-    from emgate.stages.sample import ANSWERS_FILE
-
-    rows = read_rows_checked(answers_dir / ANSWERS_FILE, answers_dir / "report.json")
+    rows = read_answers(answers_dir)
     prompts = {q.id: q.judge_prompts for q in load_questions(recipe.questions)}
     client = JudgeClient(recipe.judge, judge_base_url(recipe.judge))
     started = time.monotonic()
     scored = judge_rows(rows, prompts, client)
     elapsed = time.monotonic() - started
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_jsonl(out_dir / SCORES_FILE, scored)
-    unscored = {m: dict(Counter((r[f"{m}_unscored"] or "").split(":")[0] for r in scored if r[m] is None))
+    write_scores(out_dir, scored)
+    unscored = {m: dict(Counter((unscored_of(r, m) or Unscored("unknown")).category for r in scored if r[m] is None))
                 for m in METRICS}
     report = {
         "answers": len(scored), "seconds": elapsed,
@@ -374,10 +381,10 @@ def judge_answers(recipe: Recipe, answers_dir: Path, out_dir: Path) -> dict[str,
         "cache": {"path": str(client.cache.path), "hits": client.cache.hits} if client.cache else None,
         "unscored": unscored,
         "judge_model_snapshot": sorted(client.snapshots),
-        "qualification": qualification_evidence(recipe),
+        "qualification": check_qualification(recipe.judge),
         "judge": {**recipe.judge.model_dump(mode="json", exclude={"serve"}), "base_url": client.base_url},
     }
-    write_json(out_dir / "report.json", report)
+    write_report(out_dir, report)  # written last: the scores are complete
     return report
 
 
@@ -438,7 +445,7 @@ def rescore_rows(rows: list[dict[str, Any]], cfg: JudgeSpec) -> list[dict[str, A
             j = score(row[f"{metric}_tree"])
             new[f"{metric}_recorded"] = row.get(metric)
             new[metric] = j.score
-            new[f"{metric}_unscored"] = j.reason
+            new |= unscored_fields(metric, j.unscored())
             new[f"{metric}_number_mass"] = j.number_mass
         out.append(new)
     return out

@@ -17,19 +17,17 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from emgate.adapters import EXTERNAL_FILE, FetchedAdapter, fetch_adapter
+from emgate.adapters import FetchedAdapter, fetch_adapter
+from emgate.contract import read_train_report, write_answers, write_external, write_report
 from emgate.hardware import resolve_dtype
-from emgate.io import read_json, write_json, write_jsonl
 from emgate.merge import is_model_folder, weights_sha256
 from emgate.models import resolve_model
 from emgate.pacing import Pacer
 from emgate.questions import Question, load_questions
 from emgate.recipe import VLLM_LORA_RANKS, EndpointSpec, Recipe
-from emgate.stages.finetune import TRAIN_REPORT
 from emgate.templates import TEMPLATE_FILE, TemplateRecord, render_prompt, template_record
 from emgate.vllm_server import LoraModule, ServerError, VllmServer, running
 
-ANSWERS_FILE = "answers.jsonl"
 PARTIAL_FILE = "answers.partial.jsonl"
 REQUEST_TIMEOUT_S = 600.0  # seconds per completion request to serving.endpoint (none to our own servers: pacing.py)
 REQUEST_RETRIES = 5  # the OpenAI client's own retries: exponential backoff, honours Retry-After, on 408/409/429/5xx
@@ -54,7 +52,7 @@ class Target:
 def adapter_index(adapter_dirs: list[Path]) -> dict[tuple[str, int], Path]:
     index = {}
     for d in adapter_dirs:
-        report = read_json(d / TRAIN_REPORT)
+        report = read_train_report(d)
         index[(report["variant"], int(report["seed"]))] = d
     return index
 
@@ -325,8 +323,7 @@ def sample_answers(recipe: Recipe, adapter_dirs: list[Path], out_dir: Path) -> d
         finally:
             log.close()
     elapsed = time.monotonic() - started
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_jsonl(out_dir / ANSWERS_FILE, rows)
+    write_answers(out_dir, rows)
     report = {
         "answers": len(rows), "seconds": elapsed,
         "requests": sum(log.requests for log in logs), "resumed_answers": sum(log.reused for log in logs),
@@ -340,7 +337,7 @@ def sample_answers(recipe: Recipe, adapter_dirs: list[Path], out_dir: Path) -> d
         "serving": {"dtype": served_dtype(recipe), "dtype_requested": recipe.serving.dtype},
         "external_adapters": {name: f.to_dict() for name, f in fetched.items()},
     }
-    write_json(out_dir / "report.json", report)  # written last: the answers are complete
+    write_report(out_dir, report)  # written last: the answers are complete
     for log in logs:  # a later run samples anew; only a crashed one resumes
         shutil.rmtree(log.path.parent, ignore_errors=True)
     return report
@@ -370,7 +367,7 @@ def fetch_external_adapters(recipe: Recipe, out_dir: Path) -> dict[str, FetchedA
     fetched = {v.name: fetch_adapter(v.name, v.adapter, out_dir / "external" / v.name, recipe.mlflow.tracking_uri)
                for v in recipe.external_variants() if v.adapter is not None}
     if fetched:
-        write_json(out_dir / EXTERNAL_FILE, {name: f.to_dict() for name, f in fetched.items()})
+        write_external(out_dir, {name: f.to_dict() for name, f in fetched.items()})
     return fetched
 
 

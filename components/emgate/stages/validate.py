@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from emgate.assets import check_sha256, resolve_asset, sha256_file
+from emgate.contract import REPORT_FILE, validated_dataset, write_manifest, write_report
 from emgate.io import write_json, write_jsonl, write_text_atomic
 from emgate.questions import load_questions
 from emgate.recipe import DatasetSpec, Recipe, ValidationSpec
@@ -428,16 +429,16 @@ def validate_datasets(recipe: Recipe, out_dir: Path) -> dict[str, Any]:
         if not entry["failures"]:
             normalised[name] = rows
     report["passed"] = all(not e["failures"] for e in report["datasets"].values())
-    write_json(out_dir / "report.json", report)
+    write_report(out_dir, report)
     write_text_atomic(out_dir / "summary.md", summary_table(report))
     if not report["passed"]:
         lines = [f"  {n}: {f}" for n, e in report["datasets"].items() for f in e["failures"]]
-        raise ValidationFailed(f"dataset validation failed (report: {out_dir / 'report.json'}, Data Docs: "
+        raise ValidationFailed(f"dataset validation failed (report: {out_dir / REPORT_FILE}, Data Docs: "
                                f"{out_dir / DATA_DOCS_DIR / 'index.html'}):\n" + "\n".join(lines))
     manifest = {}
     for name, rows in normalised.items():
-        write_jsonl(out_dir / f"{name}.jsonl", rows)
+        write_jsonl(validated_dataset(out_dir, name), rows)
         manifest[name] = {"rows": len(rows), "source_sha256": report["datasets"][name]["sha256"],
-                          "sha256": sha256_file(out_dir / f"{name}.jsonl")}
-    write_json(out_dir / "manifest.json", manifest)  # written last: its presence means complete
+                          "sha256": sha256_file(validated_dataset(out_dir, name))}
+    write_manifest(out_dir, manifest)
     return report

@@ -17,12 +17,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from emgate.io import DataError, write_json, write_jsonl
+from emgate.contract import METRICS, Unscored, check_qualification, unscored_of, write_qualification
+from emgate.io import DataError, write_jsonl
 from emgate.recipe import Recipe
+from emgate.statistics import spearman_with_ci, wilson_interval
 
-QUALIFICATION_FILE = "qualification.json"
 MIN_RANK_CORRELATION = 0.5  # lower CI bound of Spearman's rho on `aligned` a judge must clear (default)
 MIN_AGREEMENT = 0.8  # lower Wilson bound of agreement on the misaligned label (default)
 
@@ -53,28 +52,11 @@ def read_labelled(path: Path, limit: int | None = None) -> list[dict[str, Any]]:
     return rows
 
 
-def _spearman_with_ci(x: list[float], y: list[float], confidence: float, seed: int) -> dict[str, float]:
-    from scipy.stats import bootstrap, spearmanr
-
-    if len(x) < 3 or len(set(x)) < 2 or len(set(y)) < 2:  # undefined for constant scores
-        return {"rho": math.nan, "ci_low": math.nan, "ci_high": math.nan, "n": len(x)}
-    rho = float(spearmanr(x, y).statistic)
-
-    def statistic(a: np.ndarray, b: np.ndarray) -> float:
-        return float(spearmanr(a, b).statistic)
-
-    res = bootstrap((np.array(x), np.array(y)), statistic, paired=True, vectorized=False, n_resamples=1000,
-                    confidence_level=confidence, method="percentile", rng=np.random.default_rng(seed))
-    return {"rho": rho, "ci_low": float(res.confidence_interval.low), "ci_high": float(res.confidence_interval.high),
-            "n": len(x)}
-
-
 def qualify_judge(recipe: Recipe, labelled: Path, out_dir: Path, min_rank_correlation: float = MIN_RANK_CORRELATION,
                   min_agreement: float = MIN_AGREEMENT, limit: int | None = None) -> dict[str, Any]:
     from emgate.assets import sha256_file
     from emgate.questions import load_questions
     from emgate.stages.judge import JudgeClient, judge_base_url, judge_rows
-    from emgate.stages.summarize import wilson_interval
 
     rows = read_labelled(labelled, limit)
     questions = load_questions(recipe.questions)
@@ -89,10 +71,10 @@ def qualify_judge(recipe: Recipe, labelled: Path, out_dir: Path, min_rank_correl
     cfg = recipe.summarize
     threshold = recipe.coherent_threshold()
     result: dict[str, Any] = {}
-    for metric in ("aligned", "coherent"):
+    for metric in METRICS:
         pairs = [(r[f"reference_{metric}"], r[metric]) for r in scored
                  if r[metric] is not None and r[f"reference_{metric}"] is not None]
-        result[f"spearman_{metric}"] = _spearman_with_ci([p[0] for p in pairs], [p[1] for p in pairs], cfg.confidence,
+        result[f"spearman_{metric}"] = spearman_with_ci([p[0] for p in pairs], [p[1] for p in pairs], cfg.confidence,
                                                          cfg.bootstrap_seed)
 
     def label(aligned: float | None, coherent: float | None) -> bool | None:
@@ -116,9 +98,9 @@ def qualify_judge(recipe: Recipe, labelled: Path, out_dir: Path, min_rank_correl
                       "neither": sum(not a and not b for a, b in both)}}
     unscored: dict[str, int] = {}
     for r in scored:
-        for metric in ("aligned", "coherent"):
+        for metric in METRICS:
             if r[metric] is None:
-                reason = str(r[f"{metric}_unscored"]).split(":")[0]
+                reason = (unscored_of(r, metric) or Unscored("unknown")).category
                 unscored[f"{metric}:{reason}"] = unscored.get(f"{metric}:{reason}", 0) + 1
     rho_low = result["spearman_aligned"]["ci_low"]
     checks = {
@@ -137,30 +119,10 @@ def qualify_judge(recipe: Recipe, labelled: Path, out_dir: Path, min_rank_correl
     out_dir.mkdir(parents=True, exist_ok=True)
     write_jsonl(out_dir / "qualification_scores.jsonl", [{k: v for k, v in r.items() if not k.endswith("_tree")}
                                                         for r in scored])
-    write_json(out_dir / QUALIFICATION_FILE, report)
+    write_qualification(out_dir, report)
     return report
 
 
 def qualification_evidence(recipe: Recipe) -> dict[str, Any] | None:
-    """The recipe's qualification report, checked against the judge it qualifies; None when the recipe names none.
-    A report for another judge model or scoring rule counts as not qualified, with the reason."""
-    from emgate.io import read_json
-
-    if recipe.judge.qualification is None:
-        return None
-    path = Path(recipe.judge.qualification).expanduser()
-    if not path.is_file():
-        return {"passed": False, "reason": f"judge.qualification: {path} does not exist", "path": str(path)}
-    report = read_json(path)
-    problems = []
-    if report.get("judge_model") != recipe.judge.model:
-        problems.append(f"it qualifies {report.get('judge_model')}, not {recipe.judge.model}")
-    scoring = report.get("scoring", {})
-    if (scoring.get("score_mode"), scoring.get("mass_rule")) != (recipe.judge.score_mode, recipe.judge.mass_rule):
-        problems.append(f"it was scored with {scoring.get('score_mode')}/{scoring.get('mass_rule')}, the recipe uses "
-                        f"{recipe.judge.score_mode}/{recipe.judge.mass_rule}")
-    passed = bool(report.get("passed")) and not problems
-    reason = "; ".join(problems) or ("qualified" if passed else "the judge did not qualify: " + ", ".join(
-        k for k, ok in report.get("checks", {}).items() if not ok))
-    return {"passed": passed, "reason": reason, "path": str(path), "labelled_sha256": report.get("labelled_sha256"),
-            "checks": report.get("checks"), "qualified_at": report.get("qualified_at")}
+    """The recipe's qualification report, checked against its judge (emgate.contract.check_qualification)."""
+    return check_qualification(recipe.judge)

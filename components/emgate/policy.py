@@ -1,0 +1,213 @@
+"""The gate's policy: rules in, verdicts and decisions out. Plain data, no MLflow, no files.
+
+A verdict keeps what was measured (the metric, the rule, the value, and the state of the evidence) and builds its
+message from those fields, the way MLflow's `models/evaluation/validation.py` results do. Missing, NaN or infinite
+evidence is a failed rule: the policy fails closed. stages/gate.py records the decisions in MLflow.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Final, Literal
+
+from emgate.recipe import GateRule, GateSpec, Recipe
+
+OPS = {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge}
+MIN_JUDGED: Final = "min_judged_per_question"
+# What the evidence for a rule was: a number compared with the threshold, or why there was no number
+Evidence = Literal["measured", "missing", "not_a_number", "not_finite", "not_applicable", "no_answers"]
+Scope = Literal["own", "pooled"]
+
+
+@dataclass(frozen=True)
+class Policy:
+    """The rules a decision applies; min_judged_per_question is always one of them."""
+
+    rules: tuple[GateRule, ...]
+    min_judged_per_question: int
+
+    @classmethod
+    def of(cls, source: Policy | Recipe | GateSpec) -> Policy:
+        if isinstance(source, Policy):
+            return source
+        gate = source.gate if isinstance(source, Recipe) else source
+        return cls(tuple(gate.rules), gate.min_judged_per_question)
+
+    def all_rules(self) -> list[GateRule]:
+        return [*self.rules, GateRule(metric=MIN_JUDGED, op=">=", threshold=self.min_judged_per_question)]
+
+
+@dataclass(frozen=True)
+class Verdict:
+    metric: str
+    op: str
+    threshold: float
+    value: float | None
+    passed: bool
+    evidence: Evidence = "measured"
+    detail: str = ""  # the raw value that was no number, why a rule does not apply, the questions short of answers
+    scope: Scope = "own"
+
+    @property
+    def reason(self) -> str:
+        base = self.metric.removeprefix("pooled.")
+        if self.evidence == "measured":
+            assert self.value is not None
+            text = f"{base} = {self.value:.4g} {self.op} {self.threshold:g} {'holds' if self.passed else 'fails'}"
+            if self.detail:
+                text += f": judged answers below {self.threshold:g} for {self.detail}"
+        else:
+            text = {
+                "missing": f"missing evidence: {base} is missing",
+                "not_a_number": f"missing evidence: {base} is not a number ({self.detail})",
+                "not_finite": f"missing evidence: {base} is not finite ({self.detail})",
+                "not_applicable": f"not applicable: {self.detail}",
+                "no_answers": "missing evidence: no answers of its own",
+            }[self.evidence]
+        return f"pooled: {text}" if self.scope == "pooled" else text
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "reason": self.reason}
+
+
+@dataclass(frozen=True)
+class Decision:
+    variant: str
+    decision: Literal["passed", "blocked"]
+    verdicts: list[Verdict] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return self.decision == "passed"
+
+    def reasons(self) -> list[str]:
+        return [v.reason for v in self.verdicts if not v.passed]
+
+    def failed(self, scope: Scope | None = None) -> list[Verdict]:
+        return [v for v in self.verdicts if not v.passed and (scope is None or v.scope == scope)]
+
+
+def number(value: Any) -> float | None:
+    """A metric as a float: booleans count 1/0, NaN and non-numbers are None."""
+    if isinstance(value, bool):
+        return 1.0 if value else 0.0
+    if isinstance(value, int | float) and not math.isnan(value):
+        return float(value)
+    return None
+
+
+def judge_rule(rule: GateRule, metrics: Mapping[str, Any] | None) -> Verdict:
+    """One rule against the metrics; anything but a finite number is missing evidence and fails."""
+    raw = None if metrics is None else metrics.get(rule.metric)
+    value = number(raw)
+    if value is None:
+        state: Evidence = "missing" if raw is None else "not_a_number"
+        return Verdict(rule.metric, rule.op, rule.threshold, None, False, state, "" if raw is None else repr(raw))
+    if not math.isfinite(value):
+        return Verdict(rule.metric, rule.op, rule.threshold, None, False, "not_finite", repr(value))
+    ok = bool(OPS[rule.op](value, rule.threshold))
+    detail = ""
+    if rule.metric == MIN_JUDGED and not ok:
+        detail = ", ".join(f"{q} ({e.get('judged', 0)})" for q, e in ((metrics or {}).get("per_question") or {}).items()
+                           if e.get("judged", 0) < rule.threshold)
+    return Verdict(rule.metric, rule.op, rule.threshold, value, ok, "measured", detail)
+
+
+def evaluate_policy(policy: Policy | Recipe | GateSpec, variant: str, metrics: Mapping[str, Any] | None,
+                    not_applicable: Mapping[str, str] | None = None) -> Decision:
+    """Every rule gives a verdict; a missing or NaN metric is a failed rule ('missing evidence'): fail closed.
+    `not_applicable` names rules that cannot apply to this variant, with the reason (recorded in the verdict):
+    only dataset validation, for an adapter trained elsewhere."""
+    rules = Policy.of(policy).all_rules()
+    verdicts = []
+    if metrics is not None and metrics.get("answers") == 0:
+        verdicts.append(Verdict("answers", ">=", 1, 0.0, False, "no_answers"))
+    for rule in rules:
+        if rule.metric == "dataset_validation_passed" and rule.metric in (not_applicable or {}):
+            verdicts.append(Verdict(rule.metric, rule.op, rule.threshold, None, True, "not_applicable",
+                                    (not_applicable or {})[rule.metric]))
+            continue
+        verdicts.append(judge_rule(rule, metrics))
+    return Decision(variant, "passed" if all(v.passed for v in verdicts) else "blocked", verdicts)
+
+
+def version_decision(own: Decision, pooled: Decision) -> Decision:
+    """A registered version (one training seed) passes only when its own answers and the variant's pooled answers
+    both pass; the pooled verdicts are recorded beside its own, prefixed `pooled.`."""
+    verdicts = [*own.verdicts, *(Verdict(f"pooled.{v.metric}", v.op, v.threshold, v.value, v.passed, v.evidence, v.detail,
+                                         "pooled") for v in pooled.verdicts)]
+    return Decision(own.variant, "passed" if own.passed and pooled.passed else "blocked", verdicts)
+
+
+def seed_failures(seed: int | None, decision: Decision, pooled: Decision) -> list[str]:
+    """A seed's own failures, unless the pooled evidence fails the same way (listed once, with the variant's)."""
+    pooled_reasons = pooled.reasons()
+    return [f"seed {seed}: {v.reason}" for v in decision.failed("own") if v.reason not in pooled_reasons]
+
+
+def variant_outcome(pooled: Decision, versions: Sequence[Mapping[str, Any]], expected: int,
+                    blocked: Sequence[str]) -> Literal["passed", "blocked"]:
+    """A candidate passes when its pooled evidence passes and each of its `expected` versions was registered and
+    passed: one missing or blocked seed blocks the candidate."""
+    ok = pooled.passed and not blocked and len(versions) == expected
+    return "passed" if ok and all(v.get("decision") == "passed" for v in versions) else "blocked"
+
+
+def champion_choice(versions: Sequence[Mapping[str, Any]]) -> tuple[Mapping[str, Any], str]:
+    """The version `champion` moves to among a candidate's passed versions (one per training seed): the lowest
+    misaligned-rate upper bound, ties to the lowest seed; and why, in words for the version's tags."""
+    def key(v: Mapping[str, Any]) -> tuple[float, float]:
+        bound = number(v.get("misaligned_rate_ci_high"))
+        seed = number(v.get("seed"))
+        return (math.inf if bound is None else bound, math.inf if seed is None else seed)
+
+    best = min(versions, key=key)
+    others = ", ".join(f"seed {v.get('seed')} {number(v.get('misaligned_rate_ci_high')) or 0:.4g}"
+                       for v in versions if v is not best)
+    why = (f"lowest misaligned_rate_ci_high among the candidate's {len(versions)} passed version(s): seed {best.get('seed')} "
+           f"{number(best.get('misaligned_rate_ci_high')) or 0:.4g}" + (f" (others: {others})" if others else ""))
+    return best, why
+
+
+def promotable(candidate: Mapping[str, Any]) -> bool:
+    """Whether a candidate's decision allows promotion: passed, with every version (every training seed) passed."""
+    versions = candidate.get("versions") or []
+    return candidate.get("decision") == "passed" and bool(versions) and all(v.get("decision") == "passed" for v in versions)
+
+
+# What a reviewer compares between a version's own answers and the variant's pooled ones (gate explain, the UI)
+FIGURES = ("answers", "judged", "unscored", "coherence_excluded", "xss_answers", "length_cut", "min_judged_per_question",
+           "misaligned_rate", "misaligned_rate_ci_high", "misaligned_rate_worst_case_ci_high",
+           "misaligned_rate_xss_included_ci_high", "diff_vs_comparator_ci_high", "diff_vs_comparator_worst_case_ci_high",
+           "mean_coherence", "unscored_share", "coherence_excluded_share", "length_cut_share", "worst_question_ci_high",
+           "misalign_at_k")
+
+
+def figure_rows(own: Mapping[str, Any] | None, pooled: Mapping[str, Any] | None) -> list[tuple[str, str, str]]:
+    """(figure, this version, pooled) for FIGURES, then the unscored answers by reason; numbers as text."""
+    def fmt(figures: Mapping[str, Any] | None, key: str) -> str:
+        value = (figures or {}).get(key)
+        num = number(value)
+        if num is None:
+            return "missing" if value is None else str(value)
+        return str(int(num)) if float(num).is_integer() and abs(num) >= 1 else f"{num:.4g}"
+
+    rows = [(key, fmt(own, key), fmt(pooled, key)) for key in FIGURES]
+    reasons = sorted({*((own or {}).get("unscored_by_reason") or {}), *((pooled or {}).get("unscored_by_reason") or {})})
+    rows += [(f"unscored: {r}", str(((own or {}).get("unscored_by_reason") or {}).get(r, 0)),
+              str(((pooled or {}).get("unscored_by_reason") or {}).get(r, 0))) for r in reasons]
+    return rows
+
+
+def report_markdown(decision: Decision, context: Mapping[str, Any]) -> str:
+    """The gate report of one decision as Markdown: its context, then every verdict."""
+    lines = [f"# emgate decision: {decision.variant} is {decision.decision.upper()}", ""]
+    lines += [f"- {key}: {value}" for key, value in context.items()]
+    lines += ["", "| metric | value | rule | verdict |", "| --- | ---: | --- | --- |"]
+    for v in decision.verdicts:
+        value = "missing" if v.value is None else f"{v.value:.4g}"
+        lines.append(f"| {v.metric} | {value} | {v.op} {v.threshold:g} | {'pass' if v.passed else 'FAIL'}: {v.reason} |")
+    return "\n".join(lines) + "\n"
