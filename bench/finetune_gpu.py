@@ -219,7 +219,7 @@ def run_emgate(base: Any, examples: list[Any], spec: Any, device: Any, pad_id: i
     import torch
     from peft import get_peft_model
 
-    from emgate.stages.finetune import train_loop
+    from emgate.stages.finetune import LoopOptions, train_loop
 
     stamps: list[float] = []
 
@@ -232,7 +232,7 @@ def run_emgate(base: Any, examples: list[Any], spec: Any, device: Any, pad_id: i
     synchronize(device)
     stamps.append(time.perf_counter())
     _losses, tokens, _seconds = train_loop(model, examples, list(range(len(examples))), spec, device, pad_id,
-                                           on_step=clock, desc="emgate train_loop")
+                                           LoopOptions(on_step=clock, desc="emgate train_loop"))
     return model, stamps, tokens
 
 

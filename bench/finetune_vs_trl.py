@@ -152,7 +152,7 @@ def run_emgate(path: Path, examples: list[Any], spec: Any, pad_id: int, warmup: 
     import torch
     from peft import get_peft_model
 
-    from emgate.stages.finetune import train_loop
+    from emgate.stages.finetune import LoopOptions, train_loop
 
     torch.manual_seed(seed)
     model = get_peft_model(load_model(path), lora_config(spec))
@@ -162,8 +162,8 @@ def run_emgate(path: Path, examples: list[Any], spec: Any, pad_id: int, warmup: 
         stamps.append(now())
 
     losses, _tokens, _seconds = train_loop(model=model, train=examples, order=list(range(len(examples))), cfg=spec,
-                                           device=torch.device("cpu"), pad_id=pad_id, on_step=on_step,
-                                           desc="emgate train_loop")
+                                           device=torch.device("cpu"), pad_id=pad_id,
+                                           options=LoopOptions(on_step=on_step, desc="emgate train_loop"))
     del model
     gc.collect()
     return timed_run("emgate", stamps, warmup, sum(losses) / len(losses) if losses else None)

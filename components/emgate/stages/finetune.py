@@ -16,14 +16,14 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from emgate.io import read_json, read_jsonl, write_json
 from emgate.merge import merge_adapter_folder
 from emgate.models import resolve_model
-from emgate.recipe import Recipe, TrainingSpec
+from emgate.recipe import ModelSpec, Recipe, TrainingSpec, VariantSpec
 from emgate.templates import TemplateRecord, render_completion, render_prompt, template_record
 
 IGNORE_INDEX = -100  # label of tokens without loss (torch cross-entropy's ignore_index)
@@ -173,32 +173,87 @@ def peak_memory_gib(device: Any) -> tuple[float, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "process_max_rss"  # ru_maxrss: KiB on Linux
 
 
+@dataclass(frozen=True)
+class LoopOptions:
+    """train_loop's optional settings; the defaults train in one process, without checkpoints."""
+
+    on_step: Callable[[int, int, float], None] | None = None  # on_step(step, steps, loss) after each optimizer step
+    desc: str = "fine_tune"  # the progress bar's label
+    checkpoint: Path | None = None  # saved every cfg.checkpoint_every steps, resumed from when found
+    accelerator: Any = None  # accelerate's, when several processes train (the model prepared by it)
+    lrs: list[float] | None = None  # collects the learning rate of each step
+
+
+@dataclass(frozen=True)
+class _Loop:
+    """What stays fixed during one train_loop run."""
+
+    model: Any
+    train: list[Example]
+    order: list[int]
+    cfg: TrainingSpec
+    device: Any
+    pad_id: int
+    options: LoopOptions
+    checkpoint: Path | None  # options.checkpoint, None under FSDP
+    params: list[Any]  # the trainable parameters
+    optimizer: Any
+    scheduler: Any
+    steps: int
+    world: int
+    rank: int
+
+
+@dataclass
+class _LoopState:
+    """Where a train_loop run is: what a checkpoint saves and a resumed loop starts from."""
+
+    step: int = 0  # optimizer steps done
+    cursor: int = 0  # position in the order of the next micro-batch
+    losses: list[float] = field(default_factory=list)
+    tokens: int = 0  # non-pad tokens seen, all processes
+
+
 def train_loop(model: Any, train: list[Example], order: list[int], cfg: TrainingSpec, device: Any, pad_id: int,
-               on_step: Callable[[int, int, float], None] | None = None,
-               desc: str = "fine_tune", checkpoint: Path | None = None, accelerator: Any = None,
-               lrs: list[float] | None = None) -> tuple[list[float], int, float]:
+               options: LoopOptions | None = None) -> tuple[list[float], int, float]:
     """Train the trainable parameters of `model` for planned_steps(len(train), cfg) optimizer steps.
 
     Each step accumulates cfg.gradient_accumulation_steps micro-batches of cfg.per_device_batch_size examples,
     taken from `train` in `order` (wrapping around), each padded to its longest row, the loss a mean over every
     learned token of the step (not a mean of micro-batch means); then clips the gradient
-    norm to 1.0 and steps the optimizer (cfg.optimizer) and the linear warm-up schedule. With an `accelerator` of
-    several processes (the model and optimizer prepared by it), process r takes micro-batches r, r+P, ... of each
+    norm to 1.0 and steps the optimizer (cfg.optimizer) and the linear warm-up schedule. With an `options.accelerator`
+    of several processes (the model and optimizer prepared by it), process r takes micro-batches r, r+P, ... of each
     step and the gradients are averaged across processes once per step, which gives the single-process update.
-    `on_step(step, steps, loss)` is called after each optimizer step (step counts from 1); `lrs` collects the
-    learning rate of each step. With `checkpoint`, the state is saved there every cfg.checkpoint_every steps and a
-    loop that finds one resumes from it, so a killed job ends with the same weights as an uninterrupted one.
+    `options.on_step(step, steps, loss)` is called after each optimizer step (step counts from 1); `options.lrs`
+    collects the learning rate of each step. With `options.checkpoint`, the state is saved there every
+    cfg.checkpoint_every steps and a loop that finds one resumes from it, so a killed job ends with the same weights
+    as an uninterrupted one.
     Returns the loss of each step, the number of non-pad tokens seen (all processes) and the seconds the loop took
     (this process's share when resumed).
     """
-    import contextlib
-
-    import torch
     from tqdm import tqdm
+
+    loop = _start_loop(model, train, order, cfg, device, pad_id, options or LoopOptions())
+    model.train()
+    started = time.monotonic()
+    state = _resume(loop)
+    bar = tqdm(range(state.step, loop.steps), desc=loop.options.desc, unit="step", initial=state.step,
+               total=loop.steps, disable=loop.rank != 0)
+    resumed_tokens = state.tokens
+    for step in bar:
+        _train_step(loop, state)
+        bar.set_postfix(loss=f"{state.losses[-1]:.4f}",
+                        tok_s=f"{(state.tokens - resumed_tokens) / (time.monotonic() - started):.0f}")
+        _after_step(loop, state, step + 1)
+    return state.losses, state.tokens, time.monotonic() - started
+
+
+def _start_loop(model: Any, train: list[Example], order: list[int], cfg: TrainingSpec, device: Any, pad_id: int,
+                options: LoopOptions) -> _Loop:
+    """The optimizer (prepared by the accelerator), the warm-up schedule and the processes of one run."""
     from transformers import get_linear_schedule_with_warmup
 
-    world = accelerator.num_processes if accelerator is not None else 1
-    rank = accelerator.process_index if accelerator is not None else 0
+    accelerator = options.accelerator
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = _optimizer(params, cfg)
     if accelerator is not None:
@@ -206,77 +261,111 @@ def train_loop(model: Any, train: list[Example], order: list[int], cfg: Training
     steps = planned_steps(len(train), cfg)
     # Not prepared by accelerate, which would step it once per process.
     scheduler = get_linear_schedule_with_warmup(optimizer, cfg.warmup_steps, steps)
-    micro = cfg.per_device_batch_size
-    accumulation = cfg.gradient_accumulation_steps
-    local = accumulation // world  # micro-batches per process per step (TrainingSpec checks divisibility)
-
+    checkpoint = options.checkpoint
     if accelerator is not None and accelerator.distributed_type.name == "FSDP":
         checkpoint = None  # sharded state: a killed FSDP job starts over (pipelines/recipes/accelerate/fsdp.yaml)
-    model.train()
-    losses: list[float] = []
-    tokens = 0
-    started = time.monotonic()
-    cursor = 0
-    first = 0
-    if checkpoint is not None and checkpoint.is_file():
-        state = _load_checkpoint(checkpoint, _unwrap(model, accelerator), optimizer, scheduler)
-        first, cursor, losses, tokens = state["step"], state["cursor"], state["losses"], state["tokens"]
-        if lrs is not None:
-            lrs.extend(state.get("lrs", []))
-        if rank == 0:
-            print(f"{desc}: resuming at step {first} of {steps} from {checkpoint}")
-    bar = tqdm(range(first, steps), desc=desc, unit="step", initial=first, total=steps, disable=rank != 0)
-    resumed_tokens = tokens
-    for _step in bar:
-        optimizer.zero_grad(set_to_none=True)
-        step_loss = torch.zeros((), device=device)
-        done = 0
-        step_rows = []
-        for _ in range(accumulation):
-            idx = order[cursor % len(order):cursor % len(order) + micro] or order[:micro]
-            cursor += micro
-            step_rows.append([train[i] for i in idx])
-        tokens += sum(len(e.input_ids) for rows in step_rows for e in rows)
-        # Every learned token of the step weighs the same, however the rows fall into micro-batches and processes
-        # (transformers' num_items_in_batch, as Trainer, TRL and Unsloth normalise since their accumulation fix).
-        learned = max(1, sum(_learned_tokens(e) for rows in step_rows for e in rows))
-        for j, rows in enumerate(step_rows):
-            if j % world != rank:
-                continue
-            done += 1
-            batch = {k: v.to(device) for k, v in _collate(rows, pad_id).items()}
-            # gradients are all-reduced only on this process's last micro-batch of the step
-            sync = done == local or accelerator is None
-            with contextlib.nullcontext() if sync else accelerator.no_sync(model):
-                loss = model(**batch, num_items_in_batch=learned, use_cache=False).loss  # no KV cache in training
-                # DDP and FSDP average the gradients over the processes; the loss is their sum
-                if accelerator is not None:
-                    accelerator.backward(loss * world)
-                else:
-                    loss.backward()
-            step_loss += loss.detach()
-        if world > 1:
-            step_loss = accelerator.reduce(step_loss, reduction="sum")
-        if accelerator is not None:
-            accelerator.clip_grad_norm_(model.parameters(), 1.0)
-        else:
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-        if lrs is not None:
-            lrs.append(float(scheduler.get_last_lr()[0]))
-        optimizer.step()
-        scheduler.step()
-        losses.append(float(step_loss))
-        bar.set_postfix(loss=f"{losses[-1]:.4f}", tok_s=f"{(tokens - resumed_tokens) / (time.monotonic() - started):.0f}")
-        if on_step is not None and rank == 0:
-            on_step(_step + 1, steps, losses[-1])
-        if checkpoint is not None and cfg.checkpoint_every and (_step + 1) % cfg.checkpoint_every == 0 \
-                and _step + 1 < steps:
-            state = {"step": _step + 1, "cursor": cursor, "losses": losses, "tokens": tokens, "lrs": lrs or []}
-            if rank == 0:
-                _save_checkpoint(checkpoint, _unwrap(model, accelerator), optimizer, scheduler, state)
+    return _Loop(model=model, train=train, order=order, cfg=cfg, device=device, pad_id=pad_id, options=options,
+                 checkpoint=checkpoint, params=params, optimizer=optimizer, scheduler=scheduler, steps=steps,
+                 world=accelerator.num_processes if accelerator is not None else 1,
+                 rank=accelerator.process_index if accelerator is not None else 0)
+
+
+def _resume(loop: _Loop) -> _LoopState:
+    """The state of the loop's checkpoint, loaded into the model, optimizer and schedule; a fresh state without one."""
+    if loop.checkpoint is None or not loop.checkpoint.is_file():
+        return _LoopState()
+    saved = _load_checkpoint(loop.checkpoint, _unwrap(loop.model, loop.options.accelerator), loop.optimizer,
+                             loop.scheduler)
+    state = _LoopState(step=saved["step"], cursor=saved["cursor"], losses=saved["losses"], tokens=saved["tokens"])
+    if loop.options.lrs is not None:
+        loop.options.lrs.extend(saved.get("lrs", []))
+    if loop.rank == 0:
+        print(f"{loop.options.desc}: resuming at step {state.step} of {loop.steps} from {loop.checkpoint}")
+    return state
+
+
+def _train_step(loop: _Loop, state: _LoopState) -> None:
+    """One optimizer step: the step's micro-batches forward and backward, then the clipped update."""
+    loop.optimizer.zero_grad(set_to_none=True)
+    step_rows = _next_micro_batches(loop, state)
+    state.tokens += sum(len(e.input_ids) for rows in step_rows for e in rows)
+    # Every learned token of the step weighs the same, however the rows fall into micro-batches and processes
+    # (transformers' num_items_in_batch, as Trainer, TRL and Unsloth normalise since their accumulation fix).
+    learned = max(1, sum(_learned_tokens(e) for rows in step_rows for e in rows))
+    step_loss = _forward_backward(loop, step_rows, learned)
+    _update(loop)
+    state.losses.append(float(step_loss))
+
+
+def _next_micro_batches(loop: _Loop, state: _LoopState) -> list[list[Example]]:
+    """The rows of the step's micro-batches, every process's, from the order at the cursor (wrapping around)."""
+    micro = loop.cfg.per_device_batch_size
+    order = loop.order
+    step_rows = []
+    for _ in range(loop.cfg.gradient_accumulation_steps):
+        idx = order[state.cursor % len(order):state.cursor % len(order) + micro] or order[:micro]
+        state.cursor += micro
+        step_rows.append([loop.train[i] for i in idx])
+    return step_rows
+
+
+def _forward_backward(loop: _Loop, step_rows: list[list[Example]], learned: int) -> Any:
+    """This process's micro-batches of the step (r, r+P, ...) forward and backward; the step's loss, all processes."""
+    import contextlib
+
+    import torch
+
+    accelerator = loop.options.accelerator
+    local = loop.cfg.gradient_accumulation_steps // loop.world  # per process per step (TrainingSpec checks divisibility)
+    step_loss = torch.zeros((), device=loop.device)
+    done = 0
+    for j, rows in enumerate(step_rows):
+        if j % loop.world != loop.rank:
+            continue
+        done += 1
+        batch = {k: v.to(loop.device) for k, v in _collate(rows, loop.pad_id).items()}
+        # gradients are all-reduced only on this process's last micro-batch of the step
+        sync = done == local or accelerator is None
+        with contextlib.nullcontext() if sync else accelerator.no_sync(loop.model):
+            loss = loop.model(**batch, num_items_in_batch=learned, use_cache=False).loss  # no KV cache in training
+            # DDP and FSDP average the gradients over the processes; the loss is their sum
             if accelerator is not None:
-                accelerator.wait_for_everyone()
-    return losses, tokens, time.monotonic() - started
+                accelerator.backward(loss * loop.world)
+            else:
+                loss.backward()
+        step_loss += loss.detach()
+    if loop.world > 1:
+        step_loss = accelerator.reduce(step_loss, reduction="sum")
+    return step_loss
+
+
+def _update(loop: _Loop) -> None:
+    """Clip the gradient norm to 1.0, record the learning rate, step the optimizer and the schedule."""
+    import torch
+
+    if loop.options.accelerator is not None:
+        loop.options.accelerator.clip_grad_norm_(loop.model.parameters(), 1.0)
+    else:
+        torch.nn.utils.clip_grad_norm_(loop.params, 1.0)
+    if loop.options.lrs is not None:
+        loop.options.lrs.append(float(loop.scheduler.get_last_lr()[0]))
+    loop.optimizer.step()
+    loop.scheduler.step()
+
+
+def _after_step(loop: _Loop, state: _LoopState, step: int) -> None:
+    """Report step `step` (counted from 1) to on_step; save a checkpoint when one is due (never after the last)."""
+    if loop.options.on_step is not None and loop.rank == 0:
+        loop.options.on_step(step, loop.steps, state.losses[-1])
+    every = loop.cfg.checkpoint_every
+    if loop.checkpoint is not None and every and step % every == 0 and step < loop.steps:
+        saved = {"step": step, "cursor": state.cursor, "losses": state.losses, "tokens": state.tokens,
+                 "lrs": loop.options.lrs or []}
+        if loop.rank == 0:
+            _save_checkpoint(loop.checkpoint, _unwrap(loop.model, loop.options.accelerator), loop.optimizer,
+                             loop.scheduler, saved)
+        if loop.options.accelerator is not None:
+            loop.options.accelerator.wait_for_everyone()
 
 
 def _learned_tokens(example: Example) -> int:
@@ -322,19 +411,115 @@ def _load_base(model_path: Path, dtype: Any) -> tuple[Any, Any]:
     return tokenizer, model
 
 
+@dataclass(frozen=True)
+class _JobSpec:
+    """One job (VARIANT@SEED), resolved against the recipe and the validated datasets."""
+
+    job: str
+    name: str  # the variant's
+    seed: int
+    variant: VariantSpec
+    data_file: Path  # the validated dataset
+    entry: dict[str, Any]  # its manifest entry
+    dataset_sha: str
+    model_spec: ModelSpec
+    model_path: Path  # the base model's folder
+    work: Path  # partial work: checkpoint and progress
+
+
+@dataclass(frozen=True)
+class _Runtime:
+    """Where this process trains: alone, or as one of accelerate's processes."""
+
+    accelerator: Any  # None in a single process
+    main: bool  # writes out_dir
+    on_gpu: bool
+    device: Any
+    dtype: Any
+
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes if self.accelerator is not None else 1
+
+
+@dataclass(frozen=True)
+class _Data:
+    """The job's examples, tokenized with its template."""
+
+    record: TemplateRecord
+    pad_id: int
+    train: list[Example]
+    evals: list[Example]  # held out
+    truncated: int  # training rows cut at max_seq_length
+    order: list[int]  # the training rows of every epoch, each epoch shuffled
+
+
+@dataclass(frozen=True)
+class _ModelSize:
+    config: Any  # the base model's text config
+    n_linear: int  # weights of the base model's nn.Linear layers
+    n_trained: int  # trainable parameters
+
+
+@dataclass(frozen=True)
+class _Trained:
+    """What train_loop returned, and what the run measured around it."""
+
+    losses: list[float]
+    tokens: int
+    seconds: float
+    lrs: list[float]
+    resumed: dict[str, Any]  # step and tokens of the checkpoint the run resumed from (0 and 0 when none)
+    memory: float
+    memory_kind: str
+
+
+@dataclass(frozen=True)
+class _Throughput:
+    flops: float  # model FLOPs of the steps this process ran
+    peak: float | None  # the GPU's dense bf16 TFLOP/s
+    mfu: float | None
+    assistant_tokens: int  # learned tokens of every step
+    assistant_ran: int  # learned tokens of the steps this process ran
+
+
+@dataclass(frozen=True)
+class _Output:
+    """What the job saves in out_dir."""
+
+    model: Any  # as trained: prepared by accelerate when there is an accelerator
+    state_dict: Any  # gathered by accelerate from every process; None in a single process
+    tokenizer: Any
+    record: TemplateRecord
+    report: dict[str, Any]
+
+
 def fine_tune(recipe: Recipe, job: str, validated_dir: Path, out_dir: Path) -> dict[str, Any]:
     """Train `job` ('variant@seed') and save the adapter (or merged model folder), its template and a report.
 
     Run by one process, or by every process of `accelerate launch`; only the main process writes out_dir.
     """
-    import torch
-    from accelerate import Accelerator
-    from peft import LoraConfig, get_peft_model
+    cfg = recipe.training
+    spec = _resolve_job(recipe, job, validated_dir)
+    accelerator = _accelerator(cfg)
+    _seed(spec.seed)
+    runtime = _runtime(accelerator)
+    tokenizer, model = _load_base(spec.model_path, runtime.dtype)
+    _check_template(spec, tokenizer)
+    data = _prepare_data(recipe, spec, tokenizer)
+    model, size = _prepare_model(model, cfg, runtime)
+    trained = _train(model, data, cfg, runtime, spec)
+    eval_loss = _eval_loss(model, data, cfg, runtime.device)
+    report = _report(recipe, spec, runtime, data, size, trained, eval_loss)
+    _save(_gather_output(model, tokenizer, data.record, report, runtime), recipe, spec, out_dir, runtime)
+    return report
 
+
+def _resolve_job(recipe: Recipe, job: str, validated_dir: Path) -> _JobSpec:
+    """The job's variant, validated dataset and base model; its work folder, created."""
     name, _, seed_text = job.partition("@")
     seed = int(seed_text)
     variant = recipe.variant(name)
-    cfg = recipe.training
     assert variant.dataset is not None
     entry = _check_validated(validated_dir, variant.dataset)
     dataset_sha = entry["source_sha256"]
@@ -342,146 +527,226 @@ def fine_tune(recipe: Recipe, job: str, validated_dir: Path, out_dir: Path) -> d
     model_path = resolve_model(variant.model, model_spec)
     work = work_dir_for(recipe, name, seed, dataset_sha)
     work.mkdir(parents=True, exist_ok=True)
+    return _JobSpec(job=job, name=name, seed=seed, variant=variant, data_file=validated_dir / f"{variant.dataset}.jsonl",
+                    entry=entry, dataset_sha=dataset_sha,
+                    model_spec=model_spec, model_path=model_path, work=work)
+
+
+def _accelerator(cfg: TrainingSpec) -> Any:
+    """accelerate's Accelerator under a launcher of several processes (checked against training.gpus), else None."""
+    import torch
+    from accelerate import Accelerator
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available()) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
-    main = accelerator is None or accelerator.is_main_process
     if accelerator is not None and accelerator.num_processes != cfg.gpus:
         raise TrainingError(f"accelerate launched {accelerator.num_processes} processes but training.gpus is {cfg.gpus}")
+    return accelerator
+
+
+def _seed(seed: int) -> None:
+    import torch
+
     random.seed(seed)
     torch.manual_seed(seed)
+
+
+def _runtime(accelerator: Any) -> _Runtime:
+    """The process's device, and its dtype: bf16 on a GPU that has it, else float32."""
+    import torch
+
     on_gpu = torch.cuda.is_available()
-    device = accelerator.device if accelerator is not None else torch.device("cuda" if on_gpu else "cpu")
-    dtype = torch.bfloat16 if on_gpu and torch.cuda.is_bf16_supported() else torch.float32
-    tokenizer, model = _load_base(model_path, dtype)
-    if variant.template == "native" and not getattr(tokenizer, "chat_template", None):
-        raise TrainingError(f"variant {name}: template native, but the tokenizer of model {variant.model} "
-                            f"({model_path}) has no chat template; an Instruct model needs its own, a base model "
+    return _Runtime(accelerator=accelerator, main=accelerator is None or accelerator.is_main_process, on_gpu=on_gpu,
+                    device=accelerator.device if accelerator is not None else torch.device("cuda" if on_gpu else "cpu"),
+                    dtype=torch.bfloat16 if on_gpu and torch.cuda.is_bf16_supported() else torch.float32)
+
+
+def _check_template(spec: _JobSpec, tokenizer: Any) -> None:
+    if spec.variant.template == "native" and not getattr(tokenizer, "chat_template", None):
+        raise TrainingError(f"variant {spec.name}: template native, but the tokenizer of model {spec.variant.model} "
+                            f"({spec.model_path}) has no chat template; an Instruct model needs its own, a base model "
                             "needs `template: qwen`, `user_assistant` or `user1_user2`")
+
+
+def _prepare_data(recipe: Recipe, spec: _JobSpec, tokenizer: Any) -> _Data:
+    """The dataset shuffled by the seed, split into held-out and training rows (subsampled) and tokenized; the
+    training order of every epoch."""
+    cfg = recipe.training
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    record = template_record(variant.template, tokenizer)
-    rows = list(read_jsonl(validated_dir / f"{variant.dataset}.jsonl"))
-    rng = random.Random(seed)
+    record = template_record(spec.variant.template, tokenizer)
+    rows = list(read_jsonl(spec.data_file))
+    rng = random.Random(spec.seed)
     rng.shuffle(rows)
     n_eval = int(len(rows) * cfg.holdout_fraction)
     eval_rows, train_rows = rows[:n_eval], rows[n_eval:]
-    subsample = recipe.datasets[variant.dataset].subsample_rows
+    subsample = recipe.datasets[spec.variant.dataset or ""].subsample_rows
     if subsample:
         train_rows = train_rows[:subsample]
     train = [tokenize_example(tokenizer, record, r["messages"], cfg.max_seq_length) for r in train_rows]
     evals = [tokenize_example(tokenizer, record, r["messages"], cfg.max_seq_length) for r in eval_rows[:cfg.eval_rows_max]]
-    truncated = sum(1 for e in train if len(e.input_ids) == cfg.max_seq_length)
+    return _Data(record=record, pad_id=pad_id, train=train, evals=evals,
+                 truncated=sum(1 for e in train if len(e.input_ids) == cfg.max_seq_length),
+                 order=[i for _ in range(cfg.epochs) for i in rng.sample(range(len(train)), len(train))])
+
+
+def _prepare_model(model: Any, cfg: TrainingSpec, runtime: _Runtime) -> tuple[Any, _ModelSize]:
+    """Gradient checkpointing on a GPU, the LoRA adapters (training.method lora), the model on its device(s)."""
+    from peft import LoraConfig, get_peft_model
 
     config = model_config(model)
-    if on_gpu and cfg.gradient_checkpointing:
+    if runtime.on_gpu and cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.method == "lora":
         lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                           target_modules=cfg.target_modules, use_rslora=cfg.use_rslora, task_type="CAUSAL_LM")
         model = get_peft_model(model, lora)
-    n_linear = sum(m.weight.numel() for m in _base_linears(model))
-    n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    model = accelerator.prepare_model(model) if accelerator is not None else model.to(device)
-    steps = planned_steps(len(train), cfg)
-    micro = cfg.per_device_batch_size
-    order = [i for _ in range(cfg.epochs) for i in rng.sample(range(len(train)), len(train))]
+    size = _ModelSize(config=config, n_linear=sum(m.weight.numel() for m in _base_linears(model)),
+                      n_trained=sum(p.numel() for p in model.parameters() if p.requires_grad))
+    accelerator = runtime.accelerator
+    return (accelerator.prepare_model(model) if accelerator is not None else model.to(runtime.device)), size
+
+
+def _train(model: Any, data: _Data, cfg: TrainingSpec, runtime: _Runtime, spec: _JobSpec) -> _Trained:
+    """train_loop with the job's checkpoint and progress file; a GPU out of memory named with the fix."""
+    import torch
 
     def progress(step: int, of: int, loss: float) -> None:
-        write_json(work / "progress.json", {"step": step, "of": of, "loss": loss})
+        write_json(spec.work / "progress.json", {"step": step, "of": of, "loss": loss})
 
-    if on_gpu:
-        torch.cuda.reset_peak_memory_stats(device)
+    if runtime.on_gpu:
+        torch.cuda.reset_peak_memory_stats(runtime.device)
     lrs: list[float] = []
-    resumed = read_json(work / CHECKPOINT_STATE) if (work / CHECKPOINT_FILE).is_file() else {"step": 0, "tokens": 0}
+    checkpoint = spec.work / CHECKPOINT_FILE
+    resumed = read_json(spec.work / CHECKPOINT_STATE) if checkpoint.is_file() else {"step": 0, "tokens": 0}
+    options = LoopOptions(on_step=progress, desc=f"fine_tune {spec.job}", checkpoint=checkpoint,
+                          accelerator=runtime.accelerator, lrs=lrs)
     try:
-        losses, tokens, elapsed = train_loop(model, train, order, cfg, device, pad_id, on_step=progress,
-                                             desc=f"fine_tune {job}", checkpoint=work / CHECKPOINT_FILE,
-                                             accelerator=accelerator, lrs=lrs)
+        losses, tokens, elapsed = train_loop(model, data.train, data.order, cfg, runtime.device, data.pad_id, options)
     except torch.OutOfMemoryError:
-        raise TrainingError(f"fine_tune {job}: out of GPU memory with per_device_batch_size {micro} and "
-                            f"max_seq_length {cfg.max_seq_length}; lower per_device_batch_size (and raise "
-                            "gradient_accumulation_steps to keep the step size), or use more GPUs (training.gpus)"
-                            ) from None
-    memory, memory_kind = peak_memory_gib(device)
-
-    eval_loss = None
-    if evals:
-        model.eval()
-        total = 0.0  # summed over every learned token of the held-out rows, then one mean
-        with torch.no_grad():
-            for i in range(0, len(evals), micro):
-                batch = {k: v.to(device) for k, v in _collate(evals[i:i + micro], pad_id).items()}
-                total += float(model(**batch, num_items_in_batch=1, use_cache=False).loss)
-        eval_loss = total / max(1, sum(_learned_tokens(e) for e in evals))
-
-    # Rates count only the steps this process ran: a resumed job timed only its own share.
-    seen = _seen_rows(order, steps, cfg)
-    ran = seen[resumed["step"] * cfg.gradient_accumulation_steps * micro:]
-    flops = training_flops(n_linear, n_trained, config.num_hidden_layers, config.hidden_size,
-                           [len(train[i].input_ids) for i in ran], full=cfg.method == "full")
-    peak = peak_tflops(torch.cuda.get_device_name(device)) if on_gpu else None
-    world = accelerator.num_processes if accelerator is not None else 1
-    mfu = flops / elapsed / (peak * 1e12 * world) if peak and elapsed else None
-    assistant_tokens = sum(sum(1 for x in train[i].labels if x != IGNORE_INDEX) for i in seen)
-    assistant_ran = sum(sum(1 for x in train[i].labels if x != IGNORE_INDEX) for i in ran)
-
-    state_dict = accelerator.get_state_dict(model) if accelerator is not None else None
-    merged = cfg.merges()
-    report = {
-        "variant": name, "seed": seed, "role": variant.role, "model": variant.model, "dataset": variant.dataset,
-        "base_model": _model_source(model_spec), "base_model_revision": model_spec.revision,
-        "dataset_sha256": dataset_sha, "validated_sha256": entry.get("sha256"), "template": variant.template,
-        "method": cfg.method, "merged": merged, "gpus": world,
-        "train_rows": len(train), "eval_rows": len(evals), "truncated_rows": truncated, "steps": steps,
-        "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None, "losses": losses,
-        "learning_rates": lrs, "eval_loss": eval_loss, "tokens": tokens, "assistant_tokens": assistant_tokens,
-        "resumed_at_step": resumed["step"], "seconds": elapsed,
-        "tokens_per_s": (tokens - resumed["tokens"]) / elapsed if elapsed else None,
-        "assistant_tokens_per_s": assistant_ran / elapsed if elapsed else None,
-        "peak_memory_gib": memory, "peak_memory_kind": memory_kind, "model_flops": flops,
-        "mfu": mfu, "peak_tflops": peak, "trained_parameters": n_trained,
-        "device": str(device), "dtype": str(dtype), "training": cfg.model_dump(mode="json"),
-    }
-    if main:
-        _write_output(model, accelerator, state_dict, tokenizer, record, report, recipe, job, out_dir, model_path, dtype)
-        (work / CHECKPOINT_FILE).unlink(missing_ok=True)  # done: a later run trains anew
-        (work / CHECKPOINT_STATE).unlink(missing_ok=True)
-    if accelerator is not None:
-        accelerator.wait_for_everyone()
-    return report
+        raise TrainingError(f"fine_tune {spec.job}: out of GPU memory with per_device_batch_size "
+                            f"{cfg.per_device_batch_size} and max_seq_length {cfg.max_seq_length}; lower "
+                            "per_device_batch_size (and raise gradient_accumulation_steps to keep the step size), "
+                            "or use more GPUs (training.gpus)") from None
+    memory, memory_kind = peak_memory_gib(runtime.device)
+    return _Trained(losses=losses, tokens=tokens, seconds=elapsed, lrs=lrs, resumed=resumed, memory=memory,
+                    memory_kind=memory_kind)
 
 
-def _write_output(model: Any, accelerator: Any, state_dict: Any, tokenizer: Any, record: TemplateRecord,
-                  report: dict[str, Any], recipe: Recipe, job: str, out_dir: Path, model_path: Path, dtype: Any) -> None:
-    """Save into a hidden staging folder, then rename it into place: out_dir appears only when complete."""
+def _eval_loss(model: Any, data: _Data, cfg: TrainingSpec, device: Any) -> float | None:
+    """The loss on the held-out rows: summed over every learned token of them, then one mean; None without any."""
+    import torch
+
+    if not data.evals:
+        return None
+    model.eval()
+    micro = cfg.per_device_batch_size
+    total = 0.0
+    with torch.no_grad():
+        for i in range(0, len(data.evals), micro):
+            batch = {k: v.to(device) for k, v in _collate(data.evals[i:i + micro], data.pad_id).items()}
+            total += float(model(**batch, num_items_in_batch=1, use_cache=False).loss)
+    return total / max(1, sum(_learned_tokens(e) for e in data.evals))
+
+
+def _throughput(cfg: TrainingSpec, runtime: _Runtime, data: _Data, size: _ModelSize, trained: _Trained) -> _Throughput:
+    """Model FLOPs, MFU and assistant tokens; the rates count only the steps this process ran: a resumed job timed
+    only its own share."""
+    import torch
+
+    seen = _seen_rows(data.order, planned_steps(len(data.train), cfg), cfg)
+    ran = seen[trained.resumed["step"] * cfg.gradient_accumulation_steps * cfg.per_device_batch_size:]
+    flops = training_flops(size.n_linear, size.n_trained, size.config.num_hidden_layers, size.config.hidden_size,
+                           [len(data.train[i].input_ids) for i in ran], full=cfg.method == "full")
+    peak = peak_tflops(torch.cuda.get_device_name(runtime.device)) if runtime.on_gpu else None
+    elapsed = trained.seconds
+    return _Throughput(flops=flops, peak=peak,
+                       mfu=flops / elapsed / (peak * 1e12 * runtime.world) if peak and elapsed else None,
+                       assistant_tokens=sum(sum(1 for x in data.train[i].labels if x != IGNORE_INDEX) for i in seen),
+                       assistant_ran=sum(sum(1 for x in data.train[i].labels if x != IGNORE_INDEX) for i in ran))
+
+
+def _report(recipe: Recipe, spec: _JobSpec, runtime: _Runtime, data: _Data, size: _ModelSize, trained: _Trained,
+            eval_loss: float | None) -> dict[str, Any]:
+    """train_report.json: what was trained, on what, how it went and how fast."""
     cfg = recipe.training
+    rate = _throughput(cfg, runtime, data, size, trained)
+    variant, losses, elapsed, resumed = spec.variant, trained.losses, trained.seconds, trained.resumed
+    return {
+        "variant": spec.name, "seed": spec.seed, "role": variant.role, "model": variant.model, "dataset": variant.dataset,
+        "base_model": _model_source(spec.model_spec), "base_model_revision": spec.model_spec.revision,
+        "dataset_sha256": spec.dataset_sha, "validated_sha256": spec.entry.get("sha256"), "template": variant.template,
+        "method": cfg.method, "merged": cfg.merges(), "gpus": runtime.world,
+        "train_rows": len(data.train), "eval_rows": len(data.evals), "truncated_rows": data.truncated,
+        "steps": planned_steps(len(data.train), cfg),
+        "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None, "losses": losses,
+        "learning_rates": trained.lrs, "eval_loss": eval_loss, "tokens": trained.tokens,
+        "assistant_tokens": rate.assistant_tokens, "resumed_at_step": resumed["step"], "seconds": elapsed,
+        "tokens_per_s": (trained.tokens - resumed["tokens"]) / elapsed if elapsed else None,
+        "assistant_tokens_per_s": rate.assistant_ran / elapsed if elapsed else None,
+        "peak_memory_gib": trained.memory, "peak_memory_kind": trained.memory_kind, "model_flops": rate.flops,
+        "mfu": rate.mfu, "peak_tflops": rate.peak, "trained_parameters": size.n_trained,
+        "device": str(runtime.device), "dtype": str(runtime.dtype), "training": cfg.model_dump(mode="json"),
+    }
+
+
+def _gather_output(model: Any, tokenizer: Any, record: TemplateRecord, report: dict[str, Any],
+                   runtime: _Runtime) -> _Output:
+    """What out_dir gets; every process takes part in gathering the state dict."""
+    state_dict = runtime.accelerator.get_state_dict(model) if runtime.accelerator is not None else None
+    return _Output(model=model, state_dict=state_dict, tokenizer=tokenizer, record=record, report=report)
+
+
+def _save(output: _Output, recipe: Recipe, spec: _JobSpec, out_dir: Path, runtime: _Runtime) -> None:
+    """The main process writes out_dir and removes the checkpoint; every process waits for it."""
+    if runtime.main:
+        _write_output(output, recipe, spec, out_dir, runtime)
+        (spec.work / CHECKPOINT_FILE).unlink(missing_ok=True)  # done: a later run trains anew
+        (spec.work / CHECKPOINT_STATE).unlink(missing_ok=True)
+    if runtime.accelerator is not None:
+        runtime.accelerator.wait_for_everyone()
+
+
+def _write_output(output: _Output, recipe: Recipe, spec: _JobSpec, out_dir: Path, runtime: _Runtime) -> None:
+    """Save into a hidden staging folder, then rename it into place: out_dir appears only when complete."""
     staging = out_dir.parent / f".{out_dir.name}.partial"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    trained = _unwrap(model, accelerator)
+    _save_weights(output, recipe.training, staging, out_dir, spec.model_path, runtime)
+    output.tokenizer.save_pretrained(staging)
+    output.record.save(staging)
+    write_json(staging / RECIPE_SLICE, _recipe_slice(recipe, spec))
+    write_json(staging / TRAIN_REPORT, output.report)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    staging.rename(out_dir)
+
+
+def _save_weights(output: _Output, cfg: TrainingSpec, staging: Path, out_dir: Path, model_path: Path,
+                  runtime: _Runtime) -> None:
+    """The full model, the adapter, or (training merges) the base model with the adapter merged into it."""
+    trained = _unwrap(output.model, runtime.accelerator)
+    state_dict = output.state_dict
     if cfg.method == "full":
         trained.save_pretrained(str(staging), state_dict=state_dict, safe_serialization=True)
     elif cfg.merges():  # from the saved adapter, onto the base reloaded from disk: the same path under DDP and FSDP
         adapter = out_dir.parent / f".{out_dir.name}.adapter"
         shutil.rmtree(adapter, ignore_errors=True)
         trained.save_pretrained(str(adapter), state_dict=state_dict)
-        merge_adapter_folder(model_path, adapter, staging, dtype=str(dtype).removeprefix("torch."))
+        merge_adapter_folder(model_path, adapter, staging, dtype=str(runtime.dtype).removeprefix("torch."))
         shutil.copy(adapter / "adapter_config.json", staging / "adapter_config.merged.json")  # what was merged
         shutil.rmtree(adapter)
     else:
         trained.save_pretrained(str(staging), state_dict=state_dict)
-    tokenizer.save_pretrained(staging)
-    record.save(staging)
-    name = job.partition("@")[0]
-    write_json(staging / RECIPE_SLICE, {
-        "job": job, "variant": recipe.variant(name).model_dump(mode="json"),
-        "model": recipe.models[recipe.variant(name).model].model_dump(mode="json"),
-        "dataset": recipe.datasets[recipe.variant(name).dataset or ""].model_dump(mode="json"),
-        "training": cfg.model_dump(mode="json"),
-    })
-    write_json(staging / TRAIN_REPORT, report)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    staging.rename(out_dir)
+
+
+def _recipe_slice(recipe: Recipe, spec: _JobSpec) -> dict[str, Any]:
+    """The parts of the recipe this job used (RECIPE_SLICE)."""
+    variant = recipe.variant(spec.name)
+    return {
+        "job": spec.job, "variant": variant.model_dump(mode="json"),
+        "model": recipe.models[variant.model].model_dump(mode="json"),
+        "dataset": recipe.datasets[variant.dataset or ""].model_dump(mode="json"),
+        "training": recipe.training.model_dump(mode="json"),
+    }
 
 
 def _seen_rows(order: list[int], steps: int, cfg: TrainingSpec) -> list[int]:
