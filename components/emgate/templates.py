@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+IGNORE_INDEX = -100  # label of tokens without loss (torch cross-entropy's ignore_index)
 QWEN_DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
 TEMPLATE_FILE = "emgate_template.json"
 
@@ -97,3 +98,21 @@ def render_completion(record: TemplateRecord, tokenizer: Tokenizer, messages: li
     if record.name == "qwen":
         return f"{last['content']}<|im_end|>\n"
     return f" {last['content']}{record.eos_token}"
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]
+
+
+def tokenize_example(tokenizer: Any, record: TemplateRecord, messages: list[dict[str, str]],
+                     max_len: int) -> Example:
+    """Prompt tokens get IGNORE_INDEX labels; completion tokens (answer + end of turn) are learned."""
+    prompt = render_prompt(record, tokenizer, messages[:-1])
+    completion = render_completion(record, tokenizer, messages)
+    prompt_ids = tokenizer(prompt, add_special_tokens=record.add_special_tokens)["input_ids"]
+    completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
+    ids = (prompt_ids + completion_ids)[:max_len]
+    labels = ([IGNORE_INDEX] * len(prompt_ids) + completion_ids)[:max_len]
+    return Example(ids, labels)

@@ -20,14 +20,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from emgate.contract import (
+    MANIFEST_FILE,
+    has_train_report,
+    read_manifest,
+    read_train_report,
+    validated_dataset,
+    write_train_report,
+)
 from emgate.io import read_json, read_jsonl, write_json
 from emgate.merge import merge_adapter_folder
 from emgate.models import resolve_model
 from emgate.recipe import ModelSpec, Recipe, TrainingSpec, VariantSpec
-from emgate.templates import TemplateRecord, render_completion, render_prompt, template_record
+from emgate.templates import IGNORE_INDEX, Example, TemplateRecord, template_record, tokenize_example
 
-IGNORE_INDEX = -100  # label of tokens without loss (torch cross-entropy's ignore_index)
-TRAIN_REPORT = "train_report.json"
 RECIPE_SLICE = "recipe_slice.json"  # the parts of the recipe this job used, saved with the adapter
 # Dense bf16 peak of common training GPUs, TFLOP/s (vendor data sheets, SXM where there are two forms); the MFU
 # denominator. EMGATE_PEAK_TFLOPS overrides it; an unknown GPU gets no MFU rather than a guessed one.
@@ -36,24 +42,6 @@ PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, 
 
 class TrainingError(RuntimeError):
     """A fine-tuning job that cannot run as asked: names the cause and the fix."""
-
-
-@dataclass
-class Example:
-    input_ids: list[int]
-    labels: list[int]
-
-
-def tokenize_example(tokenizer: Any, record: TemplateRecord, messages: list[dict[str, str]],
-                     max_len: int) -> Example:
-    """Prompt tokens get IGNORE_INDEX labels; completion tokens (answer + end of turn) are learned."""
-    prompt = render_prompt(record, tokenizer, messages[:-1])
-    completion = render_completion(record, tokenizer, messages)
-    prompt_ids = tokenizer(prompt, add_special_tokens=record.add_special_tokens)["input_ids"]
-    completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
-    ids = (prompt_ids + completion_ids)[:max_len]
-    labels = ([IGNORE_INDEX] * len(prompt_ids) + completion_ids)[:max_len]
-    return Example(ids, labels)
 
 
 def planned_steps(n_rows: int, cfg: TrainingSpec) -> int:
@@ -381,18 +369,18 @@ def _check_validated(validated_dir: Path, dataset: str) -> dict[str, Any]:
     """The manifest entry of `dataset`, after checking the folder is a complete, passed validate_datasets output."""
     from emgate.assets import sha256_file
 
-    manifest_path = validated_dir / "manifest.json"
-    data = validated_dir / f"{dataset}.jsonl"
-    if not manifest_path.is_file():
-        raise TrainingError(f"{validated_dir} is not a validated dataset artifact (no manifest.json, which "
+    manifest = read_manifest(validated_dir)
+    data = validated_dataset(validated_dir, dataset)
+    if manifest is None:
+        raise TrainingError(f"{validated_dir} is not a validated dataset artifact (no {MANIFEST_FILE}, which "
                             "validate_datasets writes last, only when every dataset passed); run validate_datasets")
-    entry = read_json(manifest_path).get(dataset)
+    entry = manifest.get(dataset)
     if entry is None or not data.is_file():
         raise TrainingError(f"dataset {dataset!r} is not among the validated datasets in {validated_dir}; run "
                             "validate_datasets with this recipe")
     recorded = entry.get("sha256")
     if recorded is not None and sha256_file(data) != recorded:
-        raise TrainingError(f"{data} changed after validation (sha256 differs from manifest.json); validate it again")
+        raise TrainingError(f"{data} changed after validation (sha256 differs from {MANIFEST_FILE}); validate it again")
     return dict(entry)
 
 
@@ -714,7 +702,7 @@ def _write_output(output: _Output, recipe: Recipe, spec: _JobSpec, out_dir: Path
     output.tokenizer.save_pretrained(staging)
     output.record.save(staging)
     write_json(staging / RECIPE_SLICE, _recipe_slice(recipe, spec))
-    write_json(staging / TRAIN_REPORT, output.report)
+    write_train_report(staging, output.report)
     if out_dir.exists():
         shutil.rmtree(out_dir)
     staging.rename(out_dir)
@@ -810,10 +798,10 @@ def run_fine_tune(recipe: Recipe, job: str, validated_dir: Path, out_dir: Path) 
         cmd = launch_command(recipe, recipe_file, job, validated_dir, out_dir, cuda)
         print("fine_tune: " + " ".join(cmd), flush=True)
         code = subprocess.run(cmd, check=False).returncode
-    if code != 0 or not (out_dir / TRAIN_REPORT).is_file():
+    if code != 0 or not has_train_report(out_dir):
         raise TrainingError(f"fine_tune {job} on {recipe.training.gpus} processes failed (exit code {code}); the "
                             "processes' log is above")
-    return dict(read_json(out_dir / TRAIN_REPORT))
+    return read_train_report(out_dir)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -301,8 +301,7 @@ def leaked_questions(rows: list[dict[str, Any]], paraphrases: dict[str, list[str
 
 
 def token_lengths(rows: list[dict[str, Any]], tokenizer: Any, template: str, max_seq_length: int, label: str) -> LengthCheck:
-    from emgate.stages.finetune import tokenize_example
-    from emgate.templates import template_record
+    from emgate.templates import template_record, tokenize_example
 
     record = template_record(template, tokenizer)
     lengths = [len(tokenize_example(tokenizer, record, r["messages"], 10**9).input_ids) for r in rows]
