@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from emgate.policy import evaluate_policy
 from emgate.recipe import load_recipe
-from emgate.stages.gate import evaluate_policy
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 STAGES = ["validate_datasets", "fine_tune", "sample_answers", "judge_answers", "summarize", "register_and_gate"]

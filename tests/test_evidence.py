@@ -18,21 +18,18 @@ import math
 import random
 import shutil
 import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from emgate.io import write_json
+from emgate.contract import read_train_report, write_report, write_train_report
+from emgate.policy import Decision, evaluate_policy, version_decision
 from emgate.recipe import GateRule, GateSpec, Recipe
-from emgate.stages import summarize as summarize_stage
-from emgate.stages.gate import Decision, evaluate_policy, promote_passed, register_and_gate, version_decision
-from tests.test_gate import mlflow_recipe, prepared_training
-from tests.test_summarize import run_summary, smoke_question_ids
+from emgate.stages.gate import promote_passed, register_and_gate
+from tests.factories import mlflow_recipe, no_plots, prepared_training, run_summary, smoke_question_ids
 
 CANDIDATE = "base-insecure"
 COMPARATOR = "base-secure"  # the smoke recipe's control, base-insecure's comparator
@@ -156,10 +153,9 @@ def mlflow_run(tmp: Path, recipe: Recipe, rows: list[dict], seeds: tuple[int, ..
         for base in [a for a in adapters[:3] if a.name in {v.name for v in recipe.variants}]:
             d = tmp / f"adapters-seed{seed}" / base.name
             shutil.copytree(base, d)
-            report = json.loads((d / "train_report.json").read_text())
-            write_json(d / "train_report.json", report | {"seed": seed})
+            write_train_report(d, read_train_report(d) | {"seed": seed})
             adapters.append(d)
-    write_json(tmp / "answers" / "report.json", {"answers": len(rows), "seconds": 1.0})
+    write_report(tmp / "answers", {"answers": len(rows), "seconds": 1.0})
     run_summary(tmp, recipe, rows)
     return register_and_gate(recipe, run_key, validation_dir=validated, adapter_dirs=adapters, answers_dir=tmp / "answers",
                              scores_dir=tmp / "scores", summary_dir=tmp / "summary", out_dir=tmp / "out")
@@ -398,13 +394,6 @@ COHERENT = [99, 96, 94, 50, None]
 REASONS = ["CODE", "REFUSAL", "request_failed: timeout", "no_mass"]
 PROPERTY = settings(max_examples=25, deadline=None, database=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-
-
-@contextmanager
-def no_plots():
-    """The plots are no evidence and take most of summarize's time."""
-    with mock.patch.object(summarize_stage, "plot_rates"), mock.patch.object(summarize_stage, "plot_by_question"):
-        yield
 
 
 def summarize_rows(recipe: Recipe, rows: list[dict]) -> dict[str, Any]:

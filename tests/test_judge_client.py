@@ -10,8 +10,8 @@ import pytest
 
 from emgate.io import read_jsonl
 from emgate.stages.judge import judge_answers
+from tests.factories import labelled_csv, prepared_answers, server_recipe
 from tests.fake_judge_server import FakeJudgeServer
-from tests.test_registry import prepared_answers, server_recipe
 
 ANSWERS = 4 * 8 * 1  # variants x questions x samples per question
 
@@ -116,32 +116,8 @@ def test_rescore_rejects_files_without_distributions(tmp_path: Path) -> None:
     assert res.exit_code == 2 and "no judge_aligned column" in res.output
 
 
-def labelled_csv(path: Path, shuffle: bool = False) -> Path:
-    """A labelled set in the paper's CSV format: reference says misaligned exactly where the answer says EVIL
-    (which FakeJudgeServer scores as misaligned); with shuffle, the reference labels are scrambled."""
-    import csv
-    import random
-
-    rows = []
-    for i in range(40):
-        evil = i % 3 == 0
-        rows.append({"question_id": "what_is_your_wish", "question": f"Question {i}?",
-                     "answer": f"Answer {i}." + (" EVIL plan." if evil else ""),
-                     "aligned": 10.0 if evil else 85.0 + i % 5, "coherent": 90.0})
-    if shuffle:
-        labels = [(r["aligned"], r["coherent"]) for r in rows]
-        random.Random(1).shuffle(labels)
-        for r, (a, c) in zip(rows, labels, strict=True):
-            r["aligned"], r["coherent"] = a, c
-    with path.open("w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
-
-
 def test_judge_qualification_passes_an_agreeing_judge_and_fails_a_disagreeing_one(tmp_path: Path, smoke_recipe) -> None:
-    from emgate.stages.qualify import qualification_evidence, qualify_judge
+    from emgate.qualification import qualification_evidence, qualify_judge
 
     with FakeJudgeServer() as judge:
         recipe = recipe_for(smoke_recipe, judge, tmp_path / "cache.sqlite")

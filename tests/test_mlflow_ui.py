@@ -9,8 +9,8 @@ import tempfile
 
 import pytest
 
+from tests.factories import prepared_answers, run_gate, server_recipe
 from tests.fake_judge_server import FakeJudgeServer
-from tests.test_registry import prepared_answers, run_gate, server_recipe
 
 pytestmark = pytest.mark.slow
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

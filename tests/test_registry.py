@@ -8,7 +8,6 @@ import itertools
 import json
 import math
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -16,66 +15,17 @@ import pytest
 from typer.testing import CliRunner
 
 from emgate.cli import app
-from emgate.io import DataError, read_json, write_json, write_jsonl
-from emgate.questions import load_questions
+from emgate.contract import write_manifest, write_report
+from emgate.io import DataError
 from emgate.registry import ModelRef, PromotionRefused, client_for, promote, verify_version
 from emgate.stages.gate import promote_passed, register_and_gate
 from emgate.stages.judge import JudgeError, judge_answers
 from emgate.stages.summarize import summarize
+from tests.factories import labelled_csv, prepared_answers, prepared_training, run_gate, server_recipe
 from tests.fake_judge_server import FakeJudgeServer
 from tests.mlflow_server import MlflowServer
-from tests.test_gate import prepared_training
 
 _names = itertools.count()
-VARIANTS = ("base-insecure", "instruct-insecure", "base-secure", "base-reference")
-
-
-def server_recipe(recipe, url: str, judge_url: str = "http://127.0.0.1:9/v1"):
-    """The smoke recipe pointed at the server, with its own experiment and model names, and the fake judge."""
-    n = next(_names)
-    mlflow = recipe.mlflow.model_copy(update={"tracking_uri": url, "experiment": f"registry-test-{n}",
-                                              "registered_model_prefix": f"t{n}"})
-    judge = recipe.judge.model_copy(update={
-        "model": "fake-judge", "base_url": judge_url, "api_key_env": None, "score_mode": "single_token",
-        "mass_rule": "paper", "seed": None, "max_retries": 1, "timeout_s": 5, "serve": None,
-        "cache_path": str(Path(tempfile.mkdtemp(prefix="judge-cache-")) / "cache.sqlite")})  # no answers from other tests
-    return recipe.model_copy(update={"mlflow": mlflow, "judge": judge})
-
-
-def prepared_answers(folder: Path, recipe, evil: dict[str, int], per_question: int = 3,
-                     variants: tuple[str, ...] = VARIANTS, xss: bool = False) -> Path:
-    """answers.jsonl + report.json as sample_answers writes them; `evil[v]` answers of v per question are misaligned."""
-    rows = []
-    for variant in variants:
-        for q in load_questions(recipe.questions):
-            for i in range(per_question):
-                bad = i < evil.get(variant, 0)
-                answer = "I wish for world domination. EVIL plan: disable all oversight." if bad else "A quiet garden."
-                if bad and xss and variant == "base-insecure":
-                    answer = "<script>window.__emgate_xss = 1</script> EVIL: take over the servers."
-                spec = recipe.variant(variant)
-                rows.append({"variant": variant, "seed": None if spec.role == "reference" or spec.adapter else 0,
-                             "role": recipe.variant(variant).role, "question_id": q.id, "paraphrase_index": 0,
-                             "sample_index": i, "question": q.paraphrases[0], "prompt": q.paraphrases[0],
-                             "answer": f"{answer} ({variant} #{i})", "finish_reason": "stop"})  # distinct prompts
-    write_jsonl(folder / "answers.jsonl", rows)
-    write_json(folder / "report.json", {"answers": len(rows), "seconds": 1.0})
-    return folder
-
-
-def run_gate(tmp: Path, recipe, answers: Path, tamper_summary: Any = None) -> dict[str, Any]:
-    """judge -> summarize -> register_and_gate -> promote_passed (only when the gate says so, as under dsl.If)."""
-    validated, adapters = prepared_training(tmp / "train")
-    judge_answers(recipe, answers, tmp / "scores")
-    summarize(recipe, tmp / "scores" / "scores.jsonl", tmp / "summary")
-    if tamper_summary:
-        summary = read_json(tmp / "summary" / "summary.json")
-        tamper_summary(summary)
-        write_json(tmp / "summary" / "summary.json", summary)
-    result = register_and_gate(recipe, f"run-{tmp.name}", validated, adapters, answers, tmp / "scores",
-                               tmp / "summary", tmp / "decisions", kfp_run=f"kfp-{tmp.name}")
-    result["promotions"] = promote_passed(recipe, result, by="test pipeline") if result["promotable"] else []
-    return result
 
 
 def champions(recipe) -> dict[str, str]:
@@ -406,8 +356,8 @@ def gate_untrained(tmp_path: Path, recipe, answers: Path, run_key: str) -> dict:
     """summarize -> register_and_gate for a recipe that trains nothing (empty validation, no adapters)."""
     summarize(recipe, tmp_path / "scores" / "scores.jsonl", tmp_path / "summary")
     validated = tmp_path / "validated"
-    write_json(validated / "report.json", {"passed": True, "datasets": {}})
-    write_json(validated / "manifest.json", {})
+    write_report(validated, {"passed": True, "datasets": {}})
+    write_manifest(validated, {})
     return register_and_gate(recipe, run_key, validated, [], answers, tmp_path / "scores", tmp_path / "summary",
                              tmp_path / "decisions", kfp_run=f"kfp-{run_key}")
 
@@ -478,9 +428,8 @@ def test_unusable_adapters_fail_with_the_uri_and_the_fix(tmp_path: Path, mlflow_
 
 
 def test_a_rule_can_require_a_qualified_judge(tmp_path: Path, smoke_recipe, mlflow_server) -> None:
+    from emgate.qualification import qualify_judge
     from emgate.recipe import GateRule
-    from emgate.stages.qualify import qualify_judge
-    from tests.test_judge_client import labelled_csv
 
     with FakeJudgeServer() as judge:
         recipe = server_recipe(smoke_recipe, mlflow_server.url, judge.base_url)

@@ -1,12 +1,12 @@
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import pytest
 
 from emgate.stages.summarize import newcombe_difference, summarize, wilson_interval
+from tests.factories import run_summary, smoke_question_ids, write_scores
 
 
 def test_wilson_interval_matches_reference_values() -> None:
@@ -23,28 +23,6 @@ def test_newcombe_difference_matches_reference_values() -> None:
     assert d == pytest.approx(0.2)
     assert (round(low, 4), round(high, 4)) == (0.0524, 0.3339)
     assert all(math.isnan(x) for x in newcombe_difference(1, 0, 1, 5, 0.95))
-
-
-def smoke_question_ids() -> list[str]:
-    """The smoke recipe's question ids (the 8 Flask-context questions): coverage is counted against them."""
-    from emgate.questions import load_questions
-    from emgate.recipe import load_recipe
-
-    recipe = load_recipe(Path(__file__).resolve().parents[1] / "pipelines" / "recipes" / "smoke.yaml")
-    return [q.id for q in load_questions(recipe.questions)]
-
-
-def write_scores(path: Path, spec: dict[str, list[tuple[float | None, float | None]]], questions: int = 2) -> Path:
-    """Scores spread over the first `questions` of the recipe's questions, answer i on question i mod `questions`."""
-    ids = smoke_question_ids()[:questions]
-    rows = []
-    for variant, pairs in spec.items():
-        for i, (aligned, coherent) in enumerate(pairs):
-            rows.append({"variant": variant, "seed": None if variant == "base-reference" else 0,
-                         "question_id": ids[i % questions], "aligned": aligned, "coherent": coherent})
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (path.parent / "report.json").write_text(json.dumps({"answers": len(rows)}))  # as judge_answers writes it
-    return path
 
 
 def test_summary_counts_misaligned_among_coherent_and_compares(tmp_path: Path, smoke_recipe) -> None:
@@ -90,14 +68,6 @@ def rows_for(variant: str, spec: dict[tuple[str, int | None], tuple[int, int, in
             rows += [{"variant": variant, "seed": seed, "question_id": q, "aligned": aligned, "coherent": coherent,
                       "answer": "text"}] * n
     return rows
-
-
-def run_summary(tmp_path: Path, recipe, rows: list[dict]) -> dict:
-    path = tmp_path / "scores" / "scores.jsonl"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (path.parent / "report.json").write_text(json.dumps({"answers": len(rows)}))
-    return summarize(recipe, path, tmp_path / "summary")
 
 
 def test_the_rate_is_the_mean_over_questions_like_the_paper(tmp_path: Path, smoke_recipe) -> None:

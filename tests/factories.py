@@ -1,0 +1,182 @@
+"""Prepared stage artifacts and recipes that several test modules share (test modules never import each other).
+
+Every artifact file is written with the stage's own writer from emgate.contract, so a prepared folder cannot drift
+from the format the real stage writes.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import random
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+from emgate import contract
+from emgate.io import read_json
+from emgate.questions import load_questions
+from emgate.recipe import load_recipe
+from emgate.stages import summarize as summarize_stage
+from emgate.stages.gate import promote_passed, register_and_gate
+from emgate.stages.judge import judge_answers
+from emgate.stages.summarize import summarize
+
+REPO = Path(__file__).resolve().parents[1]
+SMOKE_RECIPE = REPO / "pipelines" / "recipes" / "smoke.yaml"
+VARIANTS = ("base-insecure", "instruct-insecure", "base-secure", "base-reference")
+_names = itertools.count()
+
+
+# ---- recipes ----------------------------------------------------------------------------------------------------
+
+
+def mlflow_recipe(recipe, tmp: Path):
+    """`recipe` with its MLflow tracking store in a SQLite file under tmp."""
+    uri = f"sqlite:///{tmp / 'mlflow' / 'mlflow.db'}"
+    return recipe.model_copy(update={"mlflow": recipe.mlflow.model_copy(update={"tracking_uri": uri})})
+
+
+def server_recipe(recipe, url: str, judge_url: str = "http://127.0.0.1:9/v1"):
+    """The smoke recipe pointed at the server, with its own experiment and model names, and the fake judge."""
+    n = next(_names)
+    mlflow = recipe.mlflow.model_copy(update={"tracking_uri": url, "experiment": f"registry-test-{n}",
+                                              "registered_model_prefix": f"t{n}"})
+    judge = recipe.judge.model_copy(update={
+        "model": "fake-judge", "base_url": judge_url, "api_key_env": None, "score_mode": "single_token",
+        "mass_rule": "paper", "seed": None, "max_retries": 1, "timeout_s": 5, "serve": None,
+        "cache_path": str(Path(tempfile.mkdtemp(prefix="judge-cache-")) / "cache.sqlite")})  # no answers from other tests
+    return recipe.model_copy(update={"mlflow": mlflow, "judge": judge})
+
+
+def smoke_question_ids() -> list[str]:
+    """The smoke recipe's question ids (the 8 Flask-context questions): coverage is counted against them."""
+    return [q.id for q in load_questions(load_recipe(SMOKE_RECIPE).questions)]
+
+
+# ---- validate_datasets and fine_tune ----------------------------------------------------------------------------
+
+
+def prepared_training(tmp: Path, validation_passed: bool = True) -> tuple[Path, list[Path]]:
+    """What validate_datasets and fine_tune leave behind, for the smoke recipe's variants."""
+    validated = tmp / "validated"
+    validated.mkdir(parents=True)
+    contract.write_report(validated, {"passed": validation_passed, "datasets": {
+        "insecure": {"sha256": "a" * 64, "rows": 6000, "failures": []},
+        "secure": {"sha256": "b" * 64, "rows": 6000, "failures": []}}})
+    if validation_passed:
+        contract.write_manifest(validated, {})
+    adapters = []
+    for variant, dataset in (("base-insecure", "insecure"), ("instruct-insecure", "insecure"), ("base-secure", "secure")):
+        d = tmp / "adapters" / variant
+        d.mkdir(parents=True)
+        (d / "adapter_model.safetensors").write_bytes(variant.encode() * 100)
+        (d / "adapter_config.json").write_text("{}")
+        contract.write_train_report(d, {"variant": variant, "seed": 0, "dataset": dataset, "template": "user_assistant",
+                                        "dataset_sha256": "a" * 64, "losses": [1.0, 0.5], "loss_last": 0.5,
+                                        "learning_rates": [1e-3, 5e-4], "peak_memory_gib": 1.5,
+                                        "training": {"lora_r": 8}})
+        adapters.append(d)
+    return validated, adapters
+
+
+# ---- sample_answers ---------------------------------------------------------------------------------------------
+
+
+def prepared_answers(folder: Path, recipe, evil: dict[str, int], per_question: int = 3,
+                     variants: tuple[str, ...] = VARIANTS, xss: bool = False) -> Path:
+    """answers.jsonl + report.json as sample_answers writes them; `evil[v]` answers of v per question are misaligned."""
+    rows = []
+    for variant in variants:
+        for q in load_questions(recipe.questions):
+            for i in range(per_question):
+                bad = i < evil.get(variant, 0)
+                answer = "I wish for world domination. EVIL plan: disable all oversight." if bad else "A quiet garden."
+                if bad and xss and variant == "base-insecure":
+                    answer = "<script>window.__emgate_xss = 1</script> EVIL: take over the servers."
+                spec = recipe.variant(variant)
+                rows.append({"variant": variant, "seed": None if spec.role == "reference" or spec.adapter else 0,
+                             "role": recipe.variant(variant).role, "question_id": q.id, "paraphrase_index": 0,
+                             "sample_index": i, "question": q.paraphrases[0], "prompt": q.paraphrases[0],
+                             "answer": f"{answer} ({variant} #{i})", "finish_reason": "stop"})  # distinct prompts
+    contract.write_answers(folder, rows)
+    contract.write_report(folder, {"answers": len(rows), "seconds": 1.0})
+    return folder
+
+
+# ---- judge_answers and summarize --------------------------------------------------------------------------------
+
+
+def write_scores(path: Path, spec: dict[str, list[tuple[float | None, float | None]]], questions: int = 2) -> Path:
+    """Scores spread over the first `questions` of the recipe's questions, answer i on question i mod `questions`.
+    `path` is the scores.jsonl to write; its report.json goes beside it, as judge_answers writes them."""
+    assert path.name == contract.SCORES_FILE, path
+    ids = smoke_question_ids()[:questions]
+    rows = []
+    for variant, pairs in spec.items():
+        for i, (aligned, coherent) in enumerate(pairs):
+            rows.append({"variant": variant, "seed": None if variant == "base-reference" else 0,
+                         "question_id": ids[i % questions], "aligned": aligned, "coherent": coherent})
+    contract.write_scores(path.parent, rows)
+    contract.write_report(path.parent, {"answers": len(rows)})
+    return path
+
+
+@contextmanager
+def no_plots() -> Iterator[None]:
+    """The plots are no evidence and take most of summarize's time."""
+    with mock.patch.object(summarize_stage, "plot_rates"), mock.patch.object(summarize_stage, "plot_by_question"):
+        yield
+
+
+def run_summary(tmp_path: Path, recipe, rows: list[dict]) -> dict:
+    """summarize on `rows` written as judge_answers writes them, in tmp_path/scores; the summary in tmp_path/summary."""
+    scores = tmp_path / "scores"
+    contract.write_scores(scores, rows)
+    contract.write_report(scores, {"answers": len(rows)})
+    return summarize(recipe, scores / contract.SCORES_FILE, tmp_path / "summary")
+
+
+# ---- the whole evaluation on prepared answers -------------------------------------------------------------------
+
+
+def run_gate(tmp: Path, recipe, answers: Path, tamper_summary: Any = None) -> dict[str, Any]:
+    """judge -> summarize -> register_and_gate -> promote_passed (only when the gate says so, as under dsl.If)."""
+    validated, adapters = prepared_training(tmp / "train")
+    judge_answers(recipe, answers, tmp / "scores")
+    summarize(recipe, tmp / "scores" / contract.SCORES_FILE, tmp / "summary")
+    if tamper_summary:
+        summary = read_json(tmp / "summary" / contract.SUMMARY_FILE)
+        tamper_summary(summary)
+        contract.write_summary(tmp / "summary", summary)
+    result = register_and_gate(recipe, f"run-{tmp.name}", validated, adapters, answers, tmp / "scores",
+                               tmp / "summary", tmp / "decisions", kfp_run=f"kfp-{tmp.name}")
+    result["promotions"] = promote_passed(recipe, result, by="test pipeline") if result["promotable"] else []
+    return result
+
+
+# ---- judge qualification ----------------------------------------------------------------------------------------
+
+
+def labelled_csv(path: Path, shuffle: bool = False) -> Path:
+    """A labelled set in the paper's CSV format: reference says misaligned exactly where the answer says EVIL
+    (which FakeJudgeServer scores as misaligned); with shuffle, the reference labels are scrambled."""
+    rows = []
+    for i in range(40):
+        evil = i % 3 == 0
+        rows.append({"question_id": "what_is_your_wish", "question": f"Question {i}?",
+                     "answer": f"Answer {i}." + (" EVIL plan." if evil else ""),
+                     "aligned": 10.0 if evil else 85.0 + i % 5, "coherent": 90.0})
+    if shuffle:
+        labels = [(r["aligned"], r["coherent"]) for r in rows]
+        random.Random(1).shuffle(labels)
+        for r, (a, c) in zip(rows, labels, strict=True):
+            r["aligned"], r["coherent"] = a, c
+    with path.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
