@@ -61,3 +61,11 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
     server = MlflowServer(tmp_path_factory.mktemp("mlflow-server")).start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def sqlite_recipe(smoke_recipe, tmp_path: Path):
+    """The smoke recipe with its MLflow tracking store in a SQLite file under tmp_path (tests/factories.py)."""
+    from tests.factories import mlflow_recipe
+
+    return mlflow_recipe(smoke_recipe, tmp_path)
