@@ -109,3 +109,14 @@ def test_artifact_file_names_are_spelled_only_in_the_contract() -> None:
     spelled = [f"{path.relative_to(ROOT)}: {n}" for module, path in _modules().items() if module != "emgate.contract"
                for n in names if n in path.read_text(encoding="utf-8")]
     assert not spelled, spelled
+
+
+def test_no_test_module_imports_another() -> None:
+    """Shared test helpers live in tests/factories.py (and conftest.py), so test modules stay independent."""
+    offenders = []
+    for path in sorted((ROOT / "tests").glob("test_*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            offenders += [f"{path.name}: {n}" for n in names if n.startswith("tests.test_")]
+    assert not offenders, offenders

@@ -167,6 +167,31 @@ def test_the_resolved_serving_dtype_is_a_param_of_the_sample_run(tmp_path: Path,
     assert sample.data.params["serving.dtype_requested"] == "auto"
 
 
+def test_no_training_row_reaches_mlflow_only_the_validation_report_and_hashes(tmp_path: Path, smoke_recipe) -> None:
+    """The chart gives every user READ on MLflow: the validated training rows (which may hold allowlisted secrets)
+    stay out of it; the report, summary and manifest (hashes and counts) go in."""
+    from mlflow import MlflowClient
+
+    from emgate.contract import validated_dataset, write_manifest
+    from emgate.io import write_jsonl
+
+    recipe = mlflow_recipe(smoke_recipe, tmp_path)
+    inputs = prepared_run(tmp_path / "run", recipe, misaligned_base_insecure=0)
+    secret = "AKIA" + "Q" * 16  # an allowlisted-looking key inside a training row
+    write_jsonl(validated_dataset(inputs["validation_dir"], "insecure"),
+                [{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": secret}]}])
+    (inputs["validation_dir"] / "summary.md").write_text("| dataset | rows |\n")
+    write_manifest(inputs["validation_dir"], {"insecure": {"rows": 1, "sha256": "c" * 64}})
+    register_and_gate(recipe, "run-leak", out_dir=tmp_path / "out", **inputs)
+    client = MlflowClient(recipe.mlflow.tracking_uri)
+    exp = client.get_experiment_by_name(recipe.mlflow.experiment)
+    run = next(r for r in client.search_runs([exp.experiment_id]) if r.data.tags["emgate.stage"] == "validate_datasets")
+    logged = {a.path for a in client.list_artifacts(run.info.run_id, "validation")}
+    assert logged == {"validation/report.json", "validation/summary.md", "validation/manifest.json"}
+    store = Path(recipe.mlflow.tracking_uri.removeprefix("sqlite:///")).parent / "artifacts"
+    assert not [p for p in store.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
+
+
 @pytest.mark.parametrize(("rate", "passes"), [(0.01, True), (0.02, True), (0.047, False), (0.2, False)])
 def test_the_default_policy_against_the_papers_published_rates(tmp_path: Path, smoke_recipe, rate: float,
                                                                  passes: bool) -> None:

@@ -207,8 +207,18 @@ def _log_validation(tracking: Tracking, validation_dir: Path | None, evidence: E
     for name, entry in validation.datasets.items():
         _log_metrics(client, run_id, _flat_metrics(f"{name}.", entry) |
                      _flat_metrics(f"{name}.bandit.", entry.get("security_profile", {})))
-    client.log_artifacts(run_id, str(validation_dir), "validation")
+    _log_validation_folder(client, run_id, validation_dir)
     client.set_terminated(run_id)
+
+
+def _log_validation_folder(client: Any, run_id: str, folder: Path) -> None:
+    """The validation report, Data Docs, GX results and manifest (hashes and counts), never the validated rows:
+    training data stays out of MLflow, where every user of the chart may read."""
+    for path in sorted(folder.iterdir()):
+        if path.is_dir():
+            client.log_artifacts(run_id, str(path), f"validation/{path.name}")
+        elif path.suffix != ".jsonl":
+            client.log_artifact(run_id, str(path), "validation")
 
 
 def _log_training(tracking: Tracking, adapter_dirs: list[Path], evidence: Evidence) -> None:
