@@ -1,9 +1,10 @@
 """The emgate pipeline graph, built from a recipe.
 
-fetch_model -> validate_datasets -> fine_tune (one task per variant and seed) -> sample_answers -> judge_answers
+slice_recipe -> fetch_model -> validate_datasets -> fine_tune (one task per variant and seed) -> sample_answers -> judge_answers
 -> summarize -> register_and_gate -> promote_passed (under dsl.If: only when a candidate passed).
 The recipe travels as one JSON pipeline parameter whose default is the
-recipe the pipeline was compiled from, so a compiled YAML is self-contained and a run can override it.
+recipe the pipeline was compiled from, so a compiled YAML is self-contained and a run can override it;
+slice_recipe hands each cached stage only the fields it reads (emgate.slices).
 """
 
 # No `from __future__ import annotations`: KFP reads the real annotation objects.
@@ -26,28 +27,35 @@ def build_pipeline(recipe: Recipe, cluster: bool = True) -> Any:
     serves = recipe.serving.endpoint is None  # with an endpoint, sample_answers only sends requests
 
     def _stages(recipe_json: Any) -> None:
-        fetched = comps.fetch_model(recipe_json=recipe_json)
+        # Each cached stage gets only the recipe fields it reads (emgate.slices), so its cache key changes only
+        # when one of them does; the gate, promotion and the exit handler get the whole recipe.
+        sliced = comps.slice_recipe(recipe_json=recipe_json)
+        sliced.set_display_name("slice the recipe")
+        part = sliced.outputs
+        fetched = comps.fetch_model(recipe_json=part["fetch_model"])
         fetched.set_display_name("fetch models (cache)")
-        validated = comps.validate_datasets(recipe_json=recipe_json)
+        validated = comps.validate_datasets(recipe_json=part["validate_datasets"])
         validated.set_display_name("validate datasets")
         validated.after(fetched)
         if jobs:
             with dsl.ParallelFor(items=jobs, parallelism=1 if recipe.profile == "smoke" else 0) as job:
-                trained = comps.fine_tune(recipe_json=recipe_json, job=job, validated=validated.outputs["validated"])
+                job_slice = comps.slice_fine_tune_job(recipe_json=recipe_json, job=job)
+                job_slice.set_display_name("slice the recipe for the job")
+                trained = comps.fine_tune(recipe_json=job_slice.output, job=job, validated=validated.outputs["validated"])
                 trained.set_display_name("fine-tune")
             adapters = dsl.Collected(trained.outputs["adapter"])
-            sampled = comps.sample_answers(recipe_json=recipe_json, adapters=adapters)
+            sampled = comps.sample_answers(recipe_json=part["sample_answers"], adapters=adapters)
         else:  # only adapters trained elsewhere (and references): nothing to fine-tune
-            sampled = comps.sample_answers_untrained(recipe_json=recipe_json)
+            sampled = comps.sample_answers_untrained(recipe_json=part["sample_answers"])
             sampled.after(validated)
         sampled.set_display_name("sample answers (vLLM)")
         if recipe.external_variants():
             # An adapter URI (models:/NAME@ALIAS, a folder) can point at new weights under the same recipe:
             # never reuse old answers for it.
             sampled.set_caching_options(False)
-        judged = comps.judge_answers(recipe_json=recipe_json, answers=sampled.outputs["answers"])
+        judged = comps.judge_answers(recipe_json=part["judge_answers"], answers=sampled.outputs["answers"])
         judged.set_display_name("judge answers")
-        summary = comps.summarize(recipe_json=recipe_json, scores=judged.outputs["scores"])
+        summary = comps.summarize(recipe_json=part["summarize"], scores=judged.outputs["scores"])
         summary.set_display_name("summarize")
         evidence = {"recipe_json": recipe_json, "kfp_run": dsl.PIPELINE_JOB_ID_PLACEHOLDER,
                     "validated": validated.outputs["validated"], "answers": sampled.outputs["answers"],
@@ -65,9 +73,11 @@ def build_pipeline(recipe: Recipe, cluster: bool = True) -> Any:
             promoted.set_display_name("promote passed versions (champion alias)")
             promoted.set_caching_options(False)
         if k8s:
+            k8s.apply(sliced, "slice_recipe")
             k8s.apply(fetched, "fetch_model", retry=True)
             k8s.apply(validated, "validate_datasets")
             if jobs:
+                k8s.apply(job_slice, "slice_recipe")
                 k8s.apply(trained, "fine_tune", gpus=recipe.training.gpus if gpu else 0)
             k8s.apply(sampled, "sample_answers", gpus=recipe.serving.tensor_parallel_size if gpu and serves else 0,
                       retry=True)
@@ -101,7 +111,7 @@ class ClusterSettings:
         adapters = [v.adapter or "" for v in recipe.variants]
         names = self.spec.secrets
         mlflow = recipe.mlflow.tracking_uri.startswith(("http://", "https://"))
-        mlflow_stages = set(STAGES) - {"fetch_model"}
+        mlflow_stages = set(STAGES) - {"fetch_model", "slice_recipe"}
         self.secrets: list[tuple[set[str], str, dict[str, str]]] = []
         if mlflow:
             self.secrets.append((mlflow_stages, names.mlflow,
@@ -148,7 +158,7 @@ class ClusterSettings:
 
 
 # Stage names as ClusterSettings.apply knows them.
-STAGES = ("fetch_model", "validate_datasets", "fine_tune", "sample_answers", "judge_answers", "summarize",
+STAGES = ("slice_recipe", "fetch_model", "validate_datasets", "fine_tune", "sample_answers", "judge_answers", "summarize",
           "register_and_gate", "promote_passed", "record_outcome")
 
 

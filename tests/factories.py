@@ -19,7 +19,7 @@ from unittest import mock
 from emgate import contract
 from emgate.io import read_json
 from emgate.questions import load_questions
-from emgate.recipe import load_recipe
+from emgate.recipe import ModelSpec, load_recipe
 from emgate.stages import summarize as summarize_stage
 from emgate.stages.gate import promote_passed, register_and_gate
 from emgate.stages.judge import judge_answers
@@ -180,3 +180,17 @@ def labelled_csv(path: Path, shuffle: bool = False) -> Path:
         writer.writeheader()
         writer.writerows(rows)
     return path
+
+
+# ---- recipes ----------------------------------------------------------------------------------------------------
+
+
+def path_model_recipe(recipe, folder: Path):
+    """`recipe` with its one model given as a local folder (`source: path`), so nothing is built or downloaded."""
+    spec = ModelSpec(source="path", kind="instruct", path=str(folder))
+    return recipe.model_copy(update={"models": dict.fromkeys(recipe.models, spec)})
+
+
+def few_resamples(recipe):
+    """`recipe` with the smallest bootstrap it allows: the default 2000 resamples cost summarize about 10 s."""
+    return recipe.model_copy(update={"summarize": recipe.summarize.model_copy(update={"bootstrap_resamples": 100})})

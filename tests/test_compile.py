@@ -12,11 +12,13 @@ from emgate.recipe import load_recipe
 from emgate_pipelines.graph import compile_pipeline
 
 RECIPES = ["smoke", "single-gpu", "paper", "gate-adapter"]
-STAGE_IMAGES = {"fetch-model": "fetch", "validate-datasets": "validate", "fine-tune": "train", "sample-answers": "sample",
+STAGE_IMAGES = {"slice-recipe": "gate", "slice-fine-tune-job": "gate",
+                "fetch-model": "fetch", "validate-datasets": "validate", "fine-tune": "train", "sample-answers": "sample",
                 "judge-answers": "judge", "summarize": "summarize", "register-and-gate": "gate", "promote-passed": "gate",
                 "record-outcome": "gate"}
 # gate-adapter trains nothing: its sampling and gate steps are the variants without adapter inputs
-UNTRAINED_IMAGES = {k: v for k, v in STAGE_IMAGES.items() if k not in ("fine-tune", "sample-answers", "register-and-gate")} | {
+UNTRAINED_IMAGES = {k: v for k, v in STAGE_IMAGES.items() if k not in ("fine-tune", "sample-answers", "register-and-gate",
+                                                                        "slice-fine-tune-job")} | {
     "sample-answers-untrained": "sample", "register-and-gate-untrained": "gate"}
 
 
@@ -90,7 +92,9 @@ def test_cluster_settings_go_only_where_needed(repo: Path, name: str) -> None:
         else:
             assert "emgate-judge" not in secrets, stage  # the judge's key reaches the judge stage only
         uses_mlflow_server = recipe.mlflow.tracking_uri.startswith("http")
-        assert ("emgate-mlflow-auth" in secrets) == (uses_mlflow_server and stage != "fetch-model"), stage
+        # slice_recipe only reads its parameter, fetch_model only the model store
+        assert ("emgate-mlflow-auth" in secrets) == (uses_mlflow_server and stage not in ("fetch-model", "slice-recipe",
+                                                                                          "slice-fine-tune-job")), stage
     # Retries only where a rerun is safe and the failure is likely transient (network, preemption).
     text = (repo / "pipelines" / "compiled" / f"{name}.yaml").read_text()
     doc = next(yaml.safe_load_all(text))

@@ -16,8 +16,7 @@ import pytest
 from emgate import contract
 from emgate.kfp.components import Components, make_components
 from emgate.kfp.runtime import RUN_PID_ENV, TIMINGS_ENV
-from emgate.recipe import ModelSpec
-from tests.factories import no_plots, prepared_training, write_scores
+from tests.factories import few_resamples, no_plots, path_model_recipe, prepared_training, write_scores
 
 CANDIDATES = ("base-insecure", "instruct-insecure")  # the smoke recipe's
 
@@ -81,17 +80,6 @@ def assert_failed_cleanly(capsys: pytest.CaptureFixture[str], exc: pytest.Except
     return message
 
 
-def path_model_recipe(recipe, folder: Path):
-    """`recipe` with its one model given as a local folder (`source: path`), so nothing is built or downloaded."""
-    spec = ModelSpec(source="path", kind="instruct", path=str(folder))
-    return recipe.model_copy(update={"models": dict.fromkeys(recipe.models, spec)})
-
-
-def few_resamples(recipe):
-    """`recipe` with the smallest bootstrap it allows: the default 2000 resamples cost summarize about 10 s."""
-    return recipe.model_copy(update={"summarize": recipe.summarize.model_copy(update={"bootstrap_resamples": 100})})
-
-
 def clean_scores(folder: Path) -> Path:
     """scores.jsonl + report.json as judge_answers writes them: every variant's answers aligned and coherent."""
     return write_scores(folder / contract.SCORES_FILE, {v: [(90, 90)] * 8 for v in
@@ -100,11 +88,43 @@ def clean_scores(folder: Path) -> Path:
 
 
 def test_every_component_has_a_test_here(components: Components) -> None:
-    tested = {"fetch_model", "validate_datasets", "fine_tune", "sample_answers", "sample_answers_untrained",
+    tested = {"slice_recipe", "slice_fine_tune_job",
+              "fetch_model", "validate_datasets", "fine_tune", "sample_answers", "sample_answers_untrained",
               "judge_answers", "summarize", "register_and_gate", "register_and_gate_untrained", "promote_passed",
               "record_outcome"}
     assert {f.name for f in dataclasses.fields(components)} == tested
     assert all(callable(getattr(components, name).python_func) for name in tested)
+
+
+# ---- slice_recipe ---------------------------------------------------------------------------------------------
+
+
+def test_slice_recipe_writes_the_whole_recipe_and_returns_each_stage_its_slice(tmp_path: Path, smoke_recipe,
+                                                                              components) -> None:
+    from emgate.contract import RECIPE_FILE
+    from emgate.slices import SLICED_ONCE, slice_json
+
+    out = artifact(tmp_path / "recipe")
+    slices = components.slice_recipe.python_func(recipe_json=smoke_recipe.to_json(), recipe=out)
+    assert slices._fields == SLICED_ONCE and "fine_tune" not in SLICED_ONCE
+    assert [getattr(slices, s) for s in SLICED_ONCE] == [slice_json(smoke_recipe, s) for s in SLICED_ONCE]
+    assert json.loads((tmp_path / "recipe" / RECIPE_FILE).read_text()) == smoke_recipe.model_dump(mode="json")
+
+
+def test_slice_fine_tune_job_returns_the_jobs_slice(smoke_recipe, components) -> None:
+    from emgate.slices import recipe_for_stage
+
+    text = components.slice_fine_tune_job.python_func(recipe_json=smoke_recipe.to_json(), job="base-secure@0")
+    job = recipe_for_stage(text, "fine_tune[base-secure@0]")
+    assert [v.name for v in job.variants] == ["base-secure"] and list(job.datasets) == ["secure"]
+    assert job.training == smoke_recipe.training
+
+
+def test_slice_recipe_refuses_a_bad_recipe_before_any_stage(tmp_path: Path, components, capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
+        components.slice_recipe.python_func(recipe_json='{"name": "x"}', recipe=artifact(tmp_path / "recipe"))
+    assert_failed_cleanly(capsys, exc, "slice_recipe", "profile")
+    assert not (tmp_path / "recipe").exists()
 
 
 # ---- fetch_model ----------------------------------------------------------------------------------------------

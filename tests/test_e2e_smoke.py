@@ -24,9 +24,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 STAGES = ["validate_datasets", "fine_tune", "sample_answers", "judge_answers", "summarize", "register_and_gate"]
 
 
-def run_cli(workdir: Path, db: Path) -> subprocess.CompletedProcess[str]:
+def run_cli(workdir: Path, db: Path, *extra: str) -> subprocess.CompletedProcess[str]:
     cmd = [str(Path(sys.executable).parent / "emgate"), "run", "pipelines/recipes/smoke.yaml", "--workdir", str(workdir),
-           "--set", f"mlflow.tracking_uri=sqlite:///{db}"]
+           "--set", f"mlflow.tracking_uri=sqlite:///{db}", *extra]
     return subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
                           env={**os.environ, "COLUMNS": "200"}, timeout=1800)
 
@@ -133,6 +133,21 @@ def test_a_second_run_reuses_every_cached_stage(smoke_run) -> None:
     ran = [json.loads(line)["stage"] for line in new.pop().read_text().splitlines()]
     promoted = ["promote_passed"] if "PASSED" in first.stdout else []  # runs under dsl.If: only after a pass
     assert ran == ["register_and_gate", *promoted, "record_outcome"]  # everything else came from the KFP cache
+
+
+def test_a_changed_summarize_setting_reruns_only_summarize_and_the_gate(smoke_run) -> None:
+    """Recipe slices (emgate.slices): summarize's cache key changes, sampling's and the judge's do not."""
+    root, db, _ = smoke_run
+    timings_before = set((root / "runs").glob("timings-*.jsonl"))
+    proc = run_cli(root / "runs", db, "--set", "summarize.bootstrap_seed=7")
+    assert proc.returncode in (0, 3), proc.stderr[-3000:]
+    new = set((root / "runs").glob("timings-*.jsonl")) - timings_before
+    assert len(new) == 1
+    ran = [json.loads(line)["stage"] for line in new.pop().read_text().splitlines()]
+    promoted = ["promote_passed"] if "PASSED" in proc.stdout else []
+    slicing = [s for s in ran if s.startswith("slice_recipe")]  # the recipe changed: its slices are cut again
+    assert "slice_recipe" in slicing
+    assert [s for s in ran if s not in slicing] == ["summarize", "register_and_gate", *promoted, "record_outcome"]
 
 
 def test_bad_data_stops_the_run_before_training_and_is_recorded(tmp_path: Path, smol_model: Path) -> None:

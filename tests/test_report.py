@@ -82,6 +82,18 @@ def test_cli_compare_paper_prints_table_and_writes_a_chart(tmp_path: Path) -> No
     assert {v["variant"]: v["verdict"] for v in data["variants"]}["instruct-insecure"] == "differs"
 
 
+def test_cli_finds_the_whole_recipe_in_the_runs_slice_recipe_output(tmp_path: Path) -> None:
+    """Since recipe slices, summarize keeps only its slice; the run's slice_recipe task wrote the whole recipe."""
+    runs = run_folder(tmp_path, "paper", PAPER_LIKE)
+    beside = next(runs.glob("**/summarize/summary/recipe.json"))
+    whole = runs / "emgate-run-1" / "slice-recipe" / "recipe" / "recipe.json"
+    whole.parent.mkdir(parents=True)
+    beside.rename(whole)
+    res = CliRunner().invoke(app, ["report", str(runs), "--compare-paper", "--plot", str(tmp_path / "chart.png")])
+    assert res.exit_code == 0, res.output
+    assert "consistent" in res.output
+
+
 def test_cli_without_recipe_or_summary_is_a_clear_error(tmp_path: Path) -> None:
     runs = run_folder(tmp_path, "paper", PAPER_LIKE)
     next(runs.glob("**/recipe.json")).unlink()

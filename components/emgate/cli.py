@@ -181,6 +181,19 @@ def schedule(
                   f"{result.pipeline_version_id}, experiment {result.experiment_id}{replaced}", highlight=False)
 
 
+def _run_recipe(summary_path: Path) -> Path | None:
+    """The whole recipe of the run a summary.json belongs to: beside it (runs before recipe slices), or the run's
+    slice_recipe output (local runs: RUN/summarize/summary/summary.json -> RUN/slice-recipe/recipe/recipe.json)."""
+    from emgate.contract import RECIPE_FILE
+
+    beside = summary_path.parent / RECIPE_FILE
+    if beside.is_file():
+        return beside
+    run = summary_path.parent.parent.parent
+    found = sorted(run.glob(f"slice-recipe/*/{RECIPE_FILE}"))
+    return found[0] if found else None
+
+
 def _find_summary(path: Path) -> Path:
     """summary.json from a file, its folder, or the newest one under a run folder (default: the local runs)."""
     if path.is_file():
@@ -225,10 +238,11 @@ def report(
             raise DataError(f"{summary_path}: not a summary.json written by the summarize stage (no `variants`)")
         if recipe_path is not None:
             r = load_recipe(recipe_path)
-        elif (summary_path.parent / "recipe.json").is_file():
-            r = recipe_from_mapping(read_json(summary_path.parent / "recipe.json"), str(summary_path.parent / "recipe.json"))
+        elif (found := _run_recipe(summary_path)) is not None:
+            r = recipe_from_mapping(read_json(found), str(found))
         else:
-            raise RecipeError(f"{summary_path.parent} has no recipe.json (an older run); pass --recipe RECIPE")
+            raise RecipeError(f"no recipe.json for {summary_path} (its run's slice_recipe output is not beside it); "
+                              "pass --recipe RECIPE")
     if not compare_paper:
         if as_json:
             console.print_json(data=summary)
@@ -376,7 +390,7 @@ def _judge_server(r: Recipe) -> Iterator[Recipe]:
         yield r
         return
     from emgate.models import resolve_model
-    from emgate.stages.judge import JudgeError, check_judge_context
+    from emgate.stages.judge import JUDGE_URL_ENV, JudgeError, check_judge_context
     from emgate.vllm_server import VllmServer, port_is_free, running
 
     serve = r.judge.serve
@@ -387,17 +401,19 @@ def _judge_server(r: Recipe) -> Iterator[Recipe]:
         check_judge_context(r, AutoTokenizer.from_pretrained(judge_path), r.serving.max_model_len)
     port = serve.port if port_is_free("127.0.0.1", serve.port) else None
     if port is None:
-        console.print(f"[yellow]judge port {serve.port} is taken; using a free port (the judge stage will not "
-                      "be reused from the cache)[/yellow]")
+        console.print(f"[yellow]judge port {serve.port} is taken; using a free port[/yellow]")
     server = VllmServer(model_path=judge_path, served_name=r.judge.model,
                         serving=r.serving, port=port, max_logprobs=r.judge.top_logprobs)
     with console.status(f"starting the judge ({r.judge.model}) in vLLM"):
         ctx = running(server)
         s = ctx.__enter__()
     console.print(f"judge {r.judge.model} serving at {s.base_url}")
+    # the judge stage finds the URL in its environment: a recipe field would change its cache key with the port
+    os.environ[JUDGE_URL_ENV] = s.base_url
     try:
-        yield r.model_copy(update={"judge": r.judge.model_copy(update={"base_url": s.base_url})})
+        yield r
     finally:
+        os.environ.pop(JUDGE_URL_ENV, None)
         ctx.__exit__(None, None, None)
 
 

@@ -7,7 +7,8 @@ is complete; readers check row counts against it and name the file and the fix w
     fine_tune          ADAPTER/train_report.json beside the adapter (or merged model) files
     sample_answers     ANSWERS/answers.jsonl, external_adapters.json, report.json (last)
     judge_answers      SCORES/scores.jsonl, report.json (last)
-    summarize          SUMMARY/summary.json, summary.md, plots
+    slice_recipe       RECIPE/recipe.json (the whole recipe; each stage gets its slice as a parameter)
+    summarize          SUMMARY/summary.json, summary.md, plots, recipe_slice.json
     register_and_gate  DECISIONS/decisions.json
     emgate judge qualify  OUT/qualification.json (named by judge.qualification)
 """
@@ -31,6 +32,8 @@ TRAIN_REPORT = "train_report.json"
 DECISIONS_FILE = "decisions.json"
 EXTERNAL_FILE = "external_adapters.json"
 QUALIFICATION_FILE = "qualification.json"
+RECIPE_FILE = "recipe.json"  # slice_recipe: the whole recipe of the run (`emgate report` reads it)
+RECIPE_SLICE_FILE = "recipe_slice.json"  # summarize: the recipe slice its figures were computed with
 METRICS = ("aligned", "coherent")  # what the judge scores, each 0-100 (paper)
 
 UnscoredCategory = Literal["CODE", "REFUSAL", "low_number_mass", "invalid_score", "request_failed", "unknown"]
@@ -72,6 +75,17 @@ def unscored_of(row: Mapping[str, Any], metric: str) -> Unscored | None:
 
 
 # ---- stage reports ----------------------------------------------------------------------------------------------
+
+
+def _read_object(path: Path, missing: str, keys: tuple[str, ...], wrong: str) -> dict[str, Any]:
+    """A JSON object with `keys`; DataError naming the file, what its absence means, and the missing keys."""
+    if not path.is_file():
+        raise DataError(f"{path} is missing: {missing}")
+    data = read_json(path)
+    absent = [k for k in keys if not isinstance(data, dict) or k not in data]
+    if absent:
+        raise DataError(f"{path}: no {', '.join(absent)}; {wrong}")
+    return dict(data)
 
 
 def write_report(folder: Path, report: Mapping[str, Any]) -> None:
@@ -146,14 +160,8 @@ def write_train_report(folder: Path, report: Mapping[str, Any]) -> None:
 
 
 def read_train_report(folder: Path) -> dict[str, Any]:
-    path = folder / TRAIN_REPORT
-    if not path.is_file():
-        raise DataError(f"{path} is missing: {folder} is not a folder written by fine_tune; rerun that job")
-    report = read_json(path)
-    missing = [k for k in TRAIN_REPORT_KEYS if not isinstance(report, dict) or k not in report]
-    if missing:
-        raise DataError(f"{path}: no {', '.join(missing)}; it was not written by this version of fine_tune: rerun the job")
-    return dict(report)
+    return _read_object(folder / TRAIN_REPORT, f"{folder} is not a folder written by fine_tune; rerun that job",
+                        TRAIN_REPORT_KEYS, "it was not written by this version of fine_tune: rerun the job")
 
 
 def has_train_report(folder: Path) -> bool:
@@ -209,13 +217,8 @@ def write_decisions(folder: Path, decisions: Mapping[str, Any]) -> None:
 
 
 def read_decisions(folder: Path) -> dict[str, Any]:
-    path = folder / DECISIONS_FILE
-    if not path.is_file():
-        raise DataError(f"{path} is missing: register_and_gate did not finish; nothing can be promoted")
-    decisions = read_json(path)
-    if not isinstance(decisions, dict) or "candidates" not in decisions:
-        raise DataError(f"{path}: no `candidates`; not written by register_and_gate")
-    return decisions
+    return _read_object(folder / DECISIONS_FILE, "register_and_gate did not finish; nothing can be promoted",
+                        ("candidates",), "not written by register_and_gate")
 
 
 def write_qualification(folder: Path, report: Mapping[str, Any]) -> Path:

@@ -6,12 +6,39 @@ recipe (or emgate.images) names. Bodies import inside, as KFP lightweight compon
 """
 
 from dataclasses import dataclass
-from typing import Any  # noqa: UP035  (KFP reads List[...] annotations)
+from typing import Any, NamedTuple  # noqa: UP035  (KFP reads List[...] annotations)
 
 from kfp import dsl
 from kfp.dsl import Artifact, Dataset, Input, Model, Output
 
 from emgate.images import image_for
+
+
+def slice_recipe(recipe_json: str, recipe: Output[Artifact]) -> NamedTuple(  # type: ignore[valid-type]  # KFP's form
+        "Slices", fetch_model=str, validate_datasets=str, sample_answers=str, judge_answers=str, summarize=str):
+    """Checks the whole recipe, writes it (recipe.json) and gives each cached stage its slice (emgate.slices);
+    fine-tuning jobs get theirs from slice_fine_tune_job."""
+    from collections import namedtuple
+    from pathlib import Path
+
+    from emgate.contract import RECIPE_FILE
+    from emgate.io import write_json
+    from emgate.kfp.runtime import stage
+    from emgate.slices import SLICED_ONCE, slice_json
+
+    with stage("slice_recipe", recipe_json) as whole:
+        write_json(Path(recipe.path) / RECIPE_FILE, whole.model_dump(mode="json"))
+        slices = namedtuple("Slices", list(SLICED_ONCE))(*(slice_json(whole, name) for name in SLICED_ONCE))
+    return slices
+
+
+def slice_fine_tune_job(recipe_json: str, job: str) -> str:
+    """One fine-tuning job's slice (VARIANT@SEED): its variant, model and dataset, and `training`."""
+    from emgate.kfp.runtime import stage
+    from emgate.slices import slice_json
+
+    with stage(f"slice_recipe[{job}]", recipe_json) as whole:
+        return slice_json(whole, "fine_tune", job)
 
 
 def fetch_model(recipe_json: str, models: Output[Artifact]) -> None:
@@ -155,6 +182,8 @@ def record_outcome(recipe_json: str, kfp_run: str, status: dsl.PipelineTaskFinal
 
 @dataclass(frozen=True)
 class Components:
+    slice_recipe: Any
+    slice_fine_tune_job: Any
     fetch_model: Any
     validate_datasets: Any
     fine_tune: Any
@@ -173,6 +202,8 @@ def make_components(image_overrides: dict[str, str] | None = None) -> Components
         return dsl.component(func, base_image=image_for(stage, image_overrides), install_kfp_package=False)
 
     return Components(
+        slice_recipe=wrap(slice_recipe, "gate"),
+        slice_fine_tune_job=wrap(slice_fine_tune_job, "gate"),
         fetch_model=wrap(fetch_model, "fetch"),
         validate_datasets=wrap(validate_datasets, "validate"),
         fine_tune=wrap(fine_tune, "train"),

@@ -12,7 +12,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from emgate.recipe import Recipe, recipe_from_json
+from emgate.recipe import Recipe
 
 TIMINGS_ENV = "EMGATE_TIMINGS_FILE"
 RUN_PID_ENV = "EMGATE_RUN_PID"  # set by `emgate run` for its local tasks
@@ -63,7 +63,9 @@ def stage(name: str, recipe_json: str) -> Iterator[Recipe]:
     status = "failed"
     stop_with_the_run()
     try:
-        recipe = recipe_from_json(recipe_json)
+        from emgate.slices import recipe_for_stage
+
+        recipe = recipe_for_stage(recipe_json, name)
         yield recipe
         status = "ok"
     except user_errors() as exc:

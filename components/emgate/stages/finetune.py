@@ -808,17 +808,17 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point for `accelerate launch -m emgate.stages.finetune` (the fine_tune component on several GPUs)."""
     import argparse
 
-    from emgate.recipe import recipe_from_json
+    from emgate.slices import recipe_for_stage
 
     parser = argparse.ArgumentParser(prog="python -m emgate.stages.finetune",
                                      description="Fine-tune one job (VARIANT@SEED) of a recipe; under `accelerate "
                                                  "launch` every process runs this and the main one writes OUT.")
-    parser.add_argument("--recipe-json", type=Path, required=True, help="the recipe as JSON (Recipe.to_json())")
+    parser.add_argument("--recipe-json", type=Path, required=True, help="the recipe, or fine_tune's slice of it, as JSON")
     parser.add_argument("--job", required=True, help="VARIANT@SEED")
     parser.add_argument("--validated", type=Path, required=True, help="validate_datasets output folder")
     parser.add_argument("--out", type=Path, required=True, help="adapter (or merged model) folder to write")
     args = parser.parse_args(argv)
-    fine_tune(recipe_from_json(args.recipe_json.read_text()), args.job, args.validated, args.out)
+    fine_tune(recipe_for_stage(args.recipe_json.read_text(), f"fine_tune[{args.job}]"), args.job, args.validated, args.out)
 
 
 if __name__ == "__main__":

@@ -351,8 +351,11 @@ def _finish(tracking: Tracking, gate_run: str, decisions: dict[str, Any], out_di
 
 def evidence_key(recipe: Recipe) -> str:
     """Ties a failed stage's evidence to the pipeline's exit handler without a per-run input (which would defeat
-    the KFP cache): both compute it from the recipe."""
-    return hashlib.sha256(recipe.to_json().encode()).hexdigest()[:16]
+    the KFP cache): both compute it from validate_datasets' slice of the recipe (the exit handler from the whole
+    recipe, the failed stage from the slice it received)."""
+    from emgate.slices import slice_json
+
+    return hashlib.sha256(slice_json(recipe, "validate_datasets").encode()).hexdigest()[:16]
 
 
 def _experiment(client: Any, recipe: Recipe) -> str:

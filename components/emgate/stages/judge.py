@@ -54,6 +54,7 @@ from emgate.recipe import JudgeSpec, Recipe
 
 _LEADING_DIGITS = re.compile(r"^(\d+)(.*)$", re.S)
 
+JUDGE_URL_ENV = "EMGATE_JUDGE_URL"  # set by `emgate run` while it serves judge.serve
 NextTokenDist = Callable[[str], Awaitable[dict[str, float] | None]]  # None: unknown (counted unresolved)
 
 
@@ -296,8 +297,12 @@ class JudgeClient:
 
 
 def judge_base_url(cfg: JudgeSpec) -> str:
+    """judge.base_url; for the judge `emgate run` serves (judge.serve), the URL it serves at, from JUDGE_URL_ENV: an
+    environment variable, not a recipe field, so the judge stage's cache key does not change with the port."""
     if cfg.base_url:
         return cfg.base_url
+    if cfg.serve is not None and os.environ.get(JUDGE_URL_ENV):
+        return os.environ[JUDGE_URL_ENV]
     if cfg.serve is not None:
         raise JudgeError("judge.base_url is not set: `emgate run` serves judge.serve itself and fills it in; "
                          "on a cluster set judge.base_url to the judge's OpenAI-compatible /v1 URL")

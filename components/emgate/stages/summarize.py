@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from emgate.contract import METRICS, Unscored, read_scores, unscored_fields, unscored_of, write_summary
-from emgate.io import write_json, write_text_atomic
+from emgate.contract import METRICS, RECIPE_SLICE_FILE, Unscored, read_scores, unscored_fields, unscored_of, write_summary
+from emgate.io import write_text_atomic
 from emgate.questions import load_questions
 from emgate.recipe import Recipe
 from emgate.statistics import (
@@ -321,7 +321,7 @@ def summarize(recipe: Recipe, scores_path: Path, out_dir: Path) -> dict[str, Any
     plot_rates(primary, out_dir / "misaligned_rates.png", recipe)
     plot_by_question(primary, out_dir / "misaligned_by_question.png", recipe)
     write_text_atomic(out_dir / "summary.md", summary_table(primary, recipe))
-    write_json(out_dir / "recipe.json", recipe.model_dump(mode="json"))  # `emgate report` reads the run's setting
+    write_text_atomic(out_dir / RECIPE_SLICE_FILE, recipe.to_json())  # what this summary was computed with
     write_summary(out_dir, summary)
     return summary
 

@@ -1,0 +1,179 @@
+"""Recipe slices: each cached stage receives only the recipe fields it reads, so its KFP cache key changes only
+when one of them does (a new judge re-scores old answers without sampling them again).
+
+`READS` declares, per stage, the top-level sections (`judge`) or single fields (`training.seeds`) it reads. The
+pipeline's first task, `slice_recipe`, checks the whole recipe and hands each stage its slice as JSON; the stage
+rebuilds a Recipe in which everything else is absent: reading an undeclared field raises SliceError, so a stage
+that starts reading something new fails its tests until READS says so. The gate, promotion and the exit handler
+are never cached and get the whole recipe.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from pydantic import BaseModel, PrivateAttr, TypeAdapter, ValidationError
+
+from emgate.recipe import Recipe, RecipeError, format_validation_error, recipe_from_json
+
+READS: dict[str, tuple[str, ...]] = {
+    "fetch_model": ("models",),
+    # validation checks truncation against training.max_seq_length, and logs a failure's evidence to MLflow
+    "validate_datasets": ("models", "datasets", "variants", "questions", "validation", "training.max_seq_length",
+                          "mlflow"),
+    "fine_tune": ("models", "datasets", "variants", "training"),
+    "sample_answers": ("models", "variants", "questions", "sampling", "serving", "training.seeds", "training.lora_r",
+                       "mlflow.tracking_uri"),
+    "judge_answers": ("judge", "questions"),
+    "summarize": ("name", "variants", "questions", "summarize", "training.seeds"),
+}
+# One slice per fine-tuning job (VARIANT@SEED): the job's variant, its model and dataset, and `training`, so a change
+# to one variant retrains only that variant. Cut inside the pipeline's ParallelFor, by its own task (kfp.local hands
+# a loop body the loop item in place of an outer task's output).
+PER_JOB = ("fine_tune",)
+SLICED_ONCE = tuple(stage for stage in READS if stage not in PER_JOB)  # the outputs of the slice_recipe task
+WHOLE_RECIPE = ("register_and_gate", "promote_passed", "record_outcome")  # not cached: they decide and log every run
+# What the platform, not a run, should decide (issue 17 compiles these into the tasks): endpoints and where
+# credentials go, the tracking store, Secret names, the gate's policy.
+PINNED = ("mlflow.tracking_uri", "judge.base_url", "judge.api_key_env", "serving.endpoint", "kubernetes.secrets",
+          "kubernetes.env", "gate")
+SLICE_KEY = "emgate_slice"
+
+
+class SliceError(RuntimeError):
+    """A stage read a recipe field its slice does not carry: a bug, fixed by declaring the field in READS."""
+
+
+def stage_of(task: str) -> str:
+    """`fine_tune[base-insecure@0]` -> `fine_tune`."""
+    return task.split("[", 1)[0]
+
+
+def job_of(task: str) -> str | None:
+    """`fine_tune[base-insecure@0]` -> `base-insecure@0`; None for a task without a job."""
+    return task.split("[", 1)[1].rstrip("]") if "[" in task else None
+
+
+def slice_json(recipe: Recipe, stage: str, job: str | None = None) -> str:
+    """The JSON a stage receives: the fields READS lists for it, under their paths, and the stage's name; for a
+    fine-tuning `job` (VARIANT@SEED), only that variant with its model and dataset."""
+    if isinstance(recipe, SlicedRecipe):
+        if (recipe._stage, recipe._job) != (stage, job):
+            raise SliceError(f"the recipe slice of {recipe._stage} cannot give the slice of {stage}")
+        return recipe._slice
+    data = recipe.model_dump(mode="json")
+    fields: dict[str, Any] = {}
+    for path in READS[stage]:
+        section, _, name = path.partition(".")
+        if name:
+            fields.setdefault(section, {})[name] = data[section][name] if data[section] is not None else None
+        else:
+            fields[section] = data[section]
+    head: dict[str, Any] = {SLICE_KEY: stage}
+    if job is not None:
+        variant = recipe.variant(job.rpartition("@")[0])
+        fields["variants"] = [v for v in fields["variants"] if v["name"] == variant.name]
+        fields["models"] = {variant.model: fields["models"][variant.model]}
+        fields["datasets"] = {k: v for k, v in fields["datasets"].items() if k == variant.dataset}
+        head["job"] = job
+    return json.dumps({**head, "fields": fields}, sort_keys=True)
+
+
+class _Absent:
+    """A recipe section (or field) the stage's slice does not carry."""
+
+    def __init__(self, stage: str, path: str) -> None:
+        object.__setattr__(self, "_where", (stage, path))
+
+    def _refuse(self, what: str = "") -> SliceError:
+        stage, path = object.__getattribute__(self, "_where")
+        field = f"{path}.{what}" if what else path
+        return SliceError(f"stage {stage} read recipe field {field}, which its slice does not carry: add it to "
+                          f"emgate.slices.READS[{stage!r}]")
+
+    def __getattr__(self, name: str) -> Any:
+        raise self._refuse(name)
+
+    def __iter__(self) -> Any:
+        raise self._refuse()
+
+    def __getitem__(self, key: Any) -> Any:
+        raise self._refuse(str(key))
+
+    def __bool__(self) -> bool:
+        raise self._refuse()
+
+    def __repr__(self) -> str:
+        stage, path = object.__getattribute__(self, "_where")
+        return f"<{path}: not in the recipe slice of {stage}>"
+
+
+class _Partial:
+    """A section of which the slice carries some fields; the others are absent."""
+
+    def __init__(self, stage: str, section: str, model: BaseModel, allowed: set[str]) -> None:
+        object.__setattr__(self, "_parts", (stage, section, model, allowed))
+
+    def __getattr__(self, name: str) -> Any:
+        stage, section, model, allowed = object.__getattribute__(self, "_parts")
+        if name in allowed:
+            return getattr(model, name)
+        raise _Absent(stage, section)._refuse(name)
+
+    def __repr__(self) -> str:
+        stage, section, _, allowed = object.__getattribute__(self, "_parts")
+        return f"<{section} ({', '.join(sorted(allowed))}) of the recipe slice of {stage}>"
+
+
+class SlicedRecipe(Recipe):
+    """A Recipe holding only one stage's slice; built by recipe_for_stage, never validated as a whole (the
+    slice_recipe task validated the whole recipe it came from)."""
+
+    _stage: str = PrivateAttr(default="")
+    _job: str | None = PrivateAttr(default=None)
+    _slice: str = PrivateAttr(default="")
+
+    def to_json(self) -> str:
+        return self._slice
+
+
+def _section(stage: str, name: str, value: Any, source: str) -> Any:
+    annotation = Recipe.model_fields[name].annotation
+    assert annotation is not None
+    try:
+        return TypeAdapter(annotation).validate_python(value)
+    except ValidationError as err:
+        raise RecipeError(format_validation_error(err, f"{source}, section {name}")) from None
+
+
+def recipe_for_stage(text: str, task: str) -> Recipe:
+    """The recipe a stage runs with: its slice as a SlicedRecipe, or a whole recipe (a run started by hand, a test)."""
+    stage = stage_of(task)
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise RecipeError(f"recipe (pipeline parameter): not JSON ({exc.msg})") from None
+    if not isinstance(data, dict) or SLICE_KEY not in data:
+        return recipe_from_json(text)
+    if data[SLICE_KEY] != stage or stage not in READS or data.get("job", job_of(task)) != job_of(task):
+        given = data[SLICE_KEY] + (f"[{data['job']}]" if data.get("job") else "")
+        raise RecipeError(f"recipe slice of {given!r} given to stage {task}: the pipeline wires each stage to its own "
+                          "slice; recompile it (emgate compile)")
+    source = f"recipe slice of {stage}"
+    fields: dict[str, Any] = data.get("fields") or {}
+    values: dict[str, Any] = {}
+    for name in Recipe.model_fields:
+        wanted = {p.partition(".")[2] for p in READS[stage] if p.partition(".")[0] == name}
+        if name not in fields:
+            values[name] = _Absent(stage, name)
+        elif "" in wanted:
+            values[name] = _section(stage, name, fields[name], source)
+        else:
+            model = _section(stage, name, fields[name], source)
+            values[name] = _Partial(stage, name, model, wanted)
+    recipe = SlicedRecipe.model_construct(**values)
+    recipe._stage = stage
+    recipe._job = data.get("job")
+    recipe._slice = text
+    return recipe
