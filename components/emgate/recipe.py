@@ -394,7 +394,7 @@ GateMetric = Literal[
 class GateRule(_Strict):
     metric: GateMetric = Field(description="the metric compared, as summarize reports it per version and variant")
     op: Literal["<", "<=", ">", ">="] = Field(description="the rule passes when `metric op threshold` holds")
-    threshold: float = Field(description="the bound, in the metric's unit")
+    threshold: float = Field(allow_inf_nan=False, description="the bound, in the metric's unit; finite")
 
 
 def _default_rules() -> list[GateRule]:
