@@ -491,6 +491,10 @@ class KubernetesSpec(_Strict):
         default_factory=lambda: [Toleration(key="nvidia.com/gpu", operator="Exists", effect="NoSchedule")],
         description="taints GPU stages tolerate; the default is the taint GPU node pools usually carry",
     )
+    policy_configmap: str | None = Field(default="emgate-policy", description=(
+        "ConfigMap (charts/emgate) holding the platform's gate floor under the key policy.yaml; mounted on the gate's "
+        "tasks (slice_recipe, register_and_gate, promote_passed) with $EMGATE_POLICY_FILE pointing at it, compiled "
+        "into the pipeline; None: the floor baked into the gate image"))
     model_cache_pvc: str | None = Field(default="emgate-model-cache", description=(
         "PVC (charts/emgate) holding $EMGATE_CACHE_DIR; None: none"))
     model_cache_mount: str = Field(default="/mnt/models", description=(
