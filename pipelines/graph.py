@@ -77,7 +77,7 @@ def build_pipeline(recipe: Recipe, cluster: bool = True) -> Any:
             k8s.apply(fetched, "fetch_model", retry=True)
             k8s.apply(validated, "validate_datasets")
             if jobs:
-                k8s.apply(job_slice, "slice_recipe")
+                k8s.apply(job_slice, "slice_fine_tune_job")
                 k8s.apply(trained, "fine_tune", gpus=recipe.training.gpus if gpu else 0)
             k8s.apply(sampled, "sample_answers", gpus=recipe.serving.tensor_parallel_size if gpu and serves else 0,
                       retry=True)
@@ -111,7 +111,7 @@ class ClusterSettings:
         adapters = [v.adapter or "" for v in recipe.variants]
         names = self.spec.secrets
         mlflow = recipe.mlflow.tracking_uri.startswith(("http://", "https://"))
-        mlflow_stages = set(STAGES) - {"fetch_model", "slice_recipe"}
+        mlflow_stages = set(STAGES) - {"fetch_model", "slice_recipe", "slice_fine_tune_job"}
         self.secrets: list[tuple[set[str], str, dict[str, str]]] = []
         if mlflow:
             self.secrets.append((mlflow_stages, names.mlflow,
@@ -142,6 +142,9 @@ class ClusterSettings:
             # vLLM's workers and torch's DataLoader share tensors through /dev/shm; a container's default is 64 MiB.
             kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory",
                                        size_limit=spec.shm_size)
+        if spec.policy_configmap and stage in POLICY_STAGES:  # compiled in: a run's parameter cannot move it
+            kubernetes.use_config_map_as_volume(task, config_map_name=spec.policy_configmap, mount_path=POLICY_MOUNT)
+            task.set_env_variable("EMGATE_POLICY_FILE", f"{POLICY_MOUNT}/policy.yaml")
         if spec.model_cache_pvc:
             kubernetes.mount_pvc(task, pvc_name=spec.model_cache_pvc, mount_path=spec.model_cache_mount)
             task.set_env_variable("EMGATE_CACHE_DIR", f"{spec.model_cache_mount.rstrip('/')}/emgate")
@@ -157,8 +160,12 @@ class ClusterSettings:
                            backoff_max_duration="1800s")
 
 
+# The tasks that apply the platform's gate floor, and where its ConfigMap is mounted on them
+POLICY_STAGES = ("slice_recipe", "register_and_gate", "promote_passed")
+POLICY_MOUNT = "/etc/emgate/policy"
 # Stage names as ClusterSettings.apply knows them.
-STAGES = ("slice_recipe", "fetch_model", "validate_datasets", "fine_tune", "sample_answers", "judge_answers", "summarize",
+STAGES = ("slice_recipe", "slice_fine_tune_job", "fetch_model", "validate_datasets", "fine_tune", "sample_answers",
+          "judge_answers", "summarize",
           "register_and_gate", "promote_passed", "record_outcome")
 
 

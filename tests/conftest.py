@@ -20,6 +20,11 @@ elif os.environ.get("EMGATE_ASSETS_DIR"):  # README's ../shared/em-data: absolut
     os.environ["EMGATE_ASSETS_DIR"] = str(Path(os.environ["EMGATE_ASSETS_DIR"]).resolve())
 
 
+# The development gate floor (emgate/policies/dev.yaml), as `emgate run` uses for local runs: the smoke recipe's
+# loose rules are the tests' subject. Tests of the floor itself pass their own.
+os.environ.setdefault("EMGATE_POLICY_FILE", str(REPO / "components" / "emgate" / "policies" / "dev.yaml"))
+
+
 @pytest.fixture(scope="session")
 def repo() -> Path:
     return REPO

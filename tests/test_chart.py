@@ -591,3 +591,15 @@ def test_notes_tell_how_to_open_mlflow_create_the_secrets_and_see_the_schedule(r
     assert "http://emgate-judge.emgate.svc.cluster.local:8000/v1" in notes
     default_notes = render_notes(repo, {})
     assert "emgate-s3" not in default_notes and "emgate-judge" not in default_notes
+
+
+def test_the_policy_configmap_carries_the_package_floor(repo: Path, tmp_path: Path) -> None:
+    """The chart's default floor is the package's paper floor; the name matches kubernetes.policy_configmap."""
+    from emgate.floor import PACKAGE_FLOOR, load_floor, packaged
+    from emgate.recipe import KubernetesSpec
+
+    [configmap] = render(repo, {})["policy-configmap.yaml"]
+    assert configmap["metadata"]["name"] == KubernetesSpec().policy_configmap
+    mounted = tmp_path / "policy.yaml"
+    mounted.write_text(configmap["data"]["policy.yaml"])
+    assert load_floor(mounted).sha256() == load_floor(packaged(PACKAGE_FLOOR)).sha256()

@@ -165,3 +165,23 @@ def test_sampling_an_existing_endpoint_needs_no_gpu_and_gets_its_key_from_a_secr
     secrets = {s["secretName"]: s["keyToEnv"] for s in sample["secretAsEnv"]}
     assert secrets["emgate-endpoint"] == [{"envVar": "ENDPOINT_KEY", "secretKey": "api-key"}]
     assert "emptyDirMounts" not in sample and "tolerations" not in sample
+
+
+def test_the_gate_tasks_mount_the_platforms_floor(repo: Path, tmp_path: Path) -> None:
+    """Compiled in, not read from the run's parameter: the policy ConfigMap and $EMGATE_POLICY_FILE on the tasks that
+    apply the floor, and on no other."""
+    from emgate_pipelines.graph import POLICY_MOUNT, POLICY_STAGES
+
+    out = tmp_path / "paper.yaml"
+    compile_pipeline(load_recipe(repo / "pipelines" / "recipes" / "paper.yaml"), str(out))
+    _, platform_doc = yaml.safe_load_all(out.read_text())
+    executors = platform_doc["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    doc = next(yaml.safe_load_all(out.read_text()))
+    for key, spec in executors.items():
+        stage = key.removeprefix("exec-").replace("-", "_")
+        mounts = [m for m in spec.get("configMapAsVolume", []) if m["configMapName"] == "emgate-policy"]
+        assert bool(mounts) == (stage in POLICY_STAGES), stage
+        if mounts:
+            assert mounts[0]["mountPath"] == POLICY_MOUNT
+            env = doc["deploymentSpec"]["executors"][key]["container"].get("env", [])
+            assert {"name": "EMGATE_POLICY_FILE", "value": f"{POLICY_MOUNT}/policy.yaml"} in env

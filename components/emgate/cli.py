@@ -70,8 +70,12 @@ def _exit_on(*errors: type[BaseException], code: int = 2, label: str = "error") 
 
 
 def _load(path: Path, overrides: list[str] | None) -> Recipe:
-    with _exit_on(RecipeError):
+    from emgate.floor import load_floor
+    from emgate.policy import PolicyBelowFloor, effective_policy
+
+    with _exit_on(RecipeError, PolicyBelowFloor):
         r = load_recipe(path, overrides)
+        effective_policy(load_floor(), r.gate)  # a gate weaker than the platform's floor is refused before it runs
         for note in r.notes():
             err.print(f"[yellow]note:[/yellow] {escape(note)}", highlight=False)
         return r
@@ -427,8 +431,14 @@ def run(recipe: RecipeArg, set_: SetOpt = None,
     Ctrl-C or SIGTERM stops the running stage and every vLLM server the run started (exit 130 or 143); finished
     stages stay in the KFP cache and sampling resumes where it stopped, so rerunning the same command goes on."""
     from emgate.assets import AssetError, resolve_asset
+    from emgate.floor import DEV_FLOOR, POLICY_FILE_ENV, packaged
     from emgate.interrupt import Interrupted, stop_everything_on_signal
 
+    if not os.environ.get(POLICY_FILE_ENV):  # a local run: the development floor, recorded with every decision
+        os.environ[POLICY_FILE_ENV] = str(packaged(DEV_FLOOR))
+        err.print(f"[yellow]note:[/yellow] local run: the gate's floor is the development one ({DEV_FLOOR}; set "
+                  f"{POLICY_FILE_ENV} for another); its decisions fail `emgate gate verify` against the paper floor",
+                  highlight=False)
     r = _absolute_tracking(_load(recipe, set_))
     started = time.monotonic()
     started_at = time.time()
@@ -648,12 +658,19 @@ def promote(
 @gate_app.command("verify")
 def gate_verify(ref: ModelRefArg,
                 allow_override: Annotated[bool, typer.Option(help="Accept a version promoted by override")] = False,
+                policy: Annotated[Path | None, typer.Option(help=(
+                    "The platform's floor the decision must hold; default: $EMGATE_POLICY_FILE, else the package's "
+                    "paper floor"))] = None,
                 tracking_uri: TrackingOpt = None) -> None:
-    """Exit 0 only if the version has a passing gate decision whose report matches its sha256 tag.
+    """Exit 0 only if the version has a passing gate decision whose report matches its sha256 tag and applied every
+    rule of the platform's floor at least as strictly.
     Serving calls this before loading a model: `emgate gate verify NAME@champion || exit 1`."""
+    from emgate.floor import load_floor
     from emgate.registry import verify_version
 
-    result = verify_version(_registry(tracking_uri), _ref(ref), allow_override=allow_override)
+    with _exit_on(RecipeError):
+        floor = load_floor(policy)
+    result = verify_version(_registry(tracking_uri), _ref(ref), allow_override=allow_override, floor=floor)
     if result.ok:
         extra = f" (override by {result.override.get('by')}: {result.override.get('reason')})" if result.override else ""
         what = ("BLOCKED by the gate, accepted with --allow-override" if result.override

@@ -7,11 +7,15 @@ evidence is a failed rule: the policy fails closed. stages/gate.py records the d
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import operator
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Final, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from emgate.recipe import GateRule, GateSpec, Recipe
 
@@ -38,6 +42,96 @@ class Policy:
 
     def all_rules(self) -> list[GateRule]:
         return [*self.rules, GateRule(metric=MIN_JUDGED, op=">=", threshold=self.min_judged_per_question)]
+
+
+class Floor(BaseModel):
+    """The platform's floor (emgate/policies/*.yaml, or $EMGATE_POLICY_FILE): rules a run may only tighten."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    rules: list[GateRule] = Field(description="rules every recipe must hold at least as strictly")
+    min_judged_per_question: int = Field(ge=1, description="the fewest judged answers per question a recipe may ask for")
+    require_judge_qualified: bool = Field(default=False, description="judge_qualified >= 1 is added to every policy")
+    source: str = Field(default="", description="where the floor was read from (set by emgate.floor)")
+
+    def canonical(self) -> str:
+        return json.dumps(self.model_dump(mode="json", exclude={"source"}), sort_keys=True)
+
+    def sha256(self) -> str:
+        return hashlib.sha256(self.canonical().encode()).hexdigest()
+
+
+class PolicyBelowFloor(ValueError):
+    """A recipe's gate drops or loosens a rule of the platform's floor; names each one."""
+
+
+def at_least_as_strict(rule: GateRule, floor: GateRule) -> bool:
+    """Whether `rule` passes only values `floor` passes: same metric, same direction, a bound no looser."""
+    upper = {"<", "<="}
+    if rule.metric != floor.metric or (rule.op in upper) != (floor.op in upper):
+        return False
+    if rule.threshold != floor.threshold:
+        return rule.threshold < floor.threshold if rule.op in upper else rule.threshold > floor.threshold
+    return rule.op == floor.op or rule.op in ("<", ">")
+
+
+def effective_policy(floor: Floor, gate: GateSpec) -> Policy:
+    """The recipe's policy after checking it against the floor: every floor rule must be held at least as
+    strictly (a run may add rules and tighten thresholds, never drop or loosen one); a floor that requires a
+    qualified judge adds that rule. Raises PolicyBelowFloor naming every rule dropped or loosened."""
+    problems = []
+    for f in floor.rules:
+        if any(at_least_as_strict(r, f) for r in gate.rules):
+            continue
+        same = [f"{r.op} {r.threshold:g}" for r in gate.rules if r.metric == f.metric]
+        problems.append(f"gate.rules: {f.metric} {f.op} {f.threshold:g} is the platform's floor; the recipe "
+                        + (f"loosens it ({', '.join(same)})" if same else "drops it"))
+    if gate.min_judged_per_question < floor.min_judged_per_question:
+        problems.append(f"gate.min_judged_per_question: {gate.min_judged_per_question} is below the platform's floor "
+                        f"({floor.min_judged_per_question})")
+    if problems:
+        where = f" ({floor.source})" if floor.source else ""
+        raise PolicyBelowFloor(f"the recipe's gate is weaker than the platform's floor{where}: " + "; ".join(problems)
+                               + ". A run may add rules or tighten thresholds, never drop or loosen one")
+    rules = list(gate.rules)
+    qualified = GateRule(metric="judge_qualified", op=">=", threshold=1)
+    if floor.require_judge_qualified and not any(at_least_as_strict(r, qualified) for r in rules):
+        rules.append(qualified)
+    return Policy(tuple(rules), gate.min_judged_per_question)
+
+
+def policy_record(policy: Policy, floor: Floor) -> dict[str, Any]:
+    """What the gate report records of the policy it decided under, with the floor's source and sha256."""
+    rules = [r.model_dump(mode="json") for r in policy.rules]
+    body = {"rules": rules, "min_judged_per_question": policy.min_judged_per_question}
+    return {**body, "sha256": hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest(),
+            "floor": {"source": floor.source, "sha256": floor.sha256()}}
+
+
+def _applied_rule(verdict: dict[str, Any]) -> GateRule | None:
+    """The rule a recorded verdict applied; None for an entry that is no rule (e.g. `answers`) or is malformed."""
+    try:
+        return GateRule.model_validate({"metric": str(verdict.get("metric", "")).removeprefix("pooled."),
+                                        "op": verdict.get("op"), "threshold": verdict.get("threshold")})
+    except ValueError:  # pydantic's ValidationError is a ValueError
+        return None
+
+
+def floor_problems(floor: Floor, verdicts: list[dict[str, Any]]) -> list[str]:
+    """What a decision's verdicts (a gate report's) lack against `floor`: each floor rule must have been applied at
+    least as strictly, on the version's own answers and pooled, and held. For `emgate gate verify --policy`."""
+    problems = []
+    applied = [(v, rule) for v in verdicts if (rule := _applied_rule(v)) is not None]
+    floor_rules = [*floor.rules, GateRule(metric=MIN_JUDGED, op=">=", threshold=floor.min_judged_per_question)]
+    if floor.require_judge_qualified:
+        floor_rules.append(GateRule(metric="judge_qualified", op=">=", threshold=1))
+    for f in floor_rules:
+        for scope in ("own", "pooled"):
+            held = [v for v, r in applied if at_least_as_strict(r, f) and
+                    str(v.get("metric", "")).startswith("pooled.") == (scope == "pooled") and v.get("passed")]
+            if not held:
+                problems.append(f"the decision did not apply {f.metric} {f.op} {f.threshold:g} ({scope}) of the "
+                                f"platform's floor{f' ({floor.source})' if floor.source else ''}, or it did not hold")
+    return problems
 
 
 @dataclass(frozen=True)

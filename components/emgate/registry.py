@@ -149,9 +149,14 @@ def load_gate_report(client: Any, mv: Any) -> tuple[dict[str, Any] | None, list[
     return report, problems
 
 
-def verify_version(client: Any, ref: ModelRef, allow_override: bool = False) -> Verification:
+def verify_version(client: Any, ref: ModelRef, allow_override: bool = False, floor: Any = None) -> Verification:
     """Passes only for a version whose gate report matches its hash and records a passed decision for THIS
-    version, every rule holding. An override passes only with allow_override. Fails closed otherwise."""
+    version, every rule holding, and every rule of `floor` (emgate.policy.Floor; default: emgate.floor.load_floor())
+    applied at least as strictly. An override passes only with allow_override. Fails closed otherwise."""
+    from emgate.floor import load_floor
+    from emgate.policy import floor_problems
+
+    floor = floor if floor is not None else load_floor()
     try:
         mv = resolve_version(client, ref)
     except RegistryError as exc:
@@ -180,6 +185,8 @@ def verify_version(client: Any, ref: ModelRef, allow_override: bool = False) -> 
                                 "pass --allow-override to accept overridden versions")
             else:
                 problems.append(f"the gate blocked this version: {reasons}")
+        if not (result.override and allow_override):
+            problems += floor_problems(floor, list(report.get("verdicts", [])))
         if tags.get("emgate.decision") != report.get("decision"):
             problems.append(f"the version's emgate.decision tag ({tags.get('emgate.decision')}) disagrees with its "
                             f"gate report ({report.get('decision')})")

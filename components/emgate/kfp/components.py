@@ -27,6 +27,10 @@ def slice_recipe(recipe_json: str, recipe: Output[Artifact]) -> NamedTuple(  # t
     from emgate.slices import SLICED_ONCE, slice_json
 
     with stage("slice_recipe", recipe_json) as whole:
+        from emgate.floor import load_floor
+        from emgate.policy import effective_policy
+
+        effective_policy(load_floor(), whole.gate)  # a run's own weaker gate stops here, before any GPU time
         write_json(Path(recipe.path) / RECIPE_FILE, whole.model_dump(mode="json"))
         slices = namedtuple("Slices", list(SLICED_ONCE))(*(slice_json(whole, name) for name in SLICED_ONCE))
     return slices

@@ -25,6 +25,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from emgate.io import DataError
     from emgate.models import ModelError
     from emgate.pacing import StalledError
+    from emgate.policy import PolicyBelowFloor
     from emgate.recipe import RecipeError
     from emgate.stages.finetune import TrainingError
     from emgate.stages.judge import JudgeError
@@ -32,7 +33,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from emgate.vllm_server import ServerError
 
     return (AdapterError, AssetError, DataError, ModelError, RecipeError, JudgeError, ValidationFailed, ServerError,
-            TrainingError, FileNotFoundError, StalledError)
+            TrainingError, FileNotFoundError, StalledError, PolicyBelowFloor)
 
 
 def stop_with_the_run() -> None:

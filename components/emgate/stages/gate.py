@@ -31,14 +31,17 @@ from emgate.contract import (
     report_if_complete,
     write_decisions,
 )
+from emgate.floor import load_floor
 from emgate.merge import weights_sha256
 from emgate.policy import (
     Decision,
     Policy,
     champion_choice,
+    effective_policy,
     evaluate_policy,
     figure_rows,
     number,
+    policy_record,
     promotable,
     report_markdown,
     seed_failures,
@@ -178,6 +181,9 @@ def register_and_gate(recipe: Recipe, run_key: str, validation_dir: Path | None,
                       adapter_dirs: list[Path], answers_dir: Path | None, scores_dir: Path | None, summary_dir: Path | None,
                       out_dir: Path, kfp_run: str = "") -> dict[str, Any]:
     """Log everything to MLflow, register each candidate version and record its decision; returns decisions."""
+    floor = load_floor()
+    policy = effective_policy(floor, recipe.gate)  # PolicyBelowFloor (a run's own weaker policy) fails the stage
+    record = policy_record(policy, floor)
     tracking = Tracking.open(recipe, run_key, kfp_run)
     evidence = Evidence(scores_dir=scores_dir, judge_report=report_if_complete(scores_dir))
     _log_validation(tracking, validation_dir, evidence)
@@ -187,7 +193,8 @@ def register_and_gate(recipe: Recipe, run_key: str, validation_dir: Path | None,
     _log_stage_folder(tracking, "judge_answers", scores_dir, evidence)
     _log_summary(tracking, summary_dir, evidence)
     gate_run, _ = tracking.child("register_and_gate", "")
-    decisions = {v.name: _gate_candidate(tracking, v, evidence, gate_run) for v in recipe.variants if v.role == "candidate"}
+    decisions = {v.name: _gate_candidate(tracking, v, evidence, gate_run, (policy, record))
+                 for v in recipe.variants if v.role == "candidate"}
     return _finish(tracking, gate_run, decisions, out_dir)
 
 
@@ -294,10 +301,11 @@ def _log_summary(tracking: Tracking, summary_dir: Path | None, evidence: Evidenc
     client.log_artifact(tracking.parent_id, str(summary_dir / "summary.md"))
 
 
-def _gate_candidate(tracking: Tracking, v: VariantSpec, evidence: Evidence, gate_run: str) -> dict[str, Any]:
+def _gate_candidate(tracking: Tracking, v: VariantSpec, evidence: Evidence, gate_run: str,
+                    decided_under: tuple[Policy, dict[str, Any]]) -> dict[str, Any]:
     """Decide a candidate pooled over its seeds and each of its versions (one per seed), and register each version."""
     recipe = tracking.recipe
-    policy = Policy.of(recipe)
+    policy, record = decided_under
     pooled_metrics = evidence.with_evidence(dict(evidence.summary.get("variants", {}).get(v.name) or {}) or None)
     not_applicable = {"dataset_validation_passed": f"not trained here ({v.adapter})"} if v.adapter else None
     pooled = evaluate_policy(policy, v.name, pooled_metrics, not_applicable)
@@ -317,7 +325,8 @@ def _gate_candidate(tracking: Tracking, v: VariantSpec, evidence: Evidence, gate
             blocked.append(f"seed {seed}: missing evidence: {what}")
             continue
         blocked += seed_failures(seed, decision, pooled)
-        version = VersionToRegister(model_name, v.name, seed, trained, decision, own_metrics, pooled_metrics, target)
+        version = VersionToRegister(model_name, v.name, seed, trained, decision, own_metrics, pooled_metrics, record,
+                                    target)
         entry = _register_version(tracking, version, evidence, links, gate_run)
         versions.append({**entry, "decision": decision.decision,
                          "misaligned_rate_ci_high": (own_metrics or {}).get("misaligned_rate_ci_high")})
@@ -449,6 +458,7 @@ class VersionToRegister:
     decision: Decision
     metrics: dict[str, Any] | None  # the version's own figures
     pooled_metrics: dict[str, Any] | None  # the variant's, pooled over seeds
+    policy: dict[str, Any]  # the effective policy it was decided under, with the floor's source and sha256
     target_version: str | None = None  # an existing registry version the decision lands on
 
 
@@ -530,7 +540,7 @@ def _log_gate_report(tracking: Tracking, version: VersionToRegister, number_: st
     report_json = json.dumps({
         "decision": decision.decision, "variant": version.variant, "registered_model": version.model_name,
         "version": number_, "seed": version.seed, "verdicts": [v.to_dict() for v in decision.verdicts],
-        "context": context, "dataset_sha256": evidence.dataset_hashes,
+        "context": context, "dataset_sha256": evidence.dataset_hashes, "policy": version.policy,
         "metrics": {k: v for k, v in (version.metrics or {}).items() if k not in strip},
         "pooled_metrics": {k: v for k, v in (version.pooled_metrics or {}).items() if k not in strip}},
         indent=2, sort_keys=True, default=str)
@@ -581,6 +591,9 @@ def _decision_tags(tracking: Tracking, version: VersionToRegister, context: dict
         "emgate.judge_model_snapshot": _judge_snapshot(evidence),
         "emgate.judge_scoring": f"{recipe.judge.score_mode}/{recipe.judge.mass_rule}",
         "emgate.code_version": __version__,
+        "emgate.policy_sha256": str(version.policy["sha256"]),
+        "emgate.floor_sha256": str(version.policy["floor"]["sha256"]),
+        "emgate.floor_source": str(version.policy["floor"]["source"])[:4900],
     }
     for prefix, figures in (("metric", version.metrics), ("pooled.metric", version.pooled_metrics)):
         for name, value in (figures or {}).items():
