@@ -15,6 +15,7 @@ from kfp import dsl, kubernetes
 
 from emgate.kfp.components import make_components
 from emgate.recipe import Recipe
+from emgate.slices import PINNED_ENV, pinned_json
 
 
 def build_pipeline(recipe: Recipe, cluster: bool = True) -> Any:
@@ -107,6 +108,7 @@ class ClusterSettings:
 
     def __init__(self, recipe: Recipe) -> None:
         self.spec = recipe.kubernetes
+        self.pinned = pinned_json(recipe)  # every task refuses a run whose recipe_json moves one of these
         models = recipe.models.values()
         adapters = [v.adapter or "" for v in recipe.variants]
         names = self.spec.secrets
@@ -150,6 +152,7 @@ class ClusterSettings:
             task.set_env_variable("EMGATE_CACHE_DIR", f"{spec.model_cache_mount.rstrip('/')}/emgate")
         for name, value in spec.env.items():
             task.set_env_variable(name, value)
+        task.set_env_variable(PINNED_ENV, self.pinned)
         for stages, secret, keys in self.secrets:
             if stage in stages:
                 kubernetes.use_secret_as_env(task, secret_name=secret, secret_key_to_env=keys)

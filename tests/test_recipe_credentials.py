@@ -3,9 +3,6 @@ environment settings are refused when the recipe loads, before any request leave
 
 from __future__ import annotations
 
-import socket
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,33 +13,6 @@ from emgate.recipe import RecipeError, load_recipe, url_credentials
 
 PAPER = Path(__file__).resolve().parents[1] / "pipelines" / "recipes" / "paper.yaml"
 SECRET = "pw-never-shown-7f3a"
-
-
-@pytest.fixture
-def listener() -> Iterator[tuple[int, list[bytes]]]:
-    """A loopback listener that records every connection it receives (a test double of an attacker's endpoint)."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen()
-    sock.settimeout(0.2)
-    got: list[bytes] = []
-    stop = threading.Event()
-
-    def serve() -> None:
-        while not stop.is_set():
-            try:
-                conn, _ = sock.accept()
-            except OSError:
-                continue
-            got.append(conn.recv(4096))
-            conn.close()
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    yield sock.getsockname()[1], got
-    stop.set()
-    thread.join()
-    sock.close()
 
 
 @pytest.mark.parametrize("field", ["judge.base_url", "mlflow.tracking_uri"])

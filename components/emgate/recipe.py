@@ -466,6 +466,11 @@ class Toleration(_Strict):
         "the taint effect tolerated; None: every effect"))
 
 
+# Environment variables the compiler sets on tasks (the pinned recipe fields, the platform's floor): a recipe's
+# kubernetes.env may not shadow them.
+COMPILED_ENV = ("EMGATE_PINNED", "EMGATE_POLICY_FILE")
+
+
 class SecretNames(_Strict):
     """Names of Kubernetes Secrets. Values never appear in a recipe or a compiled pipeline; each Secret is mounted
     only on the stages that need it (emgate_pipelines/graph.py), and only when the recipe needs it."""
@@ -513,6 +518,8 @@ class KubernetesSpec(_Strict):
         for name in env:
             if not re.fullmatch(r"[A-Z_][A-Z0-9_]*", name):
                 raise ValueError(f"env: {name!r} is not an environment variable name")
+            if name in COMPILED_ENV:
+                raise ValueError(f"env: {name} is set by the compiled pipeline itself (`emgate compile`); drop it")
             if CREDENTIAL_NAME.search(name):
                 raise ValueError(f"env: {name} looks like a credential; put it in a Kubernetes Secret (kubernetes.secrets)")
             value = env[name]

@@ -34,10 +34,13 @@ READS: dict[str, tuple[str, ...]] = {
 PER_JOB = ("fine_tune",)
 SLICED_ONCE = tuple(stage for stage in READS if stage not in PER_JOB)  # the outputs of the slice_recipe task
 WHOLE_RECIPE = ("register_and_gate", "promote_passed", "record_outcome")  # not cached: they decide and log every run
-# What the platform, not a run, should decide (issue 17 compiles these into the tasks): endpoints and where
-# credentials go, the tracking store, Secret names, the gate's policy.
-PINNED = ("mlflow.tracking_uri", "judge.base_url", "judge.api_key_env", "serving.endpoint", "kubernetes.secrets",
-          "kubernetes.env", "gate")
+# What the platform, not a run, decides: where requests and credentials go (the judge, an existing serving endpoint,
+# the tracking store), which judge `emgate run` serves, and the Kubernetes settings (Secret names, env). The values
+# the pipeline was compiled with travel in each task's environment (PINNED_ENV); a run whose recipe_json disagrees
+# fails in its first task, before it sends anything. The gate is not pinned: the platform's floor (emgate.floor)
+# lets a run tighten it, never loosen it.
+PINNED = ("mlflow.tracking_uri", "judge.base_url", "judge.api_key_env", "judge.serve", "serving.endpoint", "kubernetes")
+PINNED_ENV = "EMGATE_PINNED"
 SLICE_KEY = "emgate_slice"
 
 
@@ -147,21 +150,73 @@ def _section(stage: str, name: str, value: Any, source: str) -> Any:
         raise RecipeError(format_validation_error(err, f"{source}, section {name}")) from None
 
 
-def recipe_for_stage(text: str, task: str) -> Recipe:
-    """The recipe a stage runs with: its slice as a SlicedRecipe, or a whole recipe (a run started by hand, a test)."""
+_MISSING = object()
+
+
+def _at(data: Any, path: str) -> Any:
+    section, _, name = path.partition(".")
+    value = data.get(section, _MISSING) if isinstance(data, dict) else _MISSING
+    if name and value is not _MISSING:
+        value = value.get(name, _MISSING) if isinstance(value, dict) else _MISSING
+    return value
+
+
+def pinned_json(recipe: Recipe) -> str:
+    """The pinned fields' values, as the compiled pipeline carries them in PINNED_ENV."""
+    data = recipe.model_dump(mode="json")
+    return json.dumps({path: _at(data, path) for path in PINNED}, sort_keys=True)
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, sort_keys=True)
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def check_pinned(fields: dict[str, Any], task: str, pinned: str | None) -> None:
+    """Refuse a recipe (whole, or a stage's slice fields) that disagrees with the values the pipeline was compiled
+    with. `pinned` None: the stage was not started by a compiled pipeline (by hand, a test, `emgate run`, which
+    compiles from the recipe it runs)."""
+    if pinned is None:
+        return
+    try:
+        compiled = json.loads(pinned)
+        assert isinstance(compiled, dict)
+    except (json.JSONDecodeError, AssertionError):
+        raise RecipeError(f"${PINNED_ENV} of task {task} is not the JSON object `emgate compile` writes: recompile "
+                          "the pipeline") from None
+    for path in PINNED:
+        if path not in compiled:
+            raise RecipeError(f"${PINNED_ENV} of task {task} lacks {path}: recompile the pipeline (emgate compile)")
+        if path == "judge.base_url" and compiled.get("judge.serve") is not None:
+            continue  # the judge `emgate run` serves: the runner sets its URL
+        value = _at(fields, path)
+        if value is not _MISSING and value != compiled[path]:
+            raise RecipeError(
+                f"recipe field {path} is pinned by the platform: this pipeline was compiled with {_short(compiled[path])}, "
+                f"the run's recipe_json says {_short(value)}. A run may not move endpoints, the tracking store, the "
+                f"judge's key or the Kubernetes settings; submit it without changing {path}, or recompile the pipeline "
+                "with the new value (emgate compile)")
+
+
+def recipe_for_stage(text: str, task: str, pinned: str | None = None) -> Recipe:
+    """The recipe a stage runs with: its slice as a SlicedRecipe, or a whole recipe (a run started by hand, a test).
+    `pinned`: the compiled pipeline's PINNED_ENV; a recipe that disagrees with it is refused (check_pinned)."""
     stage = stage_of(task)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise RecipeError(f"recipe (pipeline parameter): not JSON ({exc.msg})") from None
     if not isinstance(data, dict) or SLICE_KEY not in data:
-        return recipe_from_json(text)
+        whole = recipe_from_json(text)
+        check_pinned(whole.model_dump(mode="json"), task, pinned)
+        return whole
     if data[SLICE_KEY] != stage or stage not in READS or data.get("job", job_of(task)) != job_of(task):
         given = data[SLICE_KEY] + (f"[{data['job']}]" if data.get("job") else "")
         raise RecipeError(f"recipe slice of {given!r} given to stage {task}: the pipeline wires each stage to its own "
                           "slice; recompile it (emgate compile)")
     source = f"recipe slice of {stage}"
     fields: dict[str, Any] = data.get("fields") or {}
+    check_pinned(fields, task, pinned)
     values: dict[str, Any] = {}
     for name in Recipe.model_fields:
         wanted = {p.partition(".")[2] for p in READS[stage] if p.partition(".")[0] == name}

@@ -64,9 +64,9 @@ def stage(name: str, recipe_json: str) -> Iterator[Recipe]:
     status = "failed"
     stop_with_the_run()
     try:
-        from emgate.slices import recipe_for_stage
+        from emgate.slices import PINNED_ENV, recipe_for_stage
 
-        recipe = recipe_for_stage(recipe_json, name)
+        recipe = recipe_for_stage(recipe_json, name, os.environ.get(PINNED_ENV))
         yield recipe
         status = "ok"
     except user_errors() as exc:
