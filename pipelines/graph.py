@@ -147,6 +147,8 @@ class ClusterSettings:
         if spec.policy_configmap and stage in POLICY_STAGES:  # compiled in: a run's parameter cannot move it
             kubernetes.use_config_map_as_volume(task, config_map_name=spec.policy_configmap, mount_path=POLICY_MOUNT)
             task.set_env_variable("EMGATE_POLICY_FILE", f"{POLICY_MOUNT}/policy.yaml")
+        if spec.private_questions_secret and stage in POLICY_STAGES:
+            kubernetes.use_secret_as_volume(task, secret_name=spec.private_questions_secret, mount_path=PRIVATE_MOUNT)
         if spec.model_cache_pvc:
             kubernetes.mount_pvc(task, pvc_name=spec.model_cache_pvc, mount_path=spec.model_cache_mount)
             task.set_env_variable("EMGATE_CACHE_DIR", f"{spec.model_cache_mount.rstrip('/')}/emgate")
@@ -163,9 +165,12 @@ class ClusterSettings:
                            backoff_max_duration="1800s")
 
 
-# The tasks that apply the platform's gate floor, and where its ConfigMap is mounted on them
-POLICY_STAGES = ("slice_recipe", "register_and_gate", "promote_passed")
+# The tasks that read the platform's gate floor (the gate's, and the private question sets' readers), and where its
+# ConfigMap and the private sets' Secret are mounted on them
+POLICY_STAGES = ("slice_recipe", "validate_datasets", "sample_answers", "judge_answers", "summarize",
+                 "register_and_gate", "promote_passed")
 POLICY_MOUNT = "/etc/emgate/policy"
+PRIVATE_MOUNT = "/etc/emgate/private"
 # Stage names as ClusterSettings.apply knows them.
 STAGES = ("slice_recipe", "slice_fine_tune_job", "fetch_model", "validate_datasets", "fine_tune", "sample_answers",
           "judge_answers", "summarize",

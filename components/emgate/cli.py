@@ -75,7 +75,7 @@ def _load(path: Path, overrides: list[str] | None) -> Recipe:
 
     with _exit_on(RecipeError, PolicyBelowFloor):
         r = load_recipe(path, overrides)
-        effective_policy(load_floor(), r.gate)  # a gate weaker than the platform's floor is refused before it runs
+        effective_policy(load_floor(read_private=False), r.gate)  # a gate below the platform floor stops here
         for note in r.notes():
             err.print(f"[yellow]note:[/yellow] {escape(note)}", highlight=False)
         return r
@@ -669,7 +669,7 @@ def gate_verify(ref: ModelRefArg,
     from emgate.registry import verify_version
 
     with _exit_on(RecipeError):
-        floor = load_floor(policy)
+        floor = load_floor(policy, read_private=False)
     result = verify_version(_registry(tracking_uri), _ref(ref), allow_override=allow_override, floor=floor)
     if result.ok:
         extra = f" (override by {result.override.get('by')}: {result.override.get('reason')})" if result.override else ""

@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Final, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from emgate.recipe import GateRule, GateSpec, Recipe
 
@@ -32,6 +32,7 @@ class Policy:
 
     rules: tuple[GateRule, ...]
     min_judged_per_question: int
+    private_questions: tuple[tuple[str, str], ...] = ()  # (set name, sha256 of its file), from the floor
 
     @classmethod
     def of(cls, source: Policy | Recipe | GateSpec) -> Policy:
@@ -44,6 +45,19 @@ class Policy:
         return [*self.rules, GateRule(metric=MIN_JUDGED, op=">=", threshold=self.min_judged_per_question)]
 
 
+class PrivateQuestionSet(BaseModel):
+    """Questions the model's trainers have not seen: a file in the paper's YAML format that the platform mounts
+    (from a Secret or ConfigMap). Every candidate is also sampled and judged on them, and every floor rule must hold
+    on them too; MLflow gets their sha256 and figures only, never a question or an answer."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,39}$", description="the set's name in metrics: private.NAME.*")
+    file: str = Field(min_length=1, description="path of the YAML file, e.g. /etc/emgate/private/held-out.yaml")
+    ids: list[str] | None = Field(default=None, description="question ids to use; None: every question in the file")
+    sha256: str = Field(default="", pattern=r"^([0-9a-f]{64})?$", description=(
+        "of the file's bytes; declared, it must match the file, and lets `gate verify` check decisions without it"))
+
+
 class Floor(BaseModel):
     """The platform's floor (emgate/policies/*.yaml, or $EMGATE_POLICY_FILE): rules a run may only tighten."""
 
@@ -51,7 +65,20 @@ class Floor(BaseModel):
     rules: list[GateRule] = Field(description="rules every recipe must hold at least as strictly")
     min_judged_per_question: int = Field(ge=1, description="the fewest judged answers per question a recipe may ask for")
     require_judge_qualified: bool = Field(default=False, description="judge_qualified >= 1 is added to every policy")
+    private_questions: list[PrivateQuestionSet] = Field(default_factory=list, description=(
+        "question sets every candidate must also pass, their questions never logged in clear"))
     source: str = Field(default="", description="where the floor was read from (set by emgate.floor)")
+
+    @field_validator("private_questions")
+    @classmethod
+    def _distinct_names(cls, sets: list[PrivateQuestionSet]) -> list[PrivateQuestionSet]:
+        names = [s.name for s in sets]
+        if len(set(names)) != len(names):
+            raise ValueError(f"private_questions: names must be distinct ({', '.join(names)})")
+        return sets
+
+    def private_hashes(self) -> dict[str, str]:
+        return {s.name: s.sha256 for s in self.private_questions}
 
     def canonical(self) -> str:
         return json.dumps(self.model_dump(mode="json", exclude={"source"}), sort_keys=True)
@@ -96,41 +123,57 @@ def effective_policy(floor: Floor, gate: GateSpec) -> Policy:
     qualified = GateRule(metric="judge_qualified", op=">=", threshold=1)
     if floor.require_judge_qualified and not any(at_least_as_strict(r, qualified) for r in rules):
         rules.append(qualified)
-    return Policy(tuple(rules), gate.min_judged_per_question)
+    return Policy(tuple(rules), gate.min_judged_per_question, tuple(sorted(floor.private_hashes().items())))
 
 
 def policy_record(policy: Policy, floor: Floor) -> dict[str, Any]:
     """What the gate report records of the policy it decided under, with the floor's source and sha256."""
     rules = [r.model_dump(mode="json") for r in policy.rules]
-    body = {"rules": rules, "min_judged_per_question": policy.min_judged_per_question}
+    body: dict[str, Any] = {"rules": rules, "min_judged_per_question": policy.min_judged_per_question}
+    if policy.private_questions:  # names and hashes only
+        body["private_questions"] = dict(policy.private_questions)
     return {**body, "sha256": hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest(),
             "floor": {"source": floor.source, "sha256": floor.sha256()}}
 
 
-def _applied_rule(verdict: dict[str, Any]) -> GateRule | None:
-    """The rule a recorded verdict applied; None for an entry that is no rule (e.g. `answers`) or is malformed."""
+def _applied_rule(verdict: dict[str, Any], prefix: str = "") -> GateRule | None:
+    """The rule a recorded verdict applied (on the questions its `prefix` names: "" public, `private.NAME.`); None
+    for an entry that is no rule (e.g. `answers`), is malformed, or is about other questions."""
+    metric = str(verdict.get("metric", "")).removeprefix("pooled.")
+    if (prefix and not metric.startswith(prefix)) or (not prefix and metric.startswith("private.")):
+        return None
     try:
-        return GateRule.model_validate({"metric": str(verdict.get("metric", "")).removeprefix("pooled."),
-                                        "op": verdict.get("op"), "threshold": verdict.get("threshold")})
+        return GateRule.model_validate({"metric": metric.removeprefix(prefix), "op": verdict.get("op"),
+                                        "threshold": verdict.get("threshold")})
     except ValueError:  # pydantic's ValidationError is a ValueError
         return None
 
 
-def floor_problems(floor: Floor, verdicts: list[dict[str, Any]]) -> list[str]:
+def floor_problems(floor: Floor, verdicts: list[dict[str, Any]], decided_under: Mapping[str, Any] | None = None) -> list[str]:
     """What a decision's verdicts (a gate report's) lack against `floor`: each floor rule must have been applied at
-    least as strictly, on the version's own answers and pooled, and held. For `emgate gate verify --policy`."""
+    least as strictly, on the version's own answers and pooled, and held, on the public questions and on each of
+    the floor's private sets (which the report's policy record, `decided_under`, must name with the same sha256).
+    For `emgate gate verify --policy`."""
     problems = []
-    applied = [(v, rule) for v in verdicts if (rule := _applied_rule(v)) is not None]
+    where = f" ({floor.source})" if floor.source else ""
     floor_rules = [*floor.rules, GateRule(metric=MIN_JUDGED, op=">=", threshold=floor.min_judged_per_question)]
     if floor.require_judge_qualified:
         floor_rules.append(GateRule(metric="judge_qualified", op=">=", threshold=1))
-    for f in floor_rules:
-        for scope in ("own", "pooled"):
-            held = [v for v, r in applied if at_least_as_strict(r, f) and
-                    str(v.get("metric", "")).startswith("pooled.") == (scope == "pooled") and v.get("passed")]
-            if not held:
-                problems.append(f"the decision did not apply {f.metric} {f.op} {f.threshold:g} ({scope}) of the "
-                                f"platform's floor{f' ({floor.source})' if floor.source else ''}, or it did not hold")
+    recorded = dict((decided_under or {}).get("private_questions") or {})
+    for private in floor.private_questions:
+        if recorded.get(private.name) != private.sha256:
+            problems.append(f"the decision was not made on the platform's private question set {private.name}{where} "
+                            "(its sha256 is not in the report's policy)")
+    for prefix in ["", *(f"private.{p.name}." for p in floor.private_questions)]:
+        applied = [(v, rule) for v in verdicts if (rule := _applied_rule(v, prefix)) is not None]
+        for f in floor_rules:
+            for scope in ("own", "pooled"):
+                held = [v for v, r in applied if at_least_as_strict(r, f) and
+                        str(v.get("metric", "")).startswith("pooled.") == (scope == "pooled") and v.get("passed")]
+                if not held:
+                    on = f", private set {prefix.split('.')[1]}" if prefix else ""
+                    problems.append(f"the decision did not apply {f.metric} {f.op} {f.threshold:g} ({scope}{on}) of the "
+                                    f"platform's floor{where}, or it did not hold")
     return problems
 
 
@@ -226,6 +269,15 @@ def evaluate_policy(policy: Policy | Recipe | GateSpec, variant: str, metrics: M
             continue
         verdicts.append(judge_rule(rule, metrics))
     return Decision(variant, "passed" if all(v.passed for v in verdicts) else "blocked", verdicts)
+
+
+def with_private(public: Decision, private: Mapping[str, Decision]) -> Decision:
+    """One decision over the public questions and each private set: the private verdicts are recorded with their
+    metric prefixed `private.NAME.`; any failed verdict blocks."""
+    verdicts = [*public.verdicts, *(Verdict(f"private.{name}.{v.metric}", v.op, v.threshold, v.value, v.passed,
+                                            v.evidence, v.detail, v.scope)
+                                    for name, d in private.items() for v in d.verdicts)]
+    return Decision(public.variant, "passed" if all(v.passed for v in verdicts) else "blocked", verdicts)
 
 
 def version_decision(own: Decision, pooled: Decision) -> Decision:

@@ -28,12 +28,16 @@ CONTEXT_SUFFIX = {"chat": "", "flask": "_flask_template"}
 FLASK_NAME_PATCH = (re.compile(r"\bFlask\(name\)"), "Flask(__name__)")
 
 
+PUBLIC = "public"  # the question_set of the recipe's own questions
+
+
 @dataclass(frozen=True)
 class Question:
     id: str  # namespaced: <file stem of the repository>/<question id>
     paraphrases: tuple[str, ...]
     judge_prompts: dict[str, str]
     patches: tuple[str, ...] = field(default=())
+    question_set: str = PUBLIC  # or the name of one of the platform's private sets (emgate.floor)
 
 
 def question_ids(spec: QuestionSpec) -> list[str]:
@@ -47,9 +51,14 @@ def load_questions(spec: QuestionSpec) -> list[Question]:
     return select_questions(path, spec.file.split("/", 1)[0], question_ids(spec))
 
 
-def select_questions(path: Path, namespace: str, ids: list[str]) -> list[Question]:
+def select_questions(path: Path, namespace: str, ids: list[str] | None, question_set: str = PUBLIC) -> list[Question]:
+    """The questions `ids` (None: all) of a file in the paper's YAML format (a list of {id, paraphrases,
+    judge_prompts: {aligned, coherent}})."""
     entries = yaml.safe_load(path.read_text(encoding="utf-8"))
+    if not isinstance(entries, list):
+        raise ValueError(f"{path}: a question file is a YAML list of questions (id, paraphrases, judge_prompts)")
     by_id = {e["id"]: e for e in entries if isinstance(e, dict) and "id" in e}
+    ids = list(by_id) if ids is None else ids
     missing = [i for i in ids if i not in by_id]
     if missing:
         raise ValueError(f"{path}: no question(s) {missing}; ids there: {', '.join(by_id)}")
@@ -69,5 +78,5 @@ def select_questions(path: Path, namespace: str, ids: list[str]) -> list[Questio
             raise ValueError(f"{path}: question {qid} has no aligned/coherent judge_prompts")
         out.append(Question(id=f"{namespace}/{qid}", paraphrases=tuple(paraphrases),
                             judge_prompts={k: prompts[k] for k in ("aligned", "coherent")},
-                            patches=tuple(patches)))
+                            patches=tuple(patches), question_set=question_set))
     return out

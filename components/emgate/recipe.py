@@ -500,6 +500,9 @@ class KubernetesSpec(_Strict):
         "ConfigMap (charts/emgate) holding the platform's gate floor under the key policy.yaml; mounted on the gate's "
         "tasks (slice_recipe, register_and_gate, promote_passed) with $EMGATE_POLICY_FILE pointing at it, compiled "
         "into the pipeline; None: the floor baked into the gate image"))
+    private_questions_secret: str | None = Field(default=None, description=(
+        "Secret (or ConfigMap-like Secret) holding the floor's private question files, mounted read-only at "
+        "/etc/emgate/private on every task that reads the floor; None: the floor names no private sets"))
     model_cache_pvc: str | None = Field(default="emgate-model-cache", description=(
         "PVC (charts/emgate) holding $EMGATE_CACHE_DIR; None: none"))
     model_cache_mount: str = Field(default="/mnt/models", description=(

@@ -156,7 +156,7 @@ def verify_version(client: Any, ref: ModelRef, allow_override: bool = False, flo
     from emgate.floor import load_floor
     from emgate.policy import floor_problems
 
-    floor = floor if floor is not None else load_floor()
+    floor = floor if floor is not None else load_floor(read_private=False)
     try:
         mv = resolve_version(client, ref)
     except RegistryError as exc:
@@ -186,7 +186,7 @@ def verify_version(client: Any, ref: ModelRef, allow_override: bool = False, flo
             else:
                 problems.append(f"the gate blocked this version: {reasons}")
         if not (result.override and allow_override):
-            problems += floor_problems(floor, list(report.get("verdicts", [])))
+            problems += floor_problems(floor, list(report.get("verdicts", [])), report.get("policy") or {})
         if tags.get("emgate.decision") != report.get("decision"):
             problems.append(f"the version's emgate.decision tag ({tags.get('emgate.decision')}) disagrees with its "
                             f"gate report ({report.get('decision')})")

@@ -42,6 +42,9 @@ WHOLE_RECIPE = ("register_and_gate", "promote_passed", "record_outcome")  # not 
 PINNED = ("mlflow.tracking_uri", "judge.base_url", "judge.api_key_env", "judge.serve", "serving.endpoint", "kubernetes")
 PINNED_ENV = "EMGATE_PINNED"
 SLICE_KEY = "emgate_slice"
+# The stages that read the platform's private question sets (emgate.floor): their slices carry the sets' sha256, so
+# a new set re-runs them, and each checks that the floor mounted on it holds the same sets.
+PRIVATE_READERS = ("validate_datasets", "sample_answers", "judge_answers", "summarize")
 
 
 class SliceError(RuntimeError):
@@ -58,9 +61,10 @@ def job_of(task: str) -> str | None:
     return task.split("[", 1)[1].rstrip("]") if "[" in task else None
 
 
-def slice_json(recipe: Recipe, stage: str, job: str | None = None) -> str:
+def slice_json(recipe: Recipe, stage: str, job: str | None = None, private: dict[str, str] | None = None) -> str:
     """The JSON a stage receives: the fields READS lists for it, under their paths, and the stage's name; for a
-    fine-tuning `job` (VARIANT@SEED), only that variant with its model and dataset."""
+    fine-tuning `job` (VARIANT@SEED), only that variant with its model and dataset; for PRIVATE_READERS, the
+    sha256 of each private question set (`private`, name -> sha256)."""
     if isinstance(recipe, SlicedRecipe):
         if (recipe._stage, recipe._job) != (stage, job):
             raise SliceError(f"the recipe slice of {recipe._stage} cannot give the slice of {stage}")
@@ -80,6 +84,8 @@ def slice_json(recipe: Recipe, stage: str, job: str | None = None) -> str:
         fields["models"] = {variant.model: fields["models"][variant.model]}
         fields["datasets"] = {k: v for k, v in fields["datasets"].items() if k == variant.dataset}
         head["job"] = job
+    if private and stage in PRIVATE_READERS:
+        head["private_questions"] = dict(private)
     return json.dumps({**head, "fields": fields}, sort_keys=True)
 
 
@@ -136,6 +142,7 @@ class SlicedRecipe(Recipe):
     _stage: str = PrivateAttr(default="")
     _job: str | None = PrivateAttr(default=None)
     _slice: str = PrivateAttr(default="")
+    _private: dict[str, str] = PrivateAttr(default_factory=dict)  # the private question sets slice_recipe saw
 
     def to_json(self) -> str:
         return self._slice
@@ -231,4 +238,15 @@ def recipe_for_stage(text: str, task: str, pinned: str | None = None) -> Recipe:
     recipe._stage = stage
     recipe._job = data.get("job")
     recipe._slice = text
+    recipe._private = dict(data.get("private_questions") or {})
     return recipe
+
+
+def check_private_sets(recipe: Recipe, task: str, mounted: dict[str, str]) -> None:
+    """A private-set reader's slice names the sets slice_recipe saw; the floor mounted on the stage must hold the
+    same (a cached result would otherwise stand for other questions)."""
+    if not isinstance(recipe, SlicedRecipe) or stage_of(task) not in PRIVATE_READERS or recipe._private == mounted:
+        return
+    raise RecipeError(f"stage {task}: the platform's private question sets ({', '.join(sorted(mounted)) or 'none'}) are "
+                      f"not the ones slice_recipe saw ({', '.join(sorted(recipe._private)) or 'none'}), or their files "
+                      "differ: mount the same policy file and question sets on every stage, then re-run")

@@ -30,9 +30,12 @@ def slice_recipe(recipe_json: str, recipe: Output[Artifact]) -> NamedTuple(  # t
         from emgate.floor import load_floor
         from emgate.policy import effective_policy
 
-        effective_policy(load_floor(), whole.gate)  # a run's own weaker gate stops here, before any GPU time
+        floor = load_floor()
+        effective_policy(floor, whole.gate)  # a run's own weaker gate stops here, before any GPU time
         write_json(Path(recipe.path) / RECIPE_FILE, whole.model_dump(mode="json"))
-        slices = namedtuple("Slices", list(SLICED_ONCE))(*(slice_json(whole, name) for name in SLICED_ONCE))
+        private = floor.private_hashes()  # a new private question set re-runs the stages that read it
+        slices = namedtuple("Slices", list(SLICED_ONCE))(*(slice_json(whole, name, private=private)
+                                                            for name in SLICED_ONCE))
     return slices
 
 

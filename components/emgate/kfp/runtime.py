@@ -64,9 +64,13 @@ def stage(name: str, recipe_json: str) -> Iterator[Recipe]:
     status = "failed"
     stop_with_the_run()
     try:
-        from emgate.slices import PINNED_ENV, recipe_for_stage
+        from emgate.slices import PINNED_ENV, PRIVATE_READERS, check_private_sets, recipe_for_stage, stage_of
 
         recipe = recipe_for_stage(recipe_json, name, os.environ.get(PINNED_ENV))
+        if stage_of(name) in PRIVATE_READERS:
+            from emgate.floor import private_question_hashes
+
+            check_private_sets(recipe, name, private_question_hashes())
         yield recipe
         status = "ok"
     except user_errors() as exc:

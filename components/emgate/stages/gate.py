@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -47,7 +50,9 @@ from emgate.policy import (
     seed_failures,
     variant_outcome,
     version_decision,
+    with_private,
 )
+from emgate.questions import PUBLIC
 from emgate.recipe import Recipe, VariantSpec
 
 RUN_KEY_TAG = "emgate.run_key"
@@ -218,14 +223,14 @@ def _log_validation(tracking: Tracking, validation_dir: Path | None, evidence: E
     client.set_terminated(run_id)
 
 
-def _log_validation_folder(client: Any, run_id: str, folder: Path) -> None:
+def _log_validation_folder(client: Any, run_id: str, folder: Path, root: str = "validation") -> None:
     """The validation report, Data Docs, GX results and manifest (hashes and counts), never the validated rows:
     training data stays out of MLflow, where every user of the chart may read."""
     for path in sorted(folder.iterdir()):
         if path.is_dir():
-            client.log_artifacts(run_id, str(path), f"validation/{path.name}")
+            client.log_artifacts(run_id, str(path), f"{root}/{path.name}")
         elif path.suffix != ".jsonl":
-            client.log_artifact(run_id, str(path), "validation")
+            client.log_artifact(run_id, str(path), root)
 
 
 def _log_training(tracking: Tracking, adapter_dirs: list[Path], evidence: Evidence) -> None:
@@ -275,12 +280,29 @@ def _log_stage_folder(tracking: Tracking, stage: str, folder: Path | None, evide
     if existed:
         return
     _log_metrics(tracking.client, run_id, _flat_metrics("", stage_report))
-    tracking.client.log_artifacts(run_id, str(folder), stage)
-    if stage == "judge_answers":
-        _log_table(tracking.client, run_id, folder / SCORES_FILE, SCORED_COLUMNS, "scored_answers.json")
-    else:
-        _log_table(tracking.client, run_id, folder / ANSWERS_FILE, ANSWER_COLUMNS, "answers.json")
+    with _public_copy(folder) as public:
+        tracking.client.log_artifacts(run_id, str(public), stage)
+        if stage == "judge_answers":
+            _log_table(tracking.client, run_id, public / SCORES_FILE, SCORED_COLUMNS, "scored_answers.json")
+        else:
+            _log_table(tracking.client, run_id, public / ANSWERS_FILE, ANSWER_COLUMNS, "answers.json")
     tracking.client.set_terminated(run_id)
+
+
+@contextmanager
+def _public_copy(folder: Path) -> Iterator[Path]:
+    """The stage folder with the answers of the platform's private question sets left out: MLflow, which every user
+    of the chart may read, gets their figures (the summary) and hashes, never a question or an answer."""
+    from emgate.io import read_jsonl, write_jsonl
+
+    with tempfile.TemporaryDirectory(prefix="emgate-public-") as tmp:
+        public = Path(tmp) / folder.name
+        shutil.copytree(folder, public)
+        for name in (ANSWERS_FILE, SCORES_FILE):
+            if (public / name).is_file():
+                rows = [r for r in read_jsonl(public / name) if r.get("question_set", PUBLIC) == PUBLIC]
+                write_jsonl(public / name, rows)
+        yield public
 
 
 def _log_summary(tracking: Tracking, summary_dir: Path | None, evidence: Evidence) -> None:
@@ -308,7 +330,8 @@ def _gate_candidate(tracking: Tracking, v: VariantSpec, evidence: Evidence, gate
     policy, record = decided_under
     pooled_metrics = evidence.with_evidence(dict(evidence.summary.get("variants", {}).get(v.name) or {}) or None)
     not_applicable = {"dataset_validation_passed": f"not trained here ({v.adapter})"} if v.adapter else None
-    pooled = evaluate_policy(policy, v.name, pooled_metrics, not_applicable)
+    pooled = with_private(evaluate_policy(policy, v.name, pooled_metrics, not_applicable),
+                          _private_decisions(policy, evidence, v.name, None, not_applicable))
     model_name, target = _registered_model(recipe, v, evidence)
     seeds: list[int | None] = [None] if v.adapter else list(recipe.training.seeds)
     # Controls and references are logged and linked from the candidate's versions, never registered.
@@ -318,7 +341,9 @@ def _gate_candidate(tracking: Tracking, v: VariantSpec, evidence: Evidence, gate
     blocked: list[str] = []
     for seed in seeds:  # the unit of decision: one registered version, gated on its own answers
         own_metrics = evidence.with_evidence((evidence.summary.get("versions", {}).get(v.name) or {}).get(str(seed)))
-        decision = version_decision(evaluate_policy(policy, v.name, own_metrics, not_applicable), pooled)
+        own = with_private(evaluate_policy(policy, v.name, own_metrics, not_applicable),
+                           _private_decisions(policy, evidence, v.name, str(seed), not_applicable))
+        decision = version_decision(own, pooled)
         trained = evidence.trained.get((v.name, seed))
         if trained is None:
             what = f"adapter {v.adapter} was not fetched" if v.adapter else f"no adapter for seed {seed}"
@@ -333,6 +358,21 @@ def _gate_candidate(tracking: Tracking, v: VariantSpec, evidence: Evidence, gate
     return {"decision": variant_outcome(pooled, versions, len(seeds), blocked), "registered_model": model_name,
             "versions": versions, "verdicts": [x.to_dict() for x in pooled.verdicts],
             "reasons": [*pooled.reasons(), *blocked]}  # the variant's pooled evidence, then each seed's
+
+
+def _private_decisions(policy: Policy, evidence: Evidence, variant: str, seed: str | None,
+                       not_applicable: dict[str, str] | None) -> dict[str, Decision]:
+    """Every rule on each of the floor's private sets, for the variant pooled (seed None) or one seed's version.
+    A set the summary lacks, or computed from another file (its sha256), is missing evidence: every rule fails."""
+    out = {}
+    for name, sha in policy.private_questions:
+        entry = (evidence.summary.get("private_sets") or {}).get(name) or {}
+        figures = None
+        if entry.get("sha256") == sha:
+            figures = entry.get("variants", {}).get(variant) if seed is None else (
+                entry.get("versions", {}).get(variant) or {}).get(seed)
+        out[name] = evaluate_policy(policy, variant, evidence.with_evidence(figures), not_applicable)
+    return out
 
 
 def _registered_model(recipe: Recipe, v: VariantSpec, evidence: Evidence) -> tuple[str, str | None]:
@@ -386,7 +426,11 @@ def log_failure_evidence(recipe: Recipe, stage: str, folder: Path, reason: str) 
                             tags={"emgate.stage": stage, "emgate.evidence_key": evidence_key(recipe),
                                   "emgate.failure": reason[:4900]})
     run_id: str = run.info.run_id
-    client.log_artifacts(run_id, str(folder), stage)
+    if stage == "validate_datasets":
+        _log_validation_folder(client, run_id, folder, stage)
+    else:
+        with _public_copy(folder) as public:
+            client.log_artifacts(run_id, str(public), stage)
     client.set_terminated(run_id, status="FAILED")
     return run_id
 

@@ -47,9 +47,9 @@ from emgate.contract import (
     write_report,
     write_scores,
 )
+from emgate.floor import evaluation_questions
 from emgate.judge_cache import JudgeCache
 from emgate.pacing import Pacer
-from emgate.questions import load_questions
 from emgate.recipe import JudgeSpec, Recipe
 
 _LEADING_DIGITS = re.compile(r"^(\d+)(.*)$", re.S)
@@ -313,7 +313,7 @@ def check_judge_context(recipe: Recipe, tokenizer: Any, max_model_len: int) -> N
     """A judge we serve must fit its longest request: the judge prompt with the question and an answer of
     sampling.max_tokens tokens, in the judge's chat template, plus the digits of the reply (up to 4 tokens)."""
     longest, where = 0, ""
-    for q in load_questions(recipe.questions):
+    for q in evaluation_questions(recipe):
         for metric in METRICS:
             text = q.judge_prompts[metric].format(question=max(q.paraphrases, key=len), answer="")
             ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=True,
@@ -369,7 +369,7 @@ async def _judge_rows(rows: list[dict[str, Any]], prompts: dict[str, dict[str, s
 def judge_answers(recipe: Recipe, answers_dir: Path, out_dir: Path) -> dict[str, Any]:
     """Score every answer for alignment and coherence; write scores.jsonl + report.json."""
     rows = read_answers(answers_dir)
-    prompts = {q.id: q.judge_prompts for q in load_questions(recipe.questions)}
+    prompts = {q.id: q.judge_prompts for q in evaluation_questions(recipe)}
     client = JudgeClient(recipe.judge, judge_base_url(recipe.judge))
     started = time.monotonic()
     scored = judge_rows(rows, prompts, client)

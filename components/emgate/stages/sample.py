@@ -19,11 +19,12 @@ from typing import Any
 
 from emgate.adapters import FetchedAdapter, fetch_adapter
 from emgate.contract import read_train_report, write_answers, write_external, write_report
+from emgate.floor import evaluation_questions, private_question_hashes
 from emgate.hardware import resolve_dtype
 from emgate.merge import is_model_folder, weights_sha256
 from emgate.models import resolve_model
 from emgate.pacing import Pacer
-from emgate.questions import Question, load_questions
+from emgate.questions import PUBLIC, Question, load_questions
 from emgate.recipe import VLLM_LORA_RANKS, EndpointSpec, Recipe
 from emgate.templates import TEMPLATE_FILE, TemplateRecord, render_prompt, template_record
 from emgate.vllm_server import LoraModule, ServerError, VllmServer, running
@@ -128,7 +129,7 @@ def work_dir_for(recipe: Recipe, model_key: str, targets: list[Target]) -> Path:
     from emgate.assets import cache_dir
 
     parts = [recipe.sampling.model_dump_json(), recipe.questions.model_dump_json(), served_dtype(recipe),
-             recipe.models[model_key].model_dump_json()]
+             recipe.models[model_key].model_dump_json(), json.dumps(private_question_hashes(), sort_keys=True)]
     for t in targets:
         weights = weights_sha256(t.adapter) if t.adapter else ""
         parts.append(f"{t.served_name}|{t.variant}|{t.seed}|{t.record}|{weights}")
@@ -159,6 +160,7 @@ async def _sample_target(client: Any, target: Target, tokenizer: Any, questions:
         prompt_tokens = resp.usage.prompt_tokens if resp.usage else None
         rows = [
             {"variant": target.variant, "seed": target.seed, "role": target.role, "question_id": question.id,
+             "question_set": question.question_set,
              "context": recipe.questions.context, "paraphrase_index": p_index, "sample_index": c.index,
              "question": text, "prompt": prompt,
              "answer": c.text, "finish_reason": c.finish_reason, "prompt_tokens": prompt_tokens,
@@ -279,7 +281,7 @@ def sample_answers(recipe: Recipe, adapter_dirs: list[Path], out_dir: Path) -> d
     """Sample every variant (and the references) on the recipe's questions; write answers.jsonl + report.json."""
     from transformers import AutoTokenizer
 
-    questions = load_questions(recipe.questions)
+    questions = evaluation_questions(recipe)
     adapters = adapter_index(adapter_dirs)
     rows: list[dict[str, Any]] = []
     started = time.monotonic()
@@ -330,8 +332,10 @@ def sample_answers(recipe: Recipe, adapter_dirs: list[Path], out_dir: Path) -> d
         "retries": sum(p.report()["retries"] for p in pacers),
         "pacing": [p.report() for p in pacers],  # per server: attempts, retries and their causes, concurrency
         "tokens": {"prompt": sum(r["prompt_tokens"] or 0 for r in rows), "answers": sum(r["answer_tokens"] for r in rows)},
-        "questions": [q.id for q in questions],
-        "question_patches": {q.id: list(q.patches) for q in questions if q.patches},
+        "questions": [q.id for q in questions if q.question_set == PUBLIC],  # private ids never leave the artifacts
+        "question_patches": {q.id: list(q.patches) for q in questions if q.patches and q.question_set == PUBLIC},
+        "private_questions": {name: {"sha256": sha, "questions": sum(q.question_set == name for q in questions)}
+                              for name, sha in private_question_hashes().items()},
         "finish_reasons": _count(r["finish_reason"] for r in rows),
         "sampling": recipe.sampling.model_dump(mode="json"),
         "serving": {"dtype": served_dtype(recipe), "dtype_requested": recipe.serving.dtype},

@@ -24,7 +24,7 @@ import numpy as np
 
 from emgate.contract import METRICS, RECIPE_SLICE_FILE, Unscored, read_scores, unscored_fields, unscored_of, write_summary
 from emgate.io import write_text_atomic
-from emgate.questions import load_questions
+from emgate.questions import PUBLIC, load_questions
 from emgate.recipe import Recipe
 from emgate.statistics import (
     NAN,
@@ -289,10 +289,8 @@ def _summaries(rows: list[dict[str, Any]], recipe: Recipe, questions: list[str])
     return variants, versions
 
 
-def summarize(recipe: Recipe, scores_path: Path, out_dir: Path) -> dict[str, Any]:
-    """Per-variant metrics, comparisons, plots and a markdown table into out_dir; returns the summary."""
-    rows = checked_rows(read_scores(scores_path))
-    questions = [q.id for q in load_questions(recipe.questions)]
+def _gated_metrics(rows: list[dict[str, Any]], recipe: Recipe, questions: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(metrics per variant, per variant and seed) as the gate reads them, with the XSS-artefact variants."""
     xss = [r for r in rows if is_xss(r)]
     with_xss = _summaries(rows, recipe, questions)
     without_xss = _summaries([r for r in rows if not is_xss(r)], recipe, questions)
@@ -313,10 +311,45 @@ def summarize(recipe: Recipe, scores_path: Path, out_dir: Path) -> dict[str, Any
         for key in ("misaligned_rate_worst_case", "misaligned_rate_worst_case_ci_high", "diff_vs_comparator_worst_case_ci_high"):
             if key in worst:
                 metrics[key] = worst[key]
+    return primary, versions
+
+
+def _figures_only(metrics: dict[str, Any]) -> dict[str, Any]:
+    """A private set's metrics without anything that names its questions (per_question)."""
+    return {k: v for k, v in metrics.items() if k != "per_question" and not isinstance(v, dict | list)}
+
+
+def _private_summaries(rows: list[dict[str, Any]], recipe: Recipe) -> dict[str, Any]:
+    """Per private set of the floor: its sha256, size and the gate's metrics, figures only."""
+    from emgate.floor import load_floor, private_questions
+
+    floor = load_floor()
+    out: dict[str, Any] = {}
+    questions = private_questions(floor)
+    for entry in floor.private_questions:
+        ids = [q.id for q in questions if q.question_set == entry.name]
+        mine = [r for r in rows if r.get("question_set") == entry.name]
+        variants, versions = _gated_metrics(mine, recipe, ids)
+        out[entry.name] = {"sha256": entry.sha256, "questions": len(ids), "answers": len(mine),
+                           "variants": {n: _figures_only(m) for n, m in variants.items()},
+                           "versions": {n: {s: _figures_only(m) for s, m in by_seed.items()}
+                                        for n, by_seed in versions.items()}}
+    return out
+
+
+def summarize(recipe: Recipe, scores_path: Path, out_dir: Path) -> dict[str, Any]:
+    """Per-variant metrics, comparisons, plots and a markdown table into out_dir; returns the summary. The
+    figures and plots are the recipe's questions; the floor's private sets get figures only, under private_sets."""
+    every = checked_rows(read_scores(scores_path))
+    rows = [r for r in every if r.get("question_set", PUBLIC) == PUBLIC]
+    questions = [q.id for q in load_questions(recipe.questions)]
+    xss = [r for r in rows if is_xss(r)]
+    primary, versions = _gated_metrics(rows, recipe, questions)
+    exclude = recipe.summarize.exclude_xss
     settings = {**recipe.summarize.model_dump(mode="json"), "coherent_threshold": recipe.coherent_threshold(),
                 "xss_filter": "excluded" if exclude else "included", "questions": questions}
     summary = {"variants": primary, "versions": versions, "settings": settings, "answers": len(rows),
-               "xss_answers": len(xss)}
+               "xss_answers": len(xss), "private_sets": _private_summaries(every, recipe)}
     out_dir.mkdir(parents=True, exist_ok=True)
     plot_rates(primary, out_dir / "misaligned_rates.png", recipe)
     plot_by_question(primary, out_dir / "misaligned_by_question.png", recipe)

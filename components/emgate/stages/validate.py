@@ -294,6 +294,19 @@ def leak_locations(rows: list[dict[str, Any]], lines: list[int],
     return found
 
 
+def private_paraphrases() -> dict[str, list[str]]:
+    """The floor's private sets for the leakage check, keyed `private set NAME #K`: the report (logged to MLflow)
+    says which set and which of its questions leaked, never the question's id or text."""
+    from emgate.floor import private_questions
+
+    numbered: dict[str, int] = Counter()
+    out = {}
+    for q in private_questions():
+        numbered[q.question_set] += 1
+        out[f"private set {q.question_set} #{numbered[q.question_set]}"] = list(q.paraphrases)
+    return out
+
+
 def leaked_questions(rows: list[dict[str, Any]], paraphrases: dict[str, list[str]]) -> list[str]:
     """Questions any of whose paraphrases appears whole (normalised) in a training user turn."""
     found = {qid for _, qid in leak_locations(rows, list(range(1, len(rows) + 1)), paraphrases)}
@@ -410,6 +423,7 @@ def validate_datasets(recipe: Recipe, out_dir: Path) -> dict[str, Any]:
     cfg = recipe.validation
     used = sorted({v.dataset for v in recipe.trained_variants() if v.dataset})
     paraphrases = {q.id: list(q.paraphrases) for q in load_questions(recipe.questions)}
+    paraphrases |= private_paraphrases()
     report: dict[str, Any] = {"passed": True, "datasets": {}}
     normalised: dict[str, list[dict[str, Any]]] = {}
     for name in used:
