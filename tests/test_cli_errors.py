@@ -195,8 +195,9 @@ MISTYPED_STORES = {
     "three slashes for four": ("sqlite:///{store_relative}", "did you mean sqlite:///{store}? (four slashes"),
     "the default store": (None, "no MLflow store at {tmp}/emgate-runs/mlflow.db (there is no folder {tmp}/emgate-runs)"),
     "an empty file": ("sqlite:///{tmp}/empty.db", "no MLflow store at {tmp}/empty.db (an empty SQLite file, left as it is)"),
-    "a missing folder path": ("{tmp}/mlruns", "no MLflow store at {tmp}/mlruns (no such file); pass --tracking-uri"),
-    "a missing file: URI": ("file://{tmp}/mlruns", "no MLflow store at {tmp}/mlruns (no such file)"),
+    "a missing folder path": ("{tmp}/mlruns", "no MLflow store at {tmp}/mlruns (no such file or folder); pass "
+                                              "--tracking-uri"),
+    "a missing file: URI": ("file://{tmp}/mlruns", "no MLflow store at {tmp}/mlruns (no such file or folder)"),
     "a store's folder": ("{store_folder}", "{store_folder} is a folder, not a tracking URI: its store is sqlite:///{store}"),
 }
 

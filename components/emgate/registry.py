@@ -104,11 +104,11 @@ def fail_fast_http() -> Iterator[None]:
             os.environ.pop(k, None)
 
 
-def _missing_path(path: Path) -> str:
+def _missing_path(path: Path, what: str = "file") -> str:
     """Why nothing is at `path`: the nearest folder above it that is missing, if any."""
     missing = path.parent
     if missing.is_dir():
-        return "no such file"
+        return f"no such {what}"
     while not missing.parent.is_dir():
         missing = missing.parent
     return f"there is no folder {missing}"
@@ -153,7 +153,7 @@ def _check_path(uri: str) -> str:
     raw = urllib.parse.unquote(urllib.parse.urlparse(uri).path) if uri.startswith("file:") else uri
     path = Path(raw).expanduser().resolve()
     if not path.exists():
-        raise StoreUnavailable(f"no MLflow store at {path} ({_missing_path(path)}); {STORE_HINT}")
+        raise StoreUnavailable(f"no MLflow store at {path} ({_missing_path(path, 'file or folder')}); {STORE_HINT}")
     if path.is_file() and _sqlite_problem(path) is None:
         raise StoreUnavailable(f"{uri} is a file path, not a tracking URI: pass --tracking-uri sqlite:///{path}")
     if path.is_dir() and _sqlite_problem(path / "mlflow.db") is None:
