@@ -225,3 +225,25 @@ def path_model_recipe(recipe, folder: Path):
 def few_resamples(recipe):
     """`recipe` with the smallest bootstrap it allows: the default 2000 resamples cost summarize about 10 s."""
     return recipe.model_copy(update={"summarize": recipe.summarize.model_copy(update={"bootstrap_resamples": 100})})
+
+
+# ---- a registry without a pipeline run ---------------------------------------------------------------------------
+
+
+def sqlite_registry(folder: Path, models: dict[str, int], aliases: dict[str, dict[str, str]] | None = None) -> str:
+    """A real MLflow SQLite store under `folder` holding `models` (name -> how many versions, no gate decision) and
+    `aliases` (name -> {alias: version}); returns its tracking URI."""
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    artifacts = folder / "artifacts"
+    run_id = client.create_run(client.create_experiment("registry", artifact_location=artifacts.as_uri())).info.run_id
+    for name, versions in models.items():
+        client.create_registered_model(name)
+        for _ in range(versions):
+            client.create_model_version(name, source=(artifacts / "adapter").as_uri(), run_id=run_id)
+    for name, named in (aliases or {}).items():
+        for alias, version in named.items():
+            client.set_registered_model_alias(name, alias, version)
+    return uri

@@ -55,7 +55,8 @@ SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a reci
 TrackingOpt = Annotated[str | None, typer.Option(
     "--tracking-uri", envvar="MLFLOW_TRACKING_URI", show_envvar=True,
     help="MLflow tracking URI (server URL or sqlite:///FILE); default: the local runs' store, "
-         "sqlite:///emgate-runs/mlflow.db. Credentials: MLFLOW_TRACKING_USERNAME/PASSWORD or MLFLOW_TRACKING_TOKEN.")]
+         "sqlite:///emgate-runs/mlflow.db. A store that is not there is refused, never created. Credentials: "
+         "MLFLOW_TRACKING_USERNAME/PASSWORD or MLFLOW_TRACKING_TOKEN.")]
 ModelRefArg = Annotated[str, typer.Argument(help="NAME@ALIAS or NAME/VERSION, e.g. smoke-base-insecure@champion")]
 
 
@@ -65,7 +66,7 @@ def _exit_on(*errors: type[BaseException], code: int = 2, label: str = "error") 
     try:
         yield
     except errors as exc:
-        err.print(f"[red]{label}:[/red] {escape(str(exc))}", highlight=False)
+        err.print(f"[red]{label}:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)  # one line, unwrapped
         raise typer.Exit(code) from None
 
 
@@ -598,32 +599,17 @@ def _print_decisions(decisions: dict[str, object], elapsed: float, promotions: l
                   highlight=False)
 
 
-def _registry(tracking_uri: str | None) -> Any:
+@contextlib.contextmanager
+def _registry(tracking_uri: str | None) -> Iterator[Any]:
+    """A client on a store that exists, for the length of the block: a missing or unreachable store is one line and
+    exit 2, never created; MLflow's HTTP retries are cut to seconds unless MLFLOW_HTTP_REQUEST_* say otherwise."""
     from emgate.recipe import MlflowSpec
-    from emgate.registry import client_for
+    from emgate.registry import StoreUnavailable, fail_fast_http, open_registry
 
-    uri = tracking_uri or MlflowSpec().tracking_uri
-    if uri.startswith("sqlite:///"):  # relative (sqlite:///x.db) or absolute (sqlite:////x.db); never create one
-        db = Path(uri.removeprefix("sqlite:///")).resolve()
-        if not db.is_file():
-            err.print(f"[red]error:[/red] no MLflow store at {db}: pass --tracking-uri (or set MLFLOW_TRACKING_URI) "
-                      "to the store the pipeline logged to", highlight=False)
-            raise typer.Exit(2)
-        uri = f"sqlite:///{db}"
-    elif uri.startswith(("http://", "https://")):
-        import httpx
-
-        try:
-            httpx.get(f"{uri.rstrip('/')}/health", timeout=10).raise_for_status()
-        except httpx.HTTPError as exc:
-            err.print(f"[red]error:[/red] the MLflow server at {escape(uri)} does not answer ({type(exc).__name__}: "
-                      f"{escape(str(exc))}); check the URL and that the server runs", highlight=False)
-            raise typer.Exit(2) from None
-    else:
-        err.print(f"[red]error:[/red] tracking URI {escape(uri)}: use sqlite:///PATH/mlflow.db (the pipeline's store) or "
-                  "http(s)://HOST:PORT (an MLflow server)", highlight=False)
-        raise typer.Exit(2)
-    return client_for(uri)
+    with fail_fast_http():
+        with _exit_on(StoreUnavailable):
+            client = open_registry(tracking_uri or MlflowSpec().tracking_uri)
+        yield client
 
 
 def _ref(text: str, default_alias: str = "champion") -> ModelRef:
@@ -643,12 +629,14 @@ def promote(
     tracking_uri: TrackingOpt = None,
 ) -> None:
     """Point the `champion` alias at MODEL VERSION. Refused unless the version's gate decision passed and its
-    report matches its hash; `--override --reason` promotes anyway and records who, why and when as tags."""
+    report matches its hash; `--override --reason` promotes anyway and records who, why and when as tags.
+
+    Exit codes: 0 promoted; 3 refused; 2 no such model or version, or the store is missing or does not answer."""
     from emgate.registry import PromotionRefused, RegistryError
     from emgate.registry import promote as run
 
-    client = _registry(tracking_uri)
-    with _exit_on(RegistryError), _exit_on(PromotionRefused, code=3, label="refused"):  # the inner one first
+    with (_registry(tracking_uri) as client, _exit_on(RegistryError),
+          _exit_on(PromotionRefused, code=3, label="refused")):  # the inner one first
         done = run(client, model, version, override=override, reason=reason)
     kind = "[yellow]by OVERRIDE[/yellow]" if done["override"] else "after a verified pass"
     console.print(f"{model} version {version} is champion {kind} (was: {done['previous_champion'] or 'none'}; "
@@ -664,13 +652,18 @@ def gate_verify(ref: ModelRefArg,
                 tracking_uri: TrackingOpt = None) -> None:
     """Exit 0 only if the version has a passing gate decision whose report matches its sha256 tag and applied every
     rule of the platform's floor at least as strictly.
-    Serving calls this before loading a model: `emgate gate verify NAME@champion || exit 1`."""
+    Serving calls this before loading a model: `emgate gate verify NAME@champion || exit 1`.
+
+    Exit codes: 0 verified; 1 NOT verified (each reason listed); 2 no such model, version or alias, or the store is
+    missing or does not answer."""
     from emgate.floor import load_floor
-    from emgate.registry import verify_version
+    from emgate.registry import RegistryError, verify_version
 
     with _exit_on(RecipeError):
         floor = load_floor(policy, read_private=False)
-    result = verify_version(_registry(tracking_uri), _ref(ref), allow_override=allow_override, floor=floor)
+    model_ref = _ref(ref)
+    with _registry(tracking_uri) as client, _exit_on(RegistryError):
+        result = verify_version(client, model_ref, allow_override=allow_override, floor=floor, raise_not_found=True)
     if result.ok:
         extra = f" (override by {result.override.get('by')}: {result.override.get('reason')})" if result.override else ""
         what = ("BLOCKED by the gate, accepted with --allow-override" if result.override
@@ -689,12 +682,15 @@ def gate_verify(ref: ModelRefArg,
 def gate_explain(ref: Annotated[str, typer.Argument(help="NAME@ALIAS, NAME/VERSION, or NAME (= NAME@candidate)")],
                  as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables")] = False,
                  tracking_uri: TrackingOpt = None) -> None:
-    """Print a version's decision: every rule's value and verdict, the evidence and where to look in MLflow."""
+    """Print a version's decision: every rule's value and verdict, the evidence and where to look in MLflow.
+
+    Exit codes: 0 printed (whatever the decision); 2 no such model, version or alias, or the store is missing or
+    does not answer."""
     from emgate.registry import RegistryError, explain
 
-    client = _registry(tracking_uri)
-    with _exit_on(RegistryError):
-        info = explain(client, _ref(ref, default_alias="candidate"))
+    model_ref = _ref(ref, default_alias="candidate")
+    with _registry(tracking_uri) as client, _exit_on(RegistryError):
+        info = explain(client, model_ref)
     if as_json:
         console.print_json(json.dumps(info, default=str))
         return
