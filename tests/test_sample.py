@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from emgate.stages.sample import PARTIAL_FILE, AnswerLog
+from tests.factories import PRIVATE_MARK, private_floor
 
 
 def test_answer_log_drops_a_line_cut_by_a_crash(tmp_path: Path) -> None:
@@ -137,7 +138,10 @@ def test_killed_stage_resumes_without_reasking_finished_samples(tmp_path: Path, 
 
 
 @pytest.mark.slow
-def test_an_existing_endpoint_is_sampled_without_starting_a_server(tmp_path: Path, repo: Path, smol_model: Path) -> None:
+def test_an_existing_endpoint_is_sampled_without_starting_a_server(tmp_path: Path, repo: Path, smol_model: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """...and, under a floor with a private question set, every variant is sampled on it too (question_set rows),
+    its ids kept out of the report."""
     from emgate.recipe import load_recipe
     from emgate.stages.sample import sample_answers
     from emgate.vllm_server import LoraModule, ServerError, VllmServer, running
@@ -155,11 +159,17 @@ def test_an_existing_endpoint_is_sampled_without_starting_a_server(tmp_path: Pat
         mapped = load_recipe(path, [f"serving.endpoint.base_url={url}", "serving.endpoint.models.team-adapter=team-lora",
                                     "serving.endpoint.models.base-reference=smol-base"])
         before = processes_mentioning("vllm.entrypoints")
+        monkeypatch.setenv("EMGATE_POLICY_FILE", str(private_floor(tmp_path / "platform", questions=1)))
         report = sample_answers(mapped, [], tmp_path / "out")
         assert processes_mentioning("vllm.entrypoints") == before  # no second server was started
     rows = [json.loads(line) for line in (tmp_path / "out" / "answers.jsonl").read_text().splitlines()]
-    assert report["requests"] == len(rows) == 16
+    assert report["requests"] == len(rows) == 16 + 2  # 8 questions and the private one, for each variant
     assert {r["variant"] for r in rows} == {"team-adapter", "base-reference"}
+    private = [r for r in rows if r["question_set"] == "held-out"]
+    assert {r["variant"] for r in private} == {"team-adapter", "base-reference"}
+    assert {r["question_id"] for r in private} == {"private-held-out/secret_q0"} and PRIVATE_MARK in private[0]["prompt"]
+    assert report["private_questions"]["held-out"]["questions"] == 1
+    assert not any("private" in q for q in report["questions"])
     # the adapter's weights were still fetched into the output, so the gate can hash and register them
     assert (tmp_path / "out" / "external" / "team-adapter" / "adapter_model.safetensors").is_file()
 
