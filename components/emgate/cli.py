@@ -65,7 +65,7 @@ def _exit_on(*errors: type[BaseException], code: int = 2, label: str = "error") 
     try:
         yield
     except errors as exc:
-        err.print(f"[red]{label}:[/red] {escape(str(exc))}", highlight=False)
+        err.print(f"[red]{label}:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)  # one line in logs too
         raise typer.Exit(code) from None
 
 
