@@ -47,6 +47,25 @@ class PromotionRefused(RegistryError):
     """The version may not become champion (blocked, undecided or its evidence does not verify)."""
 
 
+class AccessDenied(RegistryError):
+    """The tracking server refused the request for these credentials (MLflow basic auth: 403 or 401)."""
+
+
+# MLflow's error codes for a refused login or a missing permission, as they read to a user
+_ACCESS_CODES = {"PERMISSION_DENIED": "permission denied", "UNAUTHENTICATED": "not authenticated"}
+
+
+def _access_denied(exc: BaseException, what: str) -> AccessDenied | None:
+    """An AccessDenied naming who may not do `what`, if `exc` is MLflow refusing the credentials; else None."""
+    code = getattr(exc, "error_code", None)
+    if code not in _ACCESS_CODES:
+        return None
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    who = f"MLflow user {user!r}" if user else "a client without MLFLOW_TRACKING_USERNAME/PASSWORD"
+    return AccessDenied(f"{_ACCESS_CODES[code]}: {who} may not {what} (the tracking server answered {code}); "
+                        "use an account that may (the gate's), in MLFLOW_TRACKING_USERNAME/PASSWORD")
+
+
 @dataclass(frozen=True)
 class ModelRef:
     name: str
@@ -211,6 +230,8 @@ def _store_errors(client: Any) -> Iterator[None]:
     try:
         yield
     except MlflowException as exc:
+        if denied := _access_denied(exc, "read the registry"):
+            raise denied from None
         raise StoreUnavailable(f"the MLflow store at {client.tracking_uri} failed ({_one_line(exc.message)}); check "
                                "that the server runs and reaches its database, then retry") from None
 
@@ -406,7 +427,10 @@ def actor() -> str:
 def promote(client: Any, name: str, version: str, *, override: bool = False, reason: str | None = None,
             by: str | None = None) -> dict[str, Any]:
     """Point `champion` at name/version. Refuses a version whose decision is not a verified pass unless
-    override=True with a reason; an override is recorded as tags on the version."""
+    override=True with a reason; an override is recorded as tags on the version. Credentials that may not write
+    the version (MLflow basic auth) raise AccessDenied before the alias moves."""
+    from mlflow.exceptions import MlflowException
+
     ref = ModelRef(name, version=str(version))
     check = verify_version(client, ref, raise_not_found=True)  # no such version: nothing an override could promote
     by = by or actor()
@@ -421,14 +445,19 @@ def promote(client: Any, name: str, version: str, *, override: bool = False, rea
     except Exception:
         previous = None
     with _store_errors(client):
-        if not check.ok:
-            for key, value in {"emgate.override": "true", "emgate.override_by": by,
-                               "emgate.override_reason": reason or "", "emgate.override_at": now,
-                               "emgate.override_problems": "; ".join(check.problems)[:4900]}.items():
-                client.set_model_version_tag(name, str(version), key, value)
-        client.set_model_version_tag(name, str(version), "emgate.promoted_by", by)
-        client.set_model_version_tag(name, str(version), "emgate.promoted_at", now)
-        client.set_registered_model_alias(name, CHAMPION, str(version))
+        try:
+            if not check.ok:
+                for key, value in {"emgate.override": "true", "emgate.override_by": by,
+                                   "emgate.override_reason": reason or "", "emgate.override_at": now,
+                                   "emgate.override_problems": "; ".join(check.problems)[:4900]}.items():
+                    client.set_model_version_tag(name, str(version), key, value)
+            client.set_model_version_tag(name, str(version), "emgate.promoted_by", by)
+            client.set_model_version_tag(name, str(version), "emgate.promoted_at", now)
+            client.set_registered_model_alias(name, CHAMPION, str(version))  # last: no champion without its audit tags
+        except MlflowException as exc:
+            if denied := _access_denied(exc, f"set its tags or its {CHAMPION!r} alias"):
+                raise AccessDenied(f"{ref} is not promoted: {denied}") from None
+            raise
     return {"model": name, "version": str(version), "previous_champion": previous, "by": by, "at": now,
             "override": not check.ok}
 
