@@ -187,10 +187,11 @@ def check_pinned(fields: dict[str, Any], task: str, pinned: str | None) -> None:
         return
     try:
         compiled = json.loads(pinned)
-        assert isinstance(compiled, dict)
-    except (json.JSONDecodeError, AssertionError):
+    except json.JSONDecodeError:
+        compiled = None
+    if not isinstance(compiled, dict):
         raise RecipeError(f"${PINNED_ENV} of task {task} is not the JSON object `emgate compile` writes: recompile "
-                          "the pipeline") from None
+                          "the pipeline")
     for path in PINNED:
         if path not in compiled:
             raise RecipeError(f"${PINNED_ENV} of task {task} lacks {path}: recompile the pipeline (emgate compile)")
