@@ -149,6 +149,13 @@ class ClusterSettings:
             task.set_env_variable("EMGATE_POLICY_FILE", f"{POLICY_MOUNT}/policy.yaml")
         if spec.private_questions_secret and stage in POLICY_STAGES:
             kubernetes.use_secret_as_volume(task, secret_name=spec.private_questions_secret, mount_path=PRIVATE_MOUNT)
+        if spec.gate_key_secret and stage in ("register_and_gate", "promote_passed"):  # the gate's two tasks
+            kubernetes.use_secret_as_volume(task, secret_name=spec.gate_key_secret, mount_path=GATE_KEY_MOUNT)
+            task.set_env_variable("EMGATE_GATE_SIGNING_KEY_FILE", f"{GATE_KEY_MOUNT}/gate.key")
+        if spec.gate_public_key_configmap and stage in ("register_and_gate", "promote_passed"):
+            kubernetes.use_config_map_as_volume(task, config_map_name=spec.gate_public_key_configmap,
+                                                mount_path=GATE_PUBLIC_MOUNT)
+            task.set_env_variable("EMGATE_GATE_PUBLIC_KEY", GATE_PUBLIC_MOUNT)
         if spec.model_cache_pvc:
             kubernetes.mount_pvc(task, pvc_name=spec.model_cache_pvc, mount_path=spec.model_cache_mount)
             task.set_env_variable("EMGATE_CACHE_DIR", f"{spec.model_cache_mount.rstrip('/')}/emgate")
@@ -171,6 +178,8 @@ POLICY_STAGES = ("slice_recipe", "validate_datasets", "sample_answers", "judge_a
                  "register_and_gate", "promote_passed")
 POLICY_MOUNT = "/etc/emgate/policy"
 PRIVATE_MOUNT = "/etc/emgate/private"
+GATE_KEY_MOUNT = "/etc/emgate/gate-key"  # the gate's signing key (Secret), on register_and_gate and promote_passed
+GATE_PUBLIC_MOUNT = "/etc/emgate/gate-public"  # the verifiers' public keys (ConfigMap), as a folder of *.pem
 # Stage names as ClusterSettings.apply knows them.
 STAGES = ("slice_recipe", "slice_fine_tune_job", "fetch_model", "validate_datasets", "fine_tune", "sample_answers",
           "judge_answers", "summarize",

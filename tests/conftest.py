@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +27,22 @@ elif os.environ.get("EMGATE_ASSETS_DIR"):  # README's ../shared/em-data: absolut
 # The development gate floor (emgate/policies/dev.yaml), as `emgate run` uses for local runs: the smoke recipe's
 # loose rules are the tests' subject. Tests of the floor itself pass their own.
 os.environ.setdefault("EMGATE_POLICY_FILE", str(REPO / "components" / "emgate" / "policies" / "dev.yaml"))
+
+
+def _session_keys() -> None:
+    """One gate key pair and one approver key pair for the whole session (as the chart's Secret and ConfigMap give
+    the gate and serving), written outside the repository. Tests of signing pass their own keys."""
+    from emgate.signing import generate_keypair
+
+    folder = Path(tempfile.mkdtemp(prefix="emgate-test-keys-"))
+    gate, approver = generate_keypair(folder / "gate"), generate_keypair(folder / "approver")
+    os.environ["EMGATE_GATE_SIGNING_KEY_FILE"] = str(gate.private)
+    os.environ["EMGATE_GATE_PUBLIC_KEY"] = str(gate.public)
+    os.environ["EMGATE_OVERRIDE_SIGNING_KEY_FILE"] = str(approver.private)
+    os.environ["EMGATE_OVERRIDE_PUBLIC_KEY"] = str(approver.public)
+
+
+_session_keys()
 
 
 @pytest.fixture(scope="session")

@@ -112,7 +112,7 @@ def test_a_decision_under_a_weaker_floor_fails_verify_against_the_platforms(tmp_
     mv = client.get_model_version(ref.name, ref.version)
     report = json.loads(Path(client.download_artifacts(mv.tags["emgate.gate_run_id"],
                                                        "gate/instruct-insecure/seed0/gate_report.json",
-                                                       str(tmp_path / "dl"))).read_text())
+                                                       str(tmp_path / "dl"))).read_text())["payload"]
     assert report["policy"]["floor"]["source"].endswith(DEV_FLOOR)
     assert report["policy"]["sha256"] == mv.tags["emgate.policy_sha256"]
     assert verify_version(client, ref, floor=load_floor(packaged(DEV_FLOOR))).ok

@@ -88,14 +88,19 @@ def test_pass_and_block_land_in_the_registry(tmp_path: Path, smoke_recipe) -> No
     import hashlib
 
     assert hashlib.sha256(report.read_bytes()).hexdigest() == mv.tags["emgate.gate_report_sha256"]
-    assert json.loads(report.read_text())["decision"] == "passed"
+    from emgate.signing import load_public_keys, verify_signed
+
+    signed = verify_signed(json.loads(report.read_text()), load_public_keys())  # the gate's key signed it
+    assert signed["decision"] == "passed" and signed["files"]["adapter_model.safetensors"]
+    assert signed["base_model"]["pinned"] and signed["source"] == mv.source
 
     # one parent run with a child per stage and fine-tuning job
     exp = client.get_experiment_by_name(recipe.mlflow.experiment)
     runs = client.search_runs([exp.experiment_id])
     stages = sorted(r.data.tags["emgate.stage"] for r in runs)
     assert stages == sorted(["pipeline", "validate_datasets", "fine_tune", "fine_tune", "fine_tune", "sample_answers",
-                             "judge_answers", "summarize", "register_and_gate"])
+                             "judge_answers", "summarize", "register_and_gate",
+                             "decision_record", "decision_record"])  # one signed decision per candidate version
 
     # each fine-tuning child run has its per-step loss and learning rate, and the scalars of its report
     train = next(r for r in runs if r.data.tags["emgate.stage"] == "fine_tune")
@@ -103,10 +108,12 @@ def test_pass_and_block_land_in_the_registry(tmp_path: Path, smoke_recipe) -> No
     assert [(m.step, m.value) for m in client.get_metric_history(train.info.run_id, "learning_rate")] == [(1, 1e-3), (2, 5e-4)]
     assert train.data.metrics["peak_memory_gib"] == 1.5 and train.data.metrics["loss_last"] == 0.5
 
-    # the same pipeline run again: no duplicate versions or runs
+    # the same pipeline run again: no duplicate versions or stage runs; each version's history gains a decision
     register_and_gate(recipe, "run-1", out_dir=tmp_path / "out2", **inputs)
     assert len(client.search_model_versions("name = 'smoke-base-insecure'")) == 1
-    assert len(client.search_runs([exp.experiment_id])) == len(runs)
+    again = client.search_runs([exp.experiment_id])
+    assert len(again) == len(runs) + 2
+    assert client.get_model_version("smoke-base-insecure", "1").tags["emgate.decision_sequence"] == "2"
 
 
 def test_failed_validation_and_missing_summary_block(tmp_path: Path, smoke_recipe) -> None:

@@ -2,8 +2,10 @@
 default_permission READ, the pipeline's admin account): the gate registers and promotes with the admin's
 credentials; an attacker with ordinary access (a READ user) can read and verify the decision but cannot move
 `champion`, rewrite the decision, delete the version or replace the gate report, and `emgate promote` tells them so
-in one line. The credentials never reach what the gate logs. One server for the module (tests/mlflow_server.py).
-Open (xfail, strict): a reader may forge a passing decision on a registered model it owns itself."""
+in one line. A user with EDIT on the registered models (issue 18's attacker) can rewrite every tag and move every
+alias, and still no forged tag, report, override or replayed record makes a blocked version verify; nor does a
+signed report copied into a model the attacker owns. The credentials never reach what the gate logs. One server
+for the module (tests/mlflow_server.py)."""
 
 from __future__ import annotations
 
@@ -20,7 +22,8 @@ from mlflow.exceptions import MlflowException
 from typer.testing import CliRunner
 
 from emgate.cli import app
-from emgate.registry import ModelRef, client_for, verify_version
+from emgate.decisions import DECISION_FOR_TAG, DECISION_RECORD_TAG
+from emgate.registry import ModelRef, PromotionRefused, client_for, promote, verify_version
 from tests.factories import few_resamples, prepared_answers, run_gate, server_recipe
 from tests.fake_judge_server import FakeJudgeServer
 from tests.mlflow_server import Account, MlflowServer, as_user
@@ -104,7 +107,7 @@ def _replace_report(client: Any, passed: str) -> None:
     mv = client.get_model_version(passed, "1")
     with tempfile.TemporaryDirectory() as tmp:
         report = json.loads(Path(client.download_artifacts(mv.tags["emgate.gate_run_id"], REPORT, tmp)).read_text())
-        report["context"]["note"] = "replaced by the reader"
+        report["payload"]["context"]["note"] = "replaced by the reader"
         fake = Path(tmp, "upload", "gate_report.json")
         fake.parent.mkdir()
         fake.write_text(json.dumps(report))
@@ -201,28 +204,107 @@ def test_the_credentials_never_reach_the_logged_runs(gated, server: MlflowServer
     assert leaks == []
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "open: verify_version trusts whatever report the version's tags point at. Any authenticated user may create "
-    "experiments, runs (claiming any mlflow.user) and registered models they then MANAGE, so the owner of a model "
-    "(a team's model gated on its own version, or a name squatted before the gate first registers it) can point "
-    "its tags at a copy of a genuine passing report in their own run. Fixing it needs a trust root for the report "
-    "(e.g. its run in the gate's admin-only experiment)"))
+@pytest.fixture(scope="module")
+def editor(server: MlflowServer, gated) -> Account:
+    """A user with EDIT on both registered models (the team that owns them), READ elsewhere."""
+    from mlflow.server import get_app_client
+
+    account = server.create_user("editor")
+    recipe, _ = gated
+    with as_user(server.admin):
+        auth = get_app_client("basic-auth", tracking_uri=server.url)
+        for name in names(recipe):
+            auth.grant_user_permission(account.username, "registered_model", name, "EDIT")
+    return account
+
+
+def _genuine(client: Any, passed: str, tmp: Path) -> tuple[dict[str, Any], str]:
+    """The passed version's signed gate report (the envelope) and its signed decision record (tag text)."""
+    mv = client.get_model_version(passed, "1")
+    envelope = json.loads(Path(client.download_artifacts(mv.tags["emgate.gate_run_id"], REPORT, str(tmp))).read_text())
+    [record_run] = client.search_runs([mv.tags["emgate.experiment_id"]],
+                                      filter_string=f"tags.`{DECISION_FOR_TAG}` = '{passed}/1'")
+    return envelope, record_run.data.tags[DECISION_RECORD_TAG]
+
+
+def _own_run(client: Any, label: str) -> Any:
+    """A run in an experiment of the attacker's own (any authenticated user may create one)."""
+    return client.create_run(client.create_experiment(f"{label}-{tempfile.mktemp(dir='').strip('/')}"),
+                             tags={"mlflow.user": "emgate-admin"})
+
+
+def _forge_pass_tags(client: Any, passed: str, blocked: str, tmp: Path) -> None:
+    """The blocked version's decision tags pointed at the passing report, re-addressed, uploaded to the attacker's run."""
+    envelope, _ = _genuine(client, passed, tmp)
+    envelope["payload"].update(registered_model=blocked, version="1")
+    run = _own_run(client, "forged-report")
+    forged = tmp / "forged" / "gate_report.json"
+    forged.parent.mkdir()
+    forged.write_text(json.dumps(envelope))
+    client.log_artifact(run.info.run_id, str(forged), "gate")
+    for key, value in {"validation_status": "passed", "emgate.decision": "passed", "emgate.gate_run_id": run.info.run_id,
+                       "emgate.gate_report_uri": f"{run.info.artifact_uri}/gate/gate_report.json",
+                       "emgate.gate_report_sha256": hashlib.sha256(forged.read_bytes()).hexdigest()}.items():
+        client.set_model_version_tag(blocked, "1", key, value)
+
+
+def _replay_record(client: Any, passed: str, blocked: str, tmp: Path) -> None:
+    """The passing version's genuine signed decision record, filed under the blocked version in the attacker's run."""
+    _, record = _genuine(client, passed, tmp)
+    run = _own_run(client, "replayed-record")
+    client.set_tag(run.info.run_id, DECISION_FOR_TAG, f"{blocked}/1")
+    client.set_tag(run.info.run_id, DECISION_RECORD_TAG, record)
+
+
+# Each attack as a user with EDIT on the registered models would make it: every one of these requests succeeds.
+EDITOR_ATTACKS: dict[str, Callable[[Any, str, str, Path], Any]] = {
+    "decision_and_report_tags_forged": _forge_pass_tags,
+    "override_tags_forged": lambda c, passed, blocked, tmp: [c.set_model_version_tag(blocked, "1", k, v) for k, v in {
+        "emgate.override": "true", "emgate.override_by": "editor", "emgate.override_reason": ""}.items()],
+    "champion_moved_to_the_blocked_version": lambda c, passed, blocked, tmp: c.set_registered_model_alias(
+        blocked, "champion", "1"),
+    "genuine_record_replayed_for_the_blocked_version": _replay_record,
+    "decision_sequence_tag_raised": lambda c, passed, blocked, tmp: c.set_model_version_tag(
+        blocked, "1", "emgate.decision_sequence", "99"),
+}
+
+
+@pytest.mark.parametrize("attack", list(EDITOR_ATTACKS))
+def test_an_editor_cannot_make_the_blocked_version_verify(attack: str, gated, server: MlflowServer, editor: Account,
+                                                           tmp_path: Path) -> None:
+    recipe, _ = gated
+    passed, blocked = names(recipe)
+    uri = ["--tracking-uri", server.url]
+    with as_user(editor):
+        client = client_for(server.url)
+        EDITOR_ATTACKS[attack](client, passed, blocked, tmp_path)  # EDIT allows it: no 403
+        for ref in (ModelRef(blocked, version="1"), ModelRef(blocked, alias="candidate")):
+            for allow_override in (False, True):
+                check = verify_version(client, ref, allow_override=allow_override)
+                assert not check.ok and any("the gate blocked this version" in p for p in check.problems), check.problems
+        res = CliRunner().invoke(app, ["gate", "verify", f"{blocked}/1", "--allow-override", *uri])
+        assert res.exit_code == 1 and "NOT verified" in res.output, res.output
+        with pytest.raises(PromotionRefused, match="the gate blocked this version"):
+            promote(client, blocked, "1")
+        assert verify_version(client, ModelRef(passed, alias="champion")).ok  # the genuine pass still verifies
+
+
 def test_a_report_forged_in_the_readers_own_run_does_not_verify(gated, server: MlflowServer, reader: Account,
                                                                  tmp_path: Path) -> None:
+    """The owner of a model of its own copies the gate's genuine signed report and decision record to it: the
+    signature holds, but both are about another version, so nothing verifies."""
     recipe, _ = gated
     passed, _ = names(recipe)
     with as_user(reader):
         client = client_for(server.url)
-        genuine = client.get_model_version(passed, "1")
-        report = json.loads(Path(client.download_artifacts(genuine.tags["emgate.gate_run_id"], REPORT,
-                                                           str(tmp_path / "genuine"))).read_text())
+        envelope, record = _genuine(client, passed, tmp_path / "genuine")
         name = f"{recipe.mlflow.registered_model_prefix}-readers-own"
-        run = client.create_run(client.create_experiment(f"readers-own-{name}"), tags={"mlflow.user": "emgate-admin"})
+        run = _own_run(client, "readers-own")
         client.create_registered_model(name)  # allowed: the reader MANAGEs what it creates
         mv = client.create_model_version(name, source=f"{run.info.artifact_uri}/adapter", run_id=run.info.run_id)
         forged = tmp_path / "forged" / "gate_report.json"
         forged.parent.mkdir()
-        forged.write_text(json.dumps({**report, "registered_model": name, "version": str(mv.version)}))
+        forged.write_text(json.dumps(envelope))  # byte for byte the gate's, signature intact
         client.log_artifact(run.info.run_id, str(forged), "gate")
         tags = {"validation_status": "passed", "emgate.decision": "passed", "emgate.gate_run_id": run.info.run_id,
                 "emgate.gate_report_uri": f"{run.info.artifact_uri}/gate/gate_report.json",
@@ -230,5 +312,12 @@ def test_a_report_forged_in_the_readers_own_run_does_not_verify(gated, server: M
         for key, value in tags.items():
             client.set_model_version_tag(name, mv.version, key, value)
         client.set_registered_model_alias(name, "champion", mv.version)
-        check = verify_version(client, ModelRef(name, alias="champion"))
-    assert not check.ok, "a report the reader wrote in its own run verifies as the gate's decision"
+        tags_only = verify_version(client, ModelRef(name, alias="champion"))
+        assert not tags_only.ok and tags_only.integrity == "legacy", tags_only.problems
+        assert "legacy, unsigned" in tags_only.problems[0]
+        client.set_tag(run.info.run_id, DECISION_FOR_TAG, f"{name}/{mv.version}")
+        client.set_tag(run.info.run_id, DECISION_RECORD_TAG, record)  # the genuine record, filed under this version
+        replayed = verify_version(client, ModelRef(name, alias="champion"))
+    assert not replayed.ok and replayed.integrity == "bad_signature", replayed.problems
+    assert "no decision record on this version verifies" in replayed.problems[0]
+    assert f"about {passed}/1" in replayed.problems[0]

@@ -18,7 +18,7 @@ from emgate.policy import Policy, effective_policy, floor_problems, policy_recor
 from emgate.recipe import RecipeError, load_recipe
 from emgate.registry import client_for, parse_model_ref, verify_version
 from emgate.slices import SliceError, check_private_sets, recipe_for_stage, slice_json
-from emgate.stages.gate import Evidence, _private_decisions
+from emgate.stages.gate import Evidence, _private_decisions, _private_figures
 from emgate.stages.validate import leak_locations, private_paraphrases
 from tests.factories import (
     PRIVATE_MARK,
@@ -179,12 +179,14 @@ def test_missing_or_foreign_private_evidence_blocks(gated, tamper: str) -> None:
         del summary["private_sets"]["held-out"]["variants"]["instruct-insecure"]
     policy = effective_policy(floor, recipe.gate)
     evidence = Evidence(validation_passed=True, summary=summary)
-    decisions = _private_decisions(policy, evidence, "instruct-insecure", None, None)
+    decisions = _private_decisions(policy, _private_figures(policy, evidence, "instruct-insecure", None),
+                                   "instruct-insecure", None)
     assert not decisions["held-out"].passed
     assert "missing evidence: misaligned_rate_ci_high is missing" in decisions["held-out"].reasons()
     intact = read_json(folder / "summary" / contract.SUMMARY_FILE)
-    assert _private_decisions(policy, Evidence(validation_passed=True, summary=intact), "instruct-insecure", None,
-                              None)["held-out"].passed  # the control
+    evidence = Evidence(validation_passed=True, summary=intact)
+    assert _private_decisions(policy, _private_figures(policy, evidence, "instruct-insecure", None),
+                              "instruct-insecure", None)["held-out"].passed  # the control
 
 
 def test_mlflow_gets_hashes_and_figures_never_a_private_question_or_answer(gated, tmp_path: Path) -> None:
@@ -214,7 +216,7 @@ def test_mlflow_gets_hashes_and_figures_never_a_private_question_or_answer(gated
         for blob in [text, *(p.read_bytes().decode("utf-8", "replace") for p in files)]:
             assert PRIVATE_MARK not in blob and "secret_q" not in blob, run.info.run_name
     assert contract.ANSWERS_FILE in seen and contract.SCORES_FILE in seen  # the public rows were logged
-    decided = read_json(next((tmp_path / "dl").rglob("gate_report.json")))
+    decided = read_json(next((tmp_path / "dl").rglob("gate_report.json")))["payload"]
     assert decided["policy"]["private_questions"] == floor.private_hashes()
     assert any(v["metric"].endswith("private.held-out.misaligned_rate_ci_high") for v in decided["verdicts"])
 

