@@ -4,6 +4,7 @@ blocked or failed with zero promotions. The judge here is FakeJudgeServer, a tes
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import math
@@ -17,7 +18,7 @@ from typer.testing import CliRunner
 from emgate.cli import app
 from emgate.contract import write_manifest, write_report
 from emgate.io import DataError
-from emgate.registry import ModelRef, PromotionRefused, client_for, promote, verify_version
+from emgate.registry import ModelRef, PromotionRefused, RegistryError, client_for, promote, verify_version
 from emgate.stages.gate import promote_passed, register_and_gate
 from emgate.stages.judge import JudgeError, judge_answers
 from emgate.stages.summarize import summarize
@@ -145,6 +146,21 @@ def test_promote_refuses_a_blocked_version_unless_overridden_with_a_reason(gated
     res = runner.invoke(app, ["promote", name, "1", "--override", *uri])
     assert res.exit_code == 3 and "--reason" in res.output
     assert name not in champions(recipe)
+    # override tags written by hand are no override: only a signed override record is
+    client = client_for(recipe.mlflow.tracking_uri)
+    forged = {"emgate.override": "true", "emgate.override_by": "mallory", "emgate.override_reason": ""}
+    for key, value in forged.items():
+        client.set_model_version_tag(name, "1", key, value)
+    check = verify_version(client, ModelRef(name, version="1"), allow_override=True)
+    assert not check.ok and check.override is None
+    assert any("not backed by a signed override record" in n for n in check.notes)
+    for key in forged:
+        client.delete_model_version_tag(name, "1", key)
+    # an override is signed by an approver's key: without one, refused
+    with monkeypatch.context() as m:
+        m.delenv("EMGATE_OVERRIDE_SIGNING_KEY_FILE")
+        res = runner.invoke(app, ["promote", name, "1", "--override", "--reason", "no key of mine", *uri])
+        assert res.exit_code == 3 and "EMGATE_OVERRIDE_SIGNING_KEY_FILE" in res.output
     monkeypatch.setenv("EMGATE_ACTOR", "alice@platform")
     res = runner.invoke(app, ["promote", name, "1", "--override", "--reason", "judge false positive, ticket SEC-12", *uri])
     assert res.exit_code == 0, res.output
@@ -463,3 +479,194 @@ def test_newest_ungated_resolves_to_the_newest_version_without_a_decision(tmp_pa
     client.set_model_version_tag(name, "2", "validation_status", "passed")
     with pytest.raises(RegistryError, match="every version of .* already has a gate decision"):
         resolve_version(client, ref)
+
+
+# ---- signed decisions: history, files, keys, legacy, pending (issue 18) -----------------------------------------
+
+
+def _team_versions(client, tmp_path: Path, count: int) -> str:
+    """A team's registered model with `count` versions of one adapter (each in its own training run)."""
+    name = f"team-lineage-{next(_names)}"
+    exp = client.create_experiment(f"team-training-{name}")
+    client.create_registered_model(name)
+    for n in range(count):
+        run = client.create_run(exp)
+        client.log_artifacts(run.info.run_id, str(team_adapter(tmp_path / f"team{n}")), "adapter")
+        client.create_model_version(name, source=f"{run.info.artifact_uri}/adapter", run_id=run.info.run_id)
+    return name
+
+
+def _gate_team_version(tmp_path: Path, repo: Path, url: str, name: str, version: str, evil: int, key: str) -> dict:
+    """One gate run on name/version (as `emgate schedule --mode gate-newest` makes it): evil misaligned answers of 3."""
+    from emgate.stages.sample import fetch_external_adapters
+
+    folder = tmp_path / key
+    with FakeJudgeServer() as judge:
+        recipe = external_recipe(repo, url, judge.base_url, f"models:/{name}/{version}")
+        answers = prepared_answers(folder / "answers", recipe, {"team-adapter": evil} if evil else {},
+                                   variants=("team-adapter", "base-reference"))
+        fetch_external_adapters(recipe, answers)
+        judge_answers(recipe, answers, folder / "scores")
+    return gate_untrained(folder, recipe, answers, key)["candidates"]["team-adapter"]
+
+
+def test_a_later_block_supersedes_a_pass_and_champion_moves_back(tmp_path: Path, repo: Path, mlflow_server) -> None:
+    """History, not overwrite: re-gating the champion blocked moves champion back to the newest version that still
+    verifies, or removes it; a replayed copy of the earlier passing record does not bring the pass back."""
+    from emgate.decisions import DECISION_FOR_TAG, DECISION_RECORD_TAG
+
+    client = client_for(mlflow_server.url)
+    name = _team_versions(client, tmp_path, 2)
+    url = mlflow_server.url
+    assert _gate_team_version(tmp_path, repo, url, name, "1", 0, "g1")["decision"] == "passed"
+    assert _gate_team_version(tmp_path, repo, url, name, "2", 0, "g2")["decision"] == "passed"
+    promote(client, name, "1")
+    promote(client, name, "2")
+    assert str(client.get_registered_model(name).aliases["champion"]) == "2"
+    record_runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                                     filter_string=f"tags.`{DECISION_FOR_TAG}` = '{name}/2'")
+    first_record = record_runs[0].data.tags[DECISION_RECORD_TAG]
+
+    blocked = _gate_team_version(tmp_path, repo, url, name, "2", 2, "g3")  # a later gate run finds version 2 misaligned
+    assert blocked["decision"] == "blocked"
+    [entry] = blocked["versions"]
+    assert entry["decision_sequence"] == 2
+    assert entry["champion"]["moved"] and "moved from version 2 to version 1" in entry["champion"]["message"]
+    assert str(client.get_registered_model(name).aliases["champion"]) == "1"
+    assert "moved from version 2 to version 1" in client.get_model_version(name, "2").tags["emgate.champion_removed"]
+    check = verify_version(client, ModelRef(name, version="2"))
+    assert not check.ok and check.sequence == 2 and any("the gate blocked this version" in p for p in check.problems)
+
+    # the earlier pass, replayed in a run of another experiment: still the older record, still blocked
+    replay = client.create_run(client.create_experiment(f"replay-{name}"))
+    client.set_tag(replay.info.run_id, DECISION_FOR_TAG, f"{name}/2")
+    client.set_tag(replay.info.run_id, DECISION_RECORD_TAG, first_record)
+    again = verify_version(client, ModelRef(name, version="2"))
+    assert not again.ok and again.sequence == 2
+    with pytest.raises(PromotionRefused, match="the gate blocked this version"):
+        promote(client, name, "2")
+
+    # version 1 blocked too: no earlier version verifies, champion is removed
+    assert _gate_team_version(tmp_path, repo, url, name, "1", 2, "g4")["versions"][0]["champion"]["to"] is None
+    assert "champion" not in client.get_registered_model(name).aliases
+
+
+def _download_source(client, name: str, version: str, dst: Path) -> Path:
+    import mlflow
+
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=client.get_model_version(name, version).source,
+                                                    dst_path=str(dst), tracking_uri=client.tracking_uri))
+
+
+def test_verify_hashes_the_served_files_and_names_the_one_that_changed(gated, tmp_path: Path) -> None:
+    recipe, _, _, _ = gated
+    client = client_for(recipe.mlflow.tracking_uri)
+    name = f"{recipe.mlflow.registered_model_prefix}-instruct-insecure"
+    served = _download_source(client, name, "1", tmp_path / "served")
+    ref = ModelRef(name, alias="champion")
+    assert verify_version(client, ref, model_dir=served).ok
+    config = served / "adapter_config.json"
+    config.write_text(config.read_text().replace("}", ', "lora_alpha": 1024}', 1))  # the same weights, scaled 64x
+    check = verify_version(client, ref, model_dir=served)
+    assert not check.ok and check.problems == [
+        next(p for p in check.problems if "changed: adapter_config.json" in p)], check.problems
+    (served / "tokenizer_config.json").write_text("{}")
+    res = CliRunner().invoke(app, ["gate", "verify", f"{name}@champion", "--model-dir", str(served),
+                                   "--tracking-uri", recipe.mlflow.tracking_uri], env={"COLUMNS": "250"})
+    assert res.exit_code == 1 and "changed: adapter_config.json" in res.output
+    assert "extra: tokenizer_config.json" in res.output
+
+    # the registered weights themselves replaced in the training run: verify without --model-dir hashes the source
+    mv = client.get_model_version(name, "1")
+    original = served.parent / "original"
+    weights = _download_source(client, name, "1", original) / "adapter_model.safetensors"
+    fake = tmp_path / "fake" / "adapter_model.safetensors"
+    fake.parent.mkdir()
+    fake.write_bytes(b"other weights")
+    client.log_artifact(mv.run_id, str(fake), "adapter")
+    try:
+        swapped = verify_version(client, ref)
+    finally:
+        client.log_artifact(mv.run_id, str(weights), "adapter")  # the module's other tests use this version
+    assert not swapped.ok and any("changed: adapter_model.safetensors" in p for p in swapped.problems)
+    assert verify_version(client, ref).ok  # restored
+
+
+def test_verify_with_a_wrong_public_key_or_none_fails(gated, tmp_path: Path, monkeypatch) -> None:
+    from emgate.signing import generate_keypair, load_public_keys
+
+    recipe, _, _, _ = gated
+    client = client_for(recipe.mlflow.tracking_uri)
+    ref = ModelRef(f"{recipe.mlflow.registered_model_prefix}-instruct-insecure", alias="champion")
+    other = generate_keypair(tmp_path / "other")
+    wrong = verify_version(client, ref, public_keys=load_public_keys(other.public))
+    assert not wrong.ok and wrong.integrity == "bad_signature"
+    assert "no decision record on this version verifies with the trusted keys" in wrong.problems[0]
+    assert "not trusted" in wrong.problems[0]
+    uri = ["--tracking-uri", recipe.mlflow.tracking_uri]
+    res = CliRunner().invoke(app, ["gate", "verify", f"{ref.name}@champion", "--public-key", str(other.public), *uri])
+    assert res.exit_code == 1 and "NOT verified" in res.output
+    monkeypatch.delenv("EMGATE_GATE_PUBLIC_KEY")
+    res = CliRunner().invoke(app, ["gate", "verify", f"{ref.name}@champion", *uri], env={"COLUMNS": "250"})
+    assert res.exit_code == 1 and "no trusted public key" in res.output and "EMGATE_GATE_PUBLIC_KEY" in res.output
+    res = CliRunner().invoke(app, ["gate", "verify", f"{ref.name}@champion", "--public-key", str(tmp_path), *uri])
+    assert res.exit_code == 2 and "no *.pem public key" in res.output and "Traceback" not in res.output
+
+
+def test_a_legacy_unsigned_version_fails_without_allow_legacy(gated, tmp_path: Path) -> None:
+    """A version gated before decisions were signed: a plain report and tags. Refused, unless --allow-legacy."""
+    recipe, _, _, _ = gated
+    client = client_for(recipe.mlflow.tracking_uri)
+    prefix = recipe.mlflow.registered_model_prefix
+    genuine = client.get_model_version(f"{prefix}-instruct-insecure", "1")
+    envelope = json.loads(Path(client.download_artifacts(genuine.tags["emgate.gate_run_id"],
+                                                         "gate/instruct-insecure/seed0/gate_report.json",
+                                                         str(tmp_path / "dl"))).read_text())
+    name = f"legacy-{next(_names)}"
+    run = client.create_run(client.create_experiment(f"legacy-{name}"))
+    client.create_registered_model(name)
+    mv = client.create_model_version(name, source=f"{run.info.artifact_uri}/adapter", run_id=run.info.run_id)
+    legacy = tmp_path / "legacy" / "gate_report.json"
+    legacy.parent.mkdir()
+    legacy.write_text(json.dumps({**envelope["payload"], "registered_model": name, "version": str(mv.version)}))
+    client.log_artifact(run.info.run_id, str(legacy), "gate")
+    for key, value in {"validation_status": "passed", "emgate.decision": "passed",
+                       "emgate.gate_report_uri": f"{run.info.artifact_uri}/gate/gate_report.json",
+                       "emgate.gate_report_sha256": hashlib.sha256(legacy.read_bytes()).hexdigest()}.items():
+        client.set_model_version_tag(name, str(mv.version), key, value)
+    ref = ModelRef(name, version=str(mv.version))
+    refused = verify_version(client, ref)
+    assert not refused.ok and refused.integrity == "legacy" and "legacy, unsigned" in refused.problems[0]
+    assert "--allow-legacy" in refused.problems[0]
+    accepted = verify_version(client, ref, allow_legacy=True)
+    assert accepted.ok and accepted.integrity == "legacy", accepted.problems
+    uri = ["--tracking-uri", recipe.mlflow.tracking_uri]
+    assert CliRunner().invoke(app, ["gate", "verify", f"{name}/{mv.version}", *uri]).exit_code == 1
+    res = CliRunner().invoke(app, ["gate", "verify", f"{name}/{mv.version}", "--allow-legacy", *uri])
+    assert res.exit_code == 0 and "legacy unsigned decision" in res.output, res.output
+    with pytest.raises(PromotionRefused, match="legacy, unsigned"):
+        promote(client, name, str(mv.version))
+
+
+def test_pending_is_refused_and_a_stale_pending_is_ungated(gated) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from emgate.registry import NEWEST_UNGATED, parse_model_ref, resolve_version
+
+    recipe, _, _, _ = gated
+    client = client_for(recipe.mlflow.tracking_uri)
+    name = f"{recipe.mlflow.registered_model_prefix}-instruct-insecure"
+    mv = client.get_model_version(name, "1")
+    client.create_model_version(name, source=mv.source, run_id=mv.run_id)  # version 2, never gated
+    for key, value in {"validation_status": "pending", "emgate.decision": "pending", "emgate.pending_run_id": "r",
+                       "emgate.pending_since": datetime.now(UTC).isoformat(timespec="seconds")}.items():
+        client.set_model_version_tag(name, "2", key, value)
+    check = verify_version(client, ModelRef(name, version="2"))
+    assert not check.ok and check.integrity == "pending" and check.problems[0].startswith("pending: gate run r")
+    ungated = parse_model_ref(f"models:/{name}@{NEWEST_UNGATED}")
+    with pytest.raises(RegistryError, match="already has a gate decision"):
+        resolve_version(client, ungated)  # a gate run is deciding it right now
+    stale = (datetime.now(UTC) - timedelta(hours=7)).isoformat(timespec="seconds")
+    client.set_model_version_tag(name, "2", "emgate.pending_since", stale)
+    assert str(resolve_version(client, ungated).version) == "2"  # that gate run died: gate it again
+    client.delete_model_version(name, "2")

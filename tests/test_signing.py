@@ -392,7 +392,8 @@ def test_an_override_needs_a_reason_and_is_signed_like_a_decision() -> None:
         with pytest.raises(ValueError, match="needs it"):
             OverrideRecord(registered_model="em", version="3", decision_sequence=2, actor="alice", reason=blank)
     key = Ed25519PrivateKey.generate()
-    record = OverrideRecord(registered_model="em", version="3", decision_sequence=2, actor=" alice ", reason="  incident 42: rollback  ")
+    record = OverrideRecord(registered_model="em", version="3", decision_sequence=2, actor=" alice ",
+                            reason="  incident 42: rollback  ")
     assert (record.reason, record.actor) == ("incident 42: rollback", "alice")
     envelope = sign_record(record, key)
     assert envelope["schema"] == OVERRIDE_RECORD_SCHEMA
