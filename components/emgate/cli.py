@@ -755,7 +755,10 @@ def gate_explain(ref: Annotated[str, typer.Argument(help="NAME@ALIAS, NAME/VERSI
                   f"decision [{color}]{escape(decision.upper())}[/{color}]"
                   + ("" if report is not None else " (from the version's tag; no verified report backs it)"), highlight=False)
     integrity_color = {"intact": "green", "sha256_mismatch": "red"}.get(info["report_integrity"], "yellow")
-    console.print(f"  [{integrity_color}]{escape(info['report_status'])}[/{integrity_color}]", highlight=False)
+    sequence = f" (decision #{info['decision_sequence']})" if info.get("decision_sequence") else ""
+    console.print(f"  [{integrity_color}]{escape(info['report_status'])}[/{integrity_color}]{sequence}", highlight=False)
+    for note in info.get("notes") or []:
+        err.print(f"    note: {escape(note)}", highlight=False)
     for problem in info["problems"]:
         err.print(f"    - {escape(problem)}", highlight=False)
     if not info["verified"]:
