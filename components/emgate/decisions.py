@@ -16,7 +16,7 @@ import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from emgate.signing import (
     DecisionRecord,
@@ -34,6 +34,7 @@ OVERRIDE_FOR_TAG = "emgate.override_for"
 OVERRIDE_RECORD_TAG = "emgate.override_record"
 OVERRIDE_PUBLIC_KEY_ENV = "EMGATE_OVERRIDE_PUBLIC_KEY"  # approvers' public keys (PEM text, file or folder)
 OVERRIDE_SIGNING_KEY_ENV = "EMGATE_OVERRIDE_SIGNING_KEY_FILE"  # an approver's private key file, for promote --override
+R = TypeVar("R", DecisionRecord, OverrideRecord)
 PENDING = "pending"  # the decision tag while a gate run writes a version's report and record
 PENDING_STALE_S = 6 * 3600  # seconds: a pending decision older than this is a gate run that died (newest-ungated)
 _SEARCH_CHUNK = 100  # experiments per search_runs call (MLflow's documented limit for experiment_ids)
@@ -126,36 +127,40 @@ def _parse(run: Any, tag: str) -> Any:
         raise SignatureError("malformed", f"the record is not JSON ({exc.msg})") from None
 
 
+def _verified(client: Any, for_tag: str, record_tag: str, kind: type[R], name: str, version: str | int,
+              keys: TrustedKeys, ignored: list[str]) -> list[tuple[R, Any]]:
+    """(record, its run) for every run tagged `for_tag` = NAME/VERSION whose record of `kind` verifies with `keys`
+    and is about that version; the others are described in `ignored`."""
+    found = []
+    label = "decision" if kind is DecisionRecord else "override"
+    for run in _runs_tagged(client, for_tag, subject(name, version)):
+        try:
+            record = verify_record(_parse(run, record_tag), keys, kind)
+            if (record.registered_model, record.version) != (name, str(version)):
+                raise SignatureError("malformed", f"it is about {record.registered_model}/{record.version}")
+        except SignatureError as exc:
+            ignored.append(f"{label} record run {run.info.run_id}: {exc}")
+            continue
+        found.append((record, run))
+    return found
+
+
 def load_history(client: Any, name: str, version: str | int, keys: TrustedKeys,
                  override_keys: TrustedKeys | None = None) -> History:
     """Every decision and override record about name/version that verifies with `keys` (approvers' `override_keys`
     for overrides). A record whose signature fails, or that is about another version, is listed in `ignored` and
     never counts: it can neither decide nor hide a decision."""
-    subj = subject(name, version)
-    history = History(subj)
-    for run in _runs_tagged(client, DECISION_FOR_TAG, subj):
-        try:
-            record = verify_record(_parse(run, DECISION_RECORD_TAG), keys, DecisionRecord)
-            if (record.registered_model, record.version) != (name, str(version)):
-                raise SignatureError("malformed", f"it is about {record.registered_model}/{record.version}")
-        except SignatureError as exc:
-            history.ignored.append(f"decision record run {run.info.run_id}: {exc}")
-            continue
+    history = History(subject(name, version))
+    for record, run in _verified(client, DECISION_FOR_TAG, DECISION_RECORD_TAG, DecisionRecord, name, version, keys,
+                                 history.ignored):
         history.decisions.append(record)
         history.runs[record.sequence] = run.info.run_id
         history.experiments[record.sequence] = run.info.experiment_id
     history.decisions.sort(key=lambda r: (r.sequence, r.created_at))
-    for run in [] if override_keys is None else _runs_tagged(client, OVERRIDE_FOR_TAG, subj):
-        assert override_keys is not None
-        try:
-            override = verify_record(_parse(run, OVERRIDE_RECORD_TAG), override_keys, OverrideRecord)
-            if (override.registered_model, override.version) != (name, str(version)):
-                raise SignatureError("malformed", f"it is about {override.registered_model}/{override.version}")
-        except SignatureError as exc:
-            history.ignored.append(f"override record run {run.info.run_id}: {exc}")
-            continue
-        history.overrides.append(override)
-    history.overrides.sort(key=lambda o: o.time)
+    if override_keys is not None:
+        history.overrides = sorted((o for o, _ in _verified(client, OVERRIDE_FOR_TAG, OVERRIDE_RECORD_TAG, OverrideRecord,
+                                                            name, version, override_keys, history.ignored)),
+                                   key=lambda o: o.time)
     return history
 
 

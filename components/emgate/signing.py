@@ -325,8 +325,12 @@ def _now() -> datetime:
 
 
 class _Record(BaseModel):
+    """What every record is about: one registered model version."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
     SCHEMA: ClassVar[str]
+    registered_model: str = Field(min_length=1, description="the registered model's name")
+    version: str = Field(min_length=1, description="the registry version the record is about")
 
 
 class DecisionRecord(_Record):
@@ -334,8 +338,6 @@ class DecisionRecord(_Record):
 
     SCHEMA: ClassVar[str] = DECISION_RECORD_SCHEMA
     sequence: int = Field(ge=1, description="the version's decision count, from 1: a later record supersedes an earlier one")
-    registered_model: str = Field(min_length=1, description="the registered model's name")
-    version: str = Field(min_length=1, description="the registry version the decision is about")
     run_id: str = Field(min_length=1, description="the register_and_gate MLflow run that decided")
     report_uri: str = Field(min_length=1, description="where the gate report is (the run's artifact URI)")
     report_sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="sha256 of the gate report file's bytes")
@@ -347,8 +349,6 @@ class OverrideRecord(_Record):
     """A person's promotion of a version the gate did not pass: who, why and when."""
 
     SCHEMA: ClassVar[str] = OVERRIDE_RECORD_SCHEMA
-    registered_model: str = Field(min_length=1, description="the registered model's name")
-    version: str = Field(min_length=1, description="the registry version promoted")
     decision_sequence: int = Field(ge=1, description="the decision record it overrides (a later decision needs a new one)")
     actor: str = Field(min_length=1, description="who overrode ($EMGATE_ACTOR or the OS user)")
     reason: str = Field(description="why; required, stored without surrounding whitespace")
