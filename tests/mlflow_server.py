@@ -58,8 +58,10 @@ def _free_port() -> int:
 
 
 class MlflowServer:
-    def __init__(self, root: Path, port: int | None = None, auth: bool = False, default_permission: str = "READ") -> None:
+    def __init__(self, root: Path, port: int | None = None, auth: bool = False, default_permission: str = "READ",
+                 env: dict[str, str] | None = None) -> None:
         self.root = root
+        self.env = env or {}  # extra server settings, e.g. the webhook ones
         self.port = port or _free_port()
         self.proc: subprocess.Popen[bytes] | None = None
         self.default_permission = default_permission
@@ -79,6 +81,7 @@ class MlflowServer:
                "--artifacts-destination", str(self.root / "artifacts"), "--workers", "1"]
         env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_TRACKING_", "MLFLOW_AUTH_"))}
         env["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+        env.update(self.env)
         if self.admin is not None:
             cmd += ["--app-name", "basic-auth"]
             env.update(MLFLOW_AUTH_CONFIG_PATH=str(self._auth_ini()), MLFLOW_AUTH_ADMIN_USERNAME=self.admin.username,

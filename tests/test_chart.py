@@ -16,8 +16,14 @@ kubernetes_validate = pytest.importorskip("kubernetes_validate")
 
 KUBE_VERSION = "1.30.0"
 WORKLOAD_KINDS = {"Deployment", "StatefulSet", "Job"}
+# an Ed25519 public key (the pattern the schema asks for; the chart only copies it into a ConfigMap)
+APPROVER_PEM = """-----BEGIN PUBLIC KEY-----
+MCowBQYDK2VwAyEATYjjXBAQMqg/LNWp2dwDG+wK+4BYDvw4WpXpmV0teg4=
+-----END PUBLIC KEY-----
+"""
 
-# everything switched on: in-chart PostgreSQL, S3 artifacts, basic auth, the judge, an inline recipe, extra hosts
+# everything switched on: in-chart PostgreSQL, S3 artifacts, basic auth, the judge, an inline recipe, extra hosts,
+# the alias guard with approvers' override keys and its two Secrets apart
 FULL: dict[str, Any] = {
     "imagePullSecrets": ["regcred"],
     "mlflow": {
@@ -42,6 +48,13 @@ FULL: dict[str, Any] = {
         "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
         "hfTokenSecret": {"name": "hf-token", "key": "token"},
         "apiKeySecret": {"name": "judge-api-key", "key": "api-key"},
+    },
+    "aliasGuard": {
+        "port": 9090,
+        "replicas": 2,
+        "webhookSecret": {"name": "guard-hmac", "key": "hmac"},
+        "encryptionKeySecret": {"name": "mlflow-webhook-key", "key": "fernet"},
+        "overridePublicKeys": [APPROVER_PEM],
     },
     "networkPolicy": {
         "mlflowExtraFrom": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}}}]
@@ -170,7 +183,7 @@ def test_kubernetes_validate_is_strict(repo: Path) -> None:
 @pytest.mark.parametrize("values_name", sorted(VALUE_SETS))
 def test_every_container_is_hardened_and_has_resources(repo: Path, values_name: str) -> None:
     workloads = [d for d in all_docs(render(repo, VALUE_SETS[values_name])) if d["kind"] in WORKLOAD_KINDS]
-    expected = 2 if values_name == "default" else 4  # mlflow + schedule (+ postgres + judge)
+    expected = 4 if values_name == "default" else 6  # mlflow + schedule + alias guard + its Job (+ postgres + judge)
     assert len(workloads) == expected
     checked = 0
     for workload in workloads:
@@ -206,7 +219,18 @@ def test_every_container_is_hardened_and_has_resources(repo: Path, values_name: 
 def test_service_accounts_mount_no_api_token_and_no_cluster_wide_rbac(repo: Path) -> None:
     docs = render(repo, FULL)
     accounts = [d for d in all_docs(docs) if d["kind"] == "ServiceAccount"]
-    assert {a["metadata"]["name"] for a in accounts} == {"emgate-mlflow", "emgate-postgres", "emgate-judge", "emgate-schedule"}
+    assert {a["metadata"]["name"] for a in accounts} == {
+        "emgate-mlflow",
+        "emgate-postgres",
+        "emgate-judge",
+        "emgate-schedule",
+        "emgate-alias-guard",
+        "emgate-alias-guard-register",
+    }
+    # every workload runs as one of them (hook Jobs too: the accounts are plain resources, there before the hooks)
+    assert not any("helm.sh/hook" in a["metadata"].get("annotations", {}) for a in accounts)
+    for workload in (d for d in all_docs(docs) if d["kind"] in WORKLOAD_KINDS):
+        assert pod_spec(workload)["serviceAccountName"] in {a["metadata"]["name"] for a in accounts}
     assert all(a["automountServiceAccountToken"] is False for a in accounts)
     rbac = [d for d in all_docs(docs) if d["apiVersion"].startswith("rbac.authorization.k8s.io/")]
     assert {d["kind"] for d in rbac} == {"Role", "RoleBinding"}  # nothing cluster-wide
@@ -272,7 +296,8 @@ def test_hook_job_uses_an_inline_recipe_from_a_configmap(repo: Path) -> None:
 
 def test_schedule_can_be_disabled(repo: Path) -> None:
     rendered = kinds(render(repo, {"schedule": {"enabled": False}}))
-    assert not any(kind in {"Job", "Role"} or name.endswith("-schedule") for kind, name in rendered)
+    assert not any(kind == "Role" or name.endswith("-schedule") for kind, name in rendered)
+    assert {name for kind, name in rendered if kind == "Job"} == {"emgate-alias-guard-register"}
     assert ("Deployment", "emgate-mlflow") in rendered
 
 
@@ -292,6 +317,11 @@ def test_schedule_can_be_disabled(repo: Path) -> None:
         ({"modelCache": {"accessMode": "ReadWriteSometimes"}}, "/modelCache/accessMode"),
         ({"judge": {"revision": "main"}}, "/judge/revision"),
         ({"mlflow": {"artifactRoot": "gs://bucket"}}, "/mlflow/artifactRoot"),
+        ({"aliasGuard": {"prot": 8080}}, "'prot'"),  # unknown key
+        ({"aliasGuard": {"webhookSecret": {"name": "emgate-webhook", "value": "s3cret"}}}, "'value'"),  # no literal secret
+        ({"aliasGuard": {"registration": {"retries": 3}}}, "'retries'"),
+        ({"aliasGuard": {"port": 80}}, "/aliasGuard/port"),  # non-root without capabilities
+        ({"aliasGuard": {"overridePublicKeys": ["ssh-ed25519 AAAA"]}}, "/aliasGuard/overridePublicKeys/0"),
     ],
 )
 def test_schema_refuses_bad_values_naming_the_field(repo: Path, values: dict, field: str) -> None:
@@ -359,7 +389,8 @@ def test_credentials_come_from_secret_key_refs(repo: Path, values_name: str) -> 
                     assert all("secretKeyRef" in env_of(container)[r]["valueFrom"] for r in refs), name
                 else:
                     assert set(var["valueFrom"]) == {"secretKeyRef"}, name
-    assert credential_vars == (3 if values_name == "default" else 12), credential_vars
+    # default: MLflow's admin and Flask key, its webhook encryption key, and the guard's and its Job's admin and HMAC
+    assert credential_vars == (10 if values_name == "default" else 19), credential_vars
 
 
 def test_default_values_render_no_secret_and_no_secret_values(repo: Path) -> None:
@@ -489,7 +520,8 @@ def test_mlflow_auth_on_sqlite_keeps_its_users_on_the_volume(repo: Path) -> None
     off = pod_spec(find(render(repo, {"mlflow": {"auth": {"enabled": False}}}), "Deployment", "emgate-mlflow"))
     assert "initContainers" not in off
     assert not any(a.startswith("--app-name") for a in off["containers"][0]["args"])
-    assert not any("secretKeyRef" in e.get("valueFrom", {}) for e in off["containers"][0].get("env", []))
+    refs = [e["name"] for e in off["containers"][0].get("env", []) if "secretKeyRef" in e.get("valueFrom", {})]
+    assert refs == ["MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY"]  # the alias guard's, not basic auth's
 
 
 # --- the judge, the model cache, the network policies, NOTES -----------------------------------------------------
@@ -550,7 +582,7 @@ def _selects(selector: dict, labels: dict) -> bool:
 def test_network_policies_guard_mlflow_postgres_and_judge(repo: Path) -> None:
     docs = render(repo, FULL)
     policies = {d["metadata"]["name"]: d for d in all_docs(docs) if d["kind"] == "NetworkPolicy"}
-    assert set(policies) == {"emgate-mlflow", "emgate-postgres", "emgate-judge"}
+    assert set(policies) == {"emgate-mlflow", "emgate-postgres", "emgate-judge", "emgate-alias-guard"}
     pods = {
         name: d["spec"]["template"]["metadata"]["labels"]
         for d in all_docs(docs)
@@ -578,7 +610,7 @@ def test_network_policies_guard_mlflow_postgres_and_judge(repo: Path) -> None:
     assert {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}}} in mlflow_from
     assert len(mlflow_from) == 3
 
-    assert {n for k, n in kinds(render(repo, {})) if k == "NetworkPolicy"} == {"emgate-mlflow"}
+    assert {n for k, n in kinds(render(repo, {})) if k == "NetworkPolicy"} == {"emgate-mlflow", "emgate-alias-guard"}
     assert not any(k == "NetworkPolicy" for k, _ in kinds(render(repo, {"networkPolicy": {"enabled": False}})))
 
 
@@ -604,3 +636,225 @@ def test_the_policy_configmap_carries_the_package_floor(repo: Path, tmp_path: Pa
     mounted = tmp_path / "policy.yaml"
     mounted.write_text(configmap["data"]["policy.yaml"])
     assert load_floor(mounted).sha256() == load_floor(packaged(PACKAGE_FLOOR)).sha256()
+
+
+# --- the alias guard: MLflow webhook receiver, its registration Job, MLflow's webhook settings -------------------
+
+GUARD_OBJECTS = {
+    ("Deployment", "emgate-alias-guard"),
+    ("Service", "emgate-alias-guard"),
+    ("Job", "emgate-alias-guard-register"),
+    ("ServiceAccount", "emgate-alias-guard"),
+    ("ServiceAccount", "emgate-alias-guard-register"),
+    ("NetworkPolicy", "emgate-alias-guard"),
+}
+WEBHOOK_ENV = {"MLFLOW_WEBHOOK_ALLOWED_SCHEMES", "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS", "MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY"}
+
+
+def test_alias_guard_renders_by_default_and_validates(repo: Path) -> None:
+    docs = render(repo, {})
+    assert kinds(docs) >= GUARD_OBJECTS
+    for kind, name in GUARD_OBJECTS:
+        kubernetes_validate.validate(find(docs, kind, name), KUBE_VERSION, strict=True)
+    deployment = find(docs, "Deployment", "emgate-alias-guard")
+    spec = pod_spec(deployment)
+    [container] = spec["containers"]
+    assert container["image"] == "ghcr.io/emgate/emgate-gate:0.1.0"
+    assert container["command"] == ["emgate", "gate", "guard", "--host", "0.0.0.0", "--port", "8080"]
+    assert container["ports"] == [{"name": "http", "containerPort": 8080}]
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert container[probe]["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert container["resources"] == {
+        "requests": {"cpu": "100m", "memory": "256Mi"},
+        "limits": {"cpu": "500m", "memory": "512Mi"},
+    }
+
+    env = env_of(container)
+    assert env["MLFLOW_TRACKING_URI"]["value"] == "http://emgate-mlflow.emgate.svc.cluster.local:5000"
+    # the MLflow admin (it moves the alias back), the same account MLflow creates from the auth Secret
+    mlflow_env = env_of(pod_spec(find(docs, "Deployment", "emgate-mlflow"))["containers"][0])
+    assert env["MLFLOW_TRACKING_USERNAME"]["valueFrom"] == mlflow_env["MLFLOW_AUTH_ADMIN_USERNAME"]["valueFrom"]
+    assert env["MLFLOW_TRACKING_PASSWORD"]["valueFrom"] == mlflow_env["MLFLOW_AUTH_ADMIN_PASSWORD"]["valueFrom"]
+    assert env["EMGATE_WEBHOOK_SECRET"]["valueFrom"] == {"secretKeyRef": {"name": "emgate-webhook", "key": "secret"}}
+    assert env["HOME"]["value"] == "/tmp"
+    assert "EMGATE_OVERRIDE_PUBLIC_KEY" not in env  # no approvers' keys by default
+    # the gate's public keys: the chart's ConfigMap, mounted read-only at the folder the env names
+    keys = env["EMGATE_GATE_PUBLIC_KEY"]["value"]
+    mount = next(m for m in container["volumeMounts"] if m["mountPath"] == keys)
+    assert mount["readOnly"] is True
+    volume = next(v for v in spec["volumes"] if v["name"] == mount["name"])
+    assert find(docs, "ConfigMap", volume["configMap"]["name"])["metadata"]["name"] == "emgate-gate-public-key"
+
+    service = find(docs, "Service", "emgate-alias-guard")
+    assert service["spec"]["ports"] == [{"name": "http", "port": 8080, "targetPort": "http"}]
+    pods = [d for d in all_docs(docs) if d["kind"] in WORKLOAD_KINDS]
+    selected = [
+        d["metadata"]["name"]
+        for d in pods
+        if service["spec"]["selector"].items() <= d["spec"]["template"]["metadata"]["labels"].items()
+    ]
+    assert selected == ["emgate-alias-guard"]  # not the registration Job's pod
+
+
+def test_alias_guard_mounts_the_approvers_override_keys(repo: Path) -> None:
+    docs = render(repo, FULL)
+    spec = pod_spec(find(docs, "Deployment", "emgate-alias-guard"))
+    container = spec["containers"][0]
+    assert container["command"][-2:] == ["--port", "9090"]
+    assert find(docs, "Deployment", "emgate-alias-guard")["spec"]["replicas"] == 2
+    env = env_of(container)
+    assert env["EMGATE_WEBHOOK_SECRET"]["valueFrom"] == {"secretKeyRef": {"name": "guard-hmac", "key": "hmac"}}
+    folder = env["EMGATE_OVERRIDE_PUBLIC_KEY"]["value"]
+    assert folder != env["EMGATE_GATE_PUBLIC_KEY"]["value"]  # approvers' keys never count as the gate's
+    mount = next(m for m in container["volumeMounts"] if m["mountPath"] == folder)
+    volume = next(v for v in spec["volumes"] if v["name"] == mount["name"])
+    configmap = find(docs, "ConfigMap", volume["configMap"]["name"])
+    assert list(configmap["data"].values()) == [APPROVER_PEM]
+    assert not any(v == APPROVER_PEM for v in (find(docs, "ConfigMap", "emgate-gate-public-key").get("data") or {}).values())
+    # a key rotation restarts the guard
+    annotations = find(docs, "Deployment", "emgate-alias-guard")["spec"]["template"]["metadata"]["annotations"]
+    rotated = render(repo, {**FULL, "aliasGuard": {**FULL["aliasGuard"], "overridePublicKeys": []}})
+    rotated_annotations = find(rotated, "Deployment", "emgate-alias-guard")["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["checksum/public-keys"] != rotated_annotations["checksum/public-keys"]
+    assert "EMGATE_OVERRIDE_PUBLIC_KEY" not in env_of(
+        pod_spec(find(rotated, "Deployment", "emgate-alias-guard"))["containers"][0]
+    )
+    assert not any(name == "emgate-override-public-key" for _, name in kinds(rotated))
+
+
+@pytest.mark.parametrize("values_name", sorted(VALUE_SETS))
+def test_mlflow_accepts_the_guard_webhook_url_and_keeps_its_secret_key(
+    repo: Path, values_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """MLflow's own webhook URL check accepts the registration Job's URL under the server's rendered env, and
+    refuses it without that env; the encryption key comes from a Secret, never a literal."""
+    from mlflow import environment_variables as mlflow_env
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.validation import _validate_webhook_url
+
+    values = VALUE_SETS[values_name]
+    docs = render(repo, values)
+    env = env_of(pod_spec(find(docs, "Deployment", "emgate-mlflow"))["containers"][0])
+    assert set(env) >= WEBHOOK_ENV
+    assert mlflow_env.MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY.name == "MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY"
+    key = env["MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY"]
+    assert "value" not in key
+    expected = values.get("aliasGuard", {}).get("encryptionKeySecret", {"name": "emgate-webhook", "key": "encryption-key"})
+    assert key["valueFrom"] == {"secretKeyRef": expected}
+
+    job = find(docs, "Job", "emgate-alias-guard-register")
+    url = pod_spec(job)["containers"][0]["command"][-1]
+    for name in WEBHOOK_ENV:
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(MlflowException):  # MLflow's defaults: https only, public addresses only
+        _validate_webhook_url(url)
+    monkeypatch.setenv("MLFLOW_WEBHOOK_ALLOWED_SCHEMES", "http")
+    with pytest.raises(MlflowException):  # http alone is not enough: the Service's address is private
+        _validate_webhook_url(url)
+    for name in WEBHOOK_ENV - {"MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY"}:
+        monkeypatch.setenv(name, env[name]["value"])
+    _validate_webhook_url(url)
+    assert "https" in mlflow_env._MLFLOW_WEBHOOK_ALLOWED_SCHEMES.get()  # https receivers still work
+
+
+def test_registration_job_points_at_the_guard_service(repo: Path) -> None:
+    docs = render(repo, {"aliasGuard": {"port": 9443}}, name="prod", namespace="ml-gate")
+    job = find(docs, "Job", "prod-emgate-alias-guard-register")
+    annotations = job["metadata"]["annotations"]
+    assert set(annotations["helm.sh/hook"].split(",")) == {"post-install", "post-upgrade"}
+    assert set(annotations["helm.sh/hook-delete-policy"].split(",")) == {"before-hook-creation", "hook-succeeded"}
+    assert int(annotations["helm.sh/hook-weight"]) >= 0
+    assert (job["spec"]["activeDeadlineSeconds"], job["spec"]["backoffLimit"]) == (300, 3)
+    spec = pod_spec(job)
+    assert spec["restartPolicy"] == "Never"
+    [container] = spec["containers"]
+    assert container["image"] == "ghcr.io/emgate/emgate-gate:0.1.0"
+    command = container["command"]
+    assert command[:4] == ["emgate", "gate", "guard-register", "--url"] and len(command) == 5
+    from urllib.parse import urlsplit
+
+    url = urlsplit(command[4])
+    service = find(docs, "Service", "prod-emgate-alias-guard")
+    [port] = service["spec"]["ports"]
+    assert (url.scheme, url.hostname, url.port, url.path) == (
+        "http",
+        f"{service['metadata']['name']}.ml-gate.svc.cluster.local",
+        port["port"],
+        "/webhook",
+    )
+    # the Service's target port is the port the guard listens on
+    guard = pod_spec(find(docs, "Deployment", "prod-emgate-alias-guard"))["containers"][0]
+    target = next(p["containerPort"] for p in guard["ports"] if p["name"] == port["targetPort"])
+    assert target == int(guard["command"][guard["command"].index("--port") + 1]) == 9443
+    # it registers the same HMAC secret the guard checks, as the MLflow admin, against the same server
+    env, guard_env = env_of(container), env_of(guard)
+    for name in ("EMGATE_WEBHOOK_SECRET", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        assert "secretKeyRef" in env[name]["valueFrom"] and env[name] == guard_env[name], name
+    assert env["MLFLOW_TRACKING_URI"] == guard_env["MLFLOW_TRACKING_URI"]
+    assert env["MLFLOW_TRACKING_URI"]["value"] == "http://prod-emgate-mlflow.ml-gate.svc.cluster.local:5000"
+
+
+def test_network_policy_admits_only_mlflow_to_the_alias_guard(repo: Path) -> None:
+    docs = render(repo, FULL)
+    policy = find(docs, "NetworkPolicy", "emgate-alias-guard")
+    pods = {
+        d["metadata"]["name"]: d["spec"]["template"]["metadata"]["labels"] for d in all_docs(docs) if d["kind"] in WORKLOAD_KINDS
+    }
+    assert [p for p, labels in pods.items() if _selects(policy["spec"]["podSelector"], labels)] == ["emgate-alias-guard"]
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    [rule] = policy["spec"]["ingress"]
+    [peer] = rule["from"]
+    assert set(peer) == {"podSelector"}  # this namespace only: no namespaceSelector, no ipBlock
+    assert [p for p, labels in pods.items() if _selects(peer["podSelector"], labels)] == ["emgate-mlflow"]
+    assert rule["ports"] == [{"port": "http", "protocol": "TCP"}]
+    guard = pod_spec(find(docs, "Deployment", "emgate-alias-guard"))["containers"][0]
+    assert [p["name"] for p in guard["ports"]] == ["http"]
+
+
+def test_alias_guard_can_be_disabled(repo: Path) -> None:
+    off = {"aliasGuard": {"enabled": False, "overridePublicKeys": [APPROVER_PEM]}}
+    docs = render(repo, off)
+    assert not [(k, n) for k, n in kinds(docs) if "alias-guard" in n or "override-public-key" in n]
+    env = env_of(pod_spec(find(docs, "Deployment", "emgate-mlflow"))["containers"][0])
+    assert not [name for name in env if name.startswith("MLFLOW_WEBHOOK_")]
+    assert not any("emgate-webhook" in str(d) for d in all_docs(docs))
+    for doc in all_docs(docs):
+        kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
+    notes = render_notes(repo, off)
+    assert "emgate-webhook" not in notes and "alias-guard" not in notes
+    # with the guard on, MLflow basic auth off: the guard needs no admin credentials (MLflow checks none)
+    no_auth = render(repo, {"mlflow": {"auth": {"enabled": False}}})
+    guard_env = env_of(pod_spec(find(no_auth, "Deployment", "emgate-alias-guard"))["containers"][0])
+    assert "MLFLOW_TRACKING_PASSWORD" not in guard_env and "EMGATE_WEBHOOK_SECRET" in guard_env
+
+
+@pytest.mark.parametrize("values_name", sorted(VALUE_SETS))
+def test_every_referenced_secret_is_rendered_or_explained_in_notes(repo: Path, values_name: str) -> None:
+    """Each (Secret, key) a pod reads is either rendered by the chart or has a `kubectl create secret` line in NOTES."""
+    values = VALUE_SETS[values_name]
+    docs = render(repo, values)
+    rendered = {d["metadata"]["name"] for d in all_docs(docs) if d["kind"] == "Secret"}
+    notes = render_notes(repo, values)
+    commands = re.findall(r"create secret generic ([-a-z0-9]+)((?:[^\n]*\\\n)*[^\n]*)", notes)
+    documented = {(name, key) for name, rest in commands for key in re.findall(r"--from-literal=([-._a-zA-Z0-9]+)=", rest)}
+    referenced = set()
+    for workload in (d for d in all_docs(docs) if d["kind"] in WORKLOAD_KINDS):
+        spec = pod_spec(workload)
+        for container in spec.get("initContainers", []) + spec["containers"]:
+            for var in container.get("env", []):
+                if "secretKeyRef" in var.get("valueFrom", {}):
+                    ref = var["valueFrom"]["secretKeyRef"]
+                    referenced.add((ref["name"], ref["key"]))
+    assert ("emgate-webhook" if values_name == "default" else "guard-hmac") in {name for name, _ in referenced}
+    missing = {(name, key) for name, key in referenced if name not in rendered and (name, key) not in documented}
+    assert missing == set()
+
+
+def test_notes_explain_the_alias_guard(repo: Path) -> None:
+    notes = render_notes(repo, {})
+    assert 'kubectl -n emgate create secret generic emgate-webhook --from-literal=secret="$(openssl rand -hex 32)"' in notes
+    assert "--from-literal=encryption-key=" in notes and "Fernet.generate_key()" in notes
+    assert "emgate gate verify" in notes
+    full = render_notes(repo, FULL)
+    assert "create secret generic guard-hmac --from-literal=hmac=" in full
+    assert "create secret generic mlflow-webhook-key" in full and "--from-literal=fernet=" in full

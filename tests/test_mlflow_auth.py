@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -31,11 +32,16 @@ from tests.mlflow_server import Account, MlflowServer, as_user
 pytestmark = pytest.mark.slow  # a basic-auth server and one gated run: 1.5 to 2.5 minutes on two cores
 
 REPORT = "gate/instruct-insecure/seed0/gate_report.json"
+# The chart's MLflow webhook settings (templates/mlflow-deployment.yaml): the guard listens on plain http on a private
+# (here loopback) address, which MLflow refuses by default; a 1 s webhook cache so a new webhook is used at once.
+WEBHOOK_SERVER_ENV = {"MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https", "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true",
+                      "MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY": "dGVzdC1vbmx5LWtleS1ub3QtYS1zZWNyZXQtMDEyMzQ=",
+                      "MLFLOW_WEBHOOK_CACHE_TTL": "1"}
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
-    server = MlflowServer(tmp_path_factory.mktemp("mlflow-auth"), auth=True).start()
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-auth"), auth=True, env=WEBHOOK_SERVER_ENV).start()
     yield server
     server.stop()
 
@@ -321,3 +327,126 @@ def test_a_report_forged_in_the_readers_own_run_does_not_verify(gated, server: M
     assert not replayed.ok and replayed.integrity == "bad_signature", replayed.problems
     assert "no decision record on this version verifies" in replayed.problems[0]
     assert f"about {passed}/1" in replayed.problems[0]
+
+
+# ---- the alias guard (emgate gate guard): last in this module, since it reverts what the tests above leave ----
+
+@pytest.fixture(scope="module")
+def guard(server: MlflowServer, gated, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """`emgate gate guard` as the chart runs it (the admin's account, the gate's public key, an HMAC secret),
+    registered on the real server with `emgate gate guard-register`: the server delivers its webhooks to it."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    assert server.admin is not None
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "EMGATE_WEBHOOK_SECRET": GUARD_SECRET, "MLFLOW_TRACKING_URI": server.url,
+           "MLFLOW_TRACKING_USERNAME": server.admin.username, "MLFLOW_TRACKING_PASSWORD": server.admin.password}
+    log = (tmp_path_factory.mktemp("guard") / "guard.log").open("w")
+    emgate = str(Path(sys.executable).parent / "emgate")
+    proc = subprocess.Popen([emgate, "gate", "guard", "--port", str(port)], env=env, stdout=log,
+                            stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        assert proc.poll() is None and time.monotonic() < deadline, Path(log.name).read_text()
+        try:
+            if requests.get(f"{url}/healthz", timeout=2).status_code == 200:
+                break
+        except requests.ConnectionError:
+            time.sleep(0.3)
+    for _ in range(2):  # the second call updates the same webhook
+        reg = subprocess.run([emgate, "gate", "guard-register", "--url", f"{url}/webhook"], env=env, capture_output=True,
+                             text=True, timeout=60)
+        assert reg.returncode == 0, reg.stdout + reg.stderr
+    assert reg.stdout.startswith("updated webhook emgate-alias-guard")
+    time.sleep(1.5)  # MLFLOW_WEBHOOK_CACHE_TTL
+    yield url
+    proc.terminate()
+    proc.wait(timeout=20)
+    print(Path(log.name).read_text()[-4000:])
+
+
+GUARD_SECRET = "test-webhook-secret-0123456789abcdef"
+
+
+def _eventually(read: Callable[[], Any], want: Callable[[Any], bool], timeout_s: float = 30) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = read()
+        if want(value) or time.monotonic() > deadline:
+            return value
+        time.sleep(0.5)
+
+
+def test_the_guard_is_registered_once_on_the_server(guard: str, server: MlflowServer) -> None:
+    with as_user(server.admin):
+        hooks = [h for h in client_for(server.url).list_webhooks() if h.name == "emgate-alias-guard"]
+    assert len(hooks) == 1 and hooks[0].url == f"{guard}/webhook"
+    assert {str(e) for e in hooks[0].events} == {"model_version_alias.created", "model_version_alias.deleted",
+                                                  "model_version_tag.set", "model_version_tag.deleted"}
+
+
+def test_the_guard_takes_champion_off_a_blocked_version(guard: str, gated, server: MlflowServer,
+                                                        editor: Account) -> None:
+    recipe, _ = gated
+    passed, blocked = names(recipe)
+    with as_user(editor):
+        client = client_for(server.url)
+        client.set_registered_model_alias(blocked, "champion", "1")  # the MLflow UI's "add alias" does the same
+        aliases = _eventually(lambda: client.get_registered_model(blocked).aliases, lambda a: "champion" not in a)
+        assert "champion" not in aliases
+        note = client.get_model_version(blocked, "1").tags.get("emgate.guard_reverted", "")
+        assert "champion was set on version 1, which does not verify" in note and "champion removed" in note
+        client.set_registered_model_alias(passed, "champion", "1")  # a genuine pass keeps it
+        time.sleep(3)
+        assert client.get_registered_model(passed).aliases.get("champion") == "1"
+
+
+def test_the_guard_sets_forged_decision_tags_back(guard: str, gated, server: MlflowServer, editor: Account) -> None:
+    recipe, _ = gated
+    passed, blocked = names(recipe)
+    with as_user(editor):
+        client = client_for(server.url)
+        note = lambda: client.get_model_version(blocked, "1").tags.get("emgate.guard_reverted", "")  # noqa: E731
+        client.set_model_version_tag(blocked, "1", "validation_status", "passed")
+        tags = _eventually(lambda: client.get_model_version(blocked, "1").tags,
+                           lambda t: t.get("validation_status") == "blocked")
+        assert tags.get("validation_status") == "blocked", tags
+        assert "validation_status was 'passed', the signed decision #1 is 'blocked': set back" in note()
+        client.set_model_version_tag(blocked, "1", "emgate.override", "true")
+        tags = _eventually(lambda: client.get_model_version(blocked, "1").tags, lambda t: "emgate.override" not in t)
+        assert "emgate.override" not in tags and "no signed override record" in note(), tags
+        with pytest.raises(MlflowException, match="403"):  # deleting a tag takes MANAGE, which EDIT lacks
+            client.delete_model_version_tag(passed, "1", "emgate.decision")
+    with as_user(server.admin):  # an owner (MANAGE) deletes it: restored all the same
+        client = client_for(server.url)
+        client.delete_model_version_tag(passed, "1", "emgate.decision")
+        restored = _eventually(lambda: client.get_model_version(passed, "1").tags.get("emgate.decision"),
+                               lambda v: v == "passed")
+        assert restored == "passed"
+        assert verify_version(client, ModelRef(passed, alias="champion")).ok
+
+
+def test_the_guard_refuses_an_unsigned_or_replayed_delivery(guard: str, gated, server: MlflowServer) -> None:
+    from emgate.alias_guard import sign
+
+    recipe, _ = gated
+    _, blocked = names(recipe)
+    body = json.dumps({"entity": "model_version_alias", "action": "created",
+                       "data": {"name": blocked, "alias": "champion", "version": "1"}})
+    now = str(int(time.time()))
+    cases = {"unsigned": {}, "wrong secret": {"X-MLflow-Signature": sign("not-the-secret", "d1", now, body)},
+             "replayed": {"X-MLflow-Signature": sign(GUARD_SECRET, "d1", "1000000000", body),
+                          "X-MLflow-Timestamp": "1000000000"}}
+    for label, headers in cases.items():
+        sent = {"X-MLflow-Delivery-Id": "d1", "X-MLflow-Timestamp": now, **headers}
+        resp = requests.post(f"{guard}/webhook", data=body, headers=sent, timeout=10)
+        assert resp.status_code == 401, (label, resp.text)
+    good = requests.post(f"{guard}/webhook", data=body, timeout=30, headers={
+        "X-MLflow-Delivery-Id": "d2", "X-MLflow-Timestamp": now, "X-MLflow-Signature": sign(GUARD_SECRET, "d2", now, body)})
+    assert good.status_code == 200 and good.json()["action"] in ("ignored", "kept", "reverted"), good.text

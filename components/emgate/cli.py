@@ -730,6 +730,76 @@ def gate_keygen(out_dir: Annotated[Path, typer.Argument(help="Folder for the new
                   f"  public:  {keys.public}", highlight=False)
 
 
+def _webhook_secret() -> str:
+    from emgate.alias_guard import WEBHOOK_SECRET_ENV
+
+    secret = os.environ.get(WEBHOOK_SECRET_ENV, "")
+    if len(secret) < 16:
+        err.print(f"[red]error:[/red] set {WEBHOOK_SECRET_ENV} to the webhook's HMAC secret (16 characters or more, "
+                  "e.g. `openssl rand -hex 32`; on Kubernetes from the Secret the chart names)", highlight=False)
+        raise typer.Exit(2)
+    return secret
+
+
+@gate_app.command("guard")
+def gate_guard(host: Annotated[str, typer.Option(help="Address to listen on")] = "127.0.0.1",
+               port: Annotated[int, typer.Option(help="Port to listen on")] = 8080,
+               public_key: Annotated[str | None, typer.Option(help=(
+                   "Trusted gate public keys (PEM text, a .pem file or a folder); default $EMGATE_GATE_PUBLIC_KEY"))] = None,
+               tracking_uri: TrackingOpt = None) -> None:
+    """Run the alias guard: receive MLflow model-registry webhooks (POST /webhook, HMAC secret from
+    $EMGATE_WEBHOOK_SECRET) and revert a `champion` move or a decision-tag change that no signed decision or
+    override supports, logging each revert and noting it on the version (emgate.guard_reverted). The guard acts
+    after the fact: serving must still run `emgate gate verify`. Register the webhook with `gate guard-register`.
+    Its MLflow account needs to set aliases and tags on the gated models (the gate's account).
+
+    Exit codes: 2 no secret, no trusted public key, or a store that is missing or does not answer."""
+    import logging
+
+    from emgate.alias_guard import Guard, serve
+    from emgate.decisions import trusted_override_keys
+    from emgate.signing import SigningKeyError, load_public_keys
+
+    secret = _webhook_secret()
+    with _exit_on(SigningKeyError):
+        keys = load_public_keys(public_key)
+        approvers = trusted_override_keys()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    with _registry(tracking_uri) as client:
+        server = serve(Guard(client, keys, approvers), secret, host, port)
+        console.print(f"alias guard on http://{host}:{server.server_port}/webhook ({len(keys)} gate key(s), "
+                      f"{len(approvers)} approver key(s))", highlight=False)
+        try:
+            server.serve_forever()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            server.server_close()
+
+
+@gate_app.command("guard-register")
+def gate_guard_register(url: Annotated[str, typer.Option(help="The guard's URL as MLflow reaches it, ending in /webhook")],
+                        tracking_uri: TrackingOpt = None) -> None:
+    """Create (or update) the MLflow webhook `emgate-alias-guard` that sends alias and version-tag events to the
+    guard, signed with $EMGATE_WEBHOOK_SECRET. The MLflow server needs a SQL backend, and for an http or in-cluster
+    URL MLFLOW_WEBHOOK_ALLOWED_SCHEMES=http,https and MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS=true (the chart sets both).
+
+    Exit codes: 0 registered; 1 MLflow refused it (the message says why); 2 no secret, or no store."""
+    from mlflow.exceptions import MlflowException
+
+    from emgate.alias_guard import WEBHOOK_NAME, register_webhook
+
+    secret = _webhook_secret()
+    with _registry(tracking_uri) as client:
+        try:
+            hook_id, created = register_webhook(client, url, secret)
+        except MlflowException as exc:
+            err.print(f"[red]error:[/red] the MLflow server refused webhook {WEBHOOK_NAME} for {escape(url)}: "
+                      f"{escape(str(exc.message))}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+    console.print(f"{'created' if created else 'updated'} webhook {WEBHOOK_NAME} ({hook_id}) -> {url}", highlight=False)
+
+
 @gate_app.command("explain")
 def gate_explain(ref: Annotated[str, typer.Argument(help="NAME@ALIAS, NAME/VERSION, or NAME (= NAME@candidate)")],
                  as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables")] = False,

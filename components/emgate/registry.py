@@ -594,6 +594,21 @@ def _champion(client: Any, name: str) -> str | None:
         return None
 
 
+def fallback_champion(client: Any, name: str, *, instead_of: str, public_keys: Any, override_keys: Any = None,
+                      older_only: bool = True, check_files: bool = True) -> str | None:
+    """The version `champion` falls back to when `instead_of` may not hold it: the newest version (older than
+    `instead_of` with older_only) whose current decision verifies (an override counts when `override_keys` trust
+    it; its registered files are hashed with check_files), or None."""
+    for mv in sorted(client.search_model_versions(f"name = '{name}'"), key=lambda m: -int(m.version)):
+        number = str(mv.version)
+        if number == str(instead_of) or (older_only and int(number) > int(instead_of)):
+            continue
+        if verify_version(client, ModelRef(name, version=number), allow_override=override_keys is not None,
+                          public_keys=public_keys, override_keys=override_keys or {}, check_files=check_files).ok:
+            return number
+    return None
+
+
 def move_champion(client: Any, name: str, *, expected: str | None, to: str | None) -> dict[str, Any]:
     """Compare-and-set `champion`: point it at `to` (None: remove it) only while it still points at `expected`
     (None: no champion). MLflow has no atomic alias update, so the check is re-read immediately before the write;

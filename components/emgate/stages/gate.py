@@ -577,7 +577,7 @@ def trusted_keys(signing_key: Any) -> dict[str, Any]:
 def _retreat_champion(tracking: Tracking, name: str, blocked: str) -> dict[str, Any] | None:
     """When `blocked` holds `champion`, move it back to the newest older version that still verifies, or remove
     it: a compare-and-set against `blocked` (if someone moved champion meanwhile, theirs stands). Says what it did."""
-    from emgate.registry import CHAMPION, ModelRef, move_champion, verify_version
+    from emgate.registry import CHAMPION, fallback_champion, move_champion
 
     client = tracking.client
     try:
@@ -586,13 +586,7 @@ def _retreat_champion(tracking: Tracking, name: str, blocked: str) -> dict[str, 
         return None
     if holder != blocked:
         return None
-    keys = trusted_keys(tracking.signing_key)
-    fallback = None
-    for mv in sorted(client.search_model_versions(f"name = '{name}'"), key=lambda m: -int(m.version)):
-        if int(mv.version) < int(blocked) and verify_version(client, ModelRef(name, version=str(mv.version)),
-                                                             public_keys=keys).ok:
-            fallback = str(mv.version)
-            break
+    fallback = fallback_champion(client, name, instead_of=blocked, public_keys=trusted_keys(tracking.signing_key))
     outcome = move_champion(client, name, expected=blocked, to=fallback)
     client.set_model_version_tag(name, blocked, "emgate.champion_removed",
                                  f"{datetime.now(UTC).isoformat(timespec='seconds')}: {outcome['message']}"[:4900])
