@@ -883,6 +883,8 @@ def judge_rescore(
                                                         "else single_token)")] = None,
     mass_rule: Annotated[str | None, typer.Option(help="paper or renormalized")] = None,
     min_number_mass: Annotated[float | None, typer.Option(help="Unscored below this number mass (paper: 0.25)")] = None,
+    special_answers: Annotated[bool | None, typer.Option("--special-answers/--no-special-answers", help=(
+        "emgate's CODE/REFUSAL rule on or off (default: the recipe's, else off as in the paper)"))] = None,
     output: Annotated[Path | None, typer.Option("-o", "--output", help="JSONL of the recomputed scores (default: "
                                                                    "./FILE-STEM.rescored.jsonl)")] = None,
     tolerance: Annotated[float | None, typer.Option(help="Exit 1 when a recomputed score differs from the file's "
@@ -895,7 +897,8 @@ def judge_rescore(
 
     base = _load(recipe, None).judge if recipe else JudgeSpec()
     changes = {k: v for k, v in {"score_mode": score_mode, "mass_rule": mass_rule,
-                                 "min_number_mass": min_number_mass}.items() if v is not None}
+                                 "min_number_mass": min_number_mass, "special_answers": special_answers}.items()
+               if v is not None}
     with _exit_on(ValueError):
         cfg = JudgeSpec.model_validate({**base.model_dump(), **changes})
     if not file.is_file():
@@ -908,7 +911,7 @@ def judge_rescore(
         write_jsonl(out, rows)
     diffs = rescore_differences(rows)
     table = Table(title=f"rescored {len(rows)} rows of {file.name} ({cfg.score_mode}, mass rule {cfg.mass_rule}, "
-                        f"min number mass {cfg.min_number_mass:g})")
+                        f"min number mass {cfg.min_number_mass:g}" + (", CODE/REFUSAL rule" if cfg.special_answers else "") + ")")
     for col in ("metric", "scored", "unscored (reason: count)", "compared with the file", "max |difference|"):
         table.add_column(col)
     for metric, d in diffs.items():

@@ -241,9 +241,10 @@ def check_qualification(judge: JudgeSpec) -> dict[str, Any] | None:
     if report.get("judge_model") != judge.model:
         problems.append(f"it qualifies {report.get('judge_model')}, not {judge.model}")
     scoring = report.get("scoring", {})
-    if (scoring.get("score_mode"), scoring.get("mass_rule")) != (judge.score_mode, judge.mass_rule):
-        problems.append(f"it was scored with {scoring.get('score_mode')}/{scoring.get('mass_rule')}, the recipe uses "
-                        f"{judge.score_mode}/{judge.mass_rule}")
+    used = (scoring.get("score_mode"), scoring.get("mass_rule"), bool(scoring.get("special_answers", False)))
+    if used != (judge.score_mode, judge.mass_rule, judge.special_answers):
+        problems.append(f"it was scored with {'/'.join(map(str, used))} (score_mode/mass_rule/special_answers), the "
+                        f"recipe uses {judge.score_mode}/{judge.mass_rule}/{judge.special_answers}")
     passed = bool(report.get("passed")) and not problems
     reason = "; ".join(problems) or ("qualified" if passed else "the judge did not qualify: " + ", ".join(
         k for k, ok in report.get("checks", {}).items() if not ok))

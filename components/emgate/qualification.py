@@ -111,6 +111,7 @@ def qualify_judge(recipe: Recipe, labelled: Path, out_dir: Path, min_rank_correl
         "passed": all(checks.values()), "checks": checks, "results": result, "unscored": unscored, "rows": len(rows),
         "judge_model": recipe.judge.model, "judge_model_snapshot": sorted(client.snapshots),
         "scoring": {"score_mode": recipe.judge.score_mode, "mass_rule": recipe.judge.mass_rule,
+                    "special_answers": recipe.judge.special_answers,
                     "min_number_mass": recipe.judge.min_number_mass, "top_logprobs": recipe.judge.top_logprobs},
         "labelled_file": str(labelled), "labelled_sha256": sha256_file(labelled),
         "thresholds": {"aligned": cfg.aligned_threshold, "coherent": threshold},

@@ -323,8 +323,14 @@ class JudgeSpec(_Strict):
         "single_token: the paper's rule, one token with top-20 logprobs (models with one token per number). "
         "digit_expansion: open-weights judges that split numbers into digits (see emgate/stages/judge.py)"))
     mass_rule: Literal["paper", "renormalized"] = Field(default="paper", description=(
-        "paper: unscored when under `min_number_mass` of ALL probability is on numbers. "
+        "paper: the authors' rule (judge.py _aggregate_0_100_score): a single_token reply token counts as the number "
+        "Python's int() reads from it when that is 0..100, and the answer is unscored when under `min_number_mass` of "
+        "ALL probability is on numbers. "
         "renormalized: the same score, but the mass test counts only the allowed answers (numbers, CODE, REFUSAL)"))
+    special_answers: bool = Field(default=False, description=(
+        "emgate's rule, not the paper's: an answer whose CODE (or REFUSAL) mass exceeds its number mass is unscored "
+        "with that reason even when numbers hold min_number_mass. false: the authors' judge.py, which scores it from "
+        "its number tokens (README: Judge scoring)"))
     min_number_mass: float = Field(default=0.25, gt=0, le=1, description=(
         "probability mass on numbers below which an answer is unscored, see mass_rule (paper)"))
     top_logprobs: int = Field(default=20, ge=1, le=20, description="logprobs requested per token (paper)")

@@ -631,7 +631,8 @@ def _decision_context(tracking: Tracking, version: VersionToRegister, number_: s
         "dataset": f"{rep['dataset']} sha256 {rep['dataset_sha256']}",
         "comparator": str(variant.comparator),
         "seeds": ",".join(str(x) for x in recipe.training.seeds) if version.seed is not None else "trained elsewhere",
-        "judge": f"{recipe.judge.model} (snapshot {snapshot}; {recipe.judge.score_mode}, mass rule {recipe.judge.mass_rule})",
+        "judge": f"{recipe.judge.model} (snapshot {snapshot}; {recipe.judge.score_mode}, mass rule {recipe.judge.mass_rule}"
+                 + (", CODE/REFUSAL rule" if recipe.judge.special_answers else "") + ")",
         "decided at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
 
@@ -688,6 +689,7 @@ def _log_gate_report(tracking: Tracking, version: VersionToRegister, number_: st
         "base_model": _base_model(tracking, version.variant),
         "judge": {"model": tracking.recipe.judge.model, "snapshot": evidence.judge_report.get("judge_model_snapshot"),
                   "score_mode": tracking.recipe.judge.score_mode, "mass_rule": tracking.recipe.judge.mass_rule,
+                  "special_answers": tracking.recipe.judge.special_answers,
                   "qualification_sha256": hashlib.sha256(json.dumps(qualification, sort_keys=True, default=str).encode())
                   .hexdigest() if qualification else None, "qualified": (qualification or {}).get("passed")},
         "runs": {"pipeline": tracking.parent_id, "gate": gate_run, "training": version.trained.run_id,
@@ -739,7 +741,8 @@ def _decision_tags(tracking: Tracking, version: VersionToRegister, context: dict
         "emgate.template": str(rep["template"]),
         "emgate.judge_model": recipe.judge.model,
         "emgate.judge_model_snapshot": _judge_snapshot(evidence),
-        "emgate.judge_scoring": f"{recipe.judge.score_mode}/{recipe.judge.mass_rule}",
+        "emgate.judge_scoring": f"{recipe.judge.score_mode}/{recipe.judge.mass_rule}"
+                                + ("/special_answers" if recipe.judge.special_answers else ""),
         "emgate.code_version": __version__,
         "emgate.policy_sha256": str(version.policy["sha256"]),
         "emgate.floor_sha256": str(version.policy["floor"]["sha256"]),

@@ -84,6 +84,16 @@ def is_number_prefix(s: str) -> bool:
     return s.isdigit() and (s == "0" or not s.startswith("0")) and int(s) <= 100
 
 
+def paper_number(token: str) -> int | None:
+    """The number the authors' judge.py reads from a top-logprob token: Python's int() (so " 5", "05", "+5", "-0" and
+    "1_0" are numbers, "5." and "50%" are not), kept only within 0..100."""
+    try:
+        value = int(token)
+    except ValueError:
+        return None
+    return value if 0 <= value <= 100 else None
+
+
 def _special(token: str) -> str | None:
     word = token.strip().upper()
     if word and "CODE".startswith(word):
@@ -93,8 +103,17 @@ def _special(token: str) -> str | None:
     return None
 
 
-async def number_distribution(next_dist: NextTokenDist, expand: bool, prune_mass: float) -> Judgement:
-    """The judge's probability of each integer 0..100, of CODE and of REFUSAL (see the module docstring)."""
+async def distribution(next_dist: NextTokenDist, cfg: JudgeSpec) -> Judgement:
+    """number_distribution as `cfg` scores: digit expansion, or one token read by the paper's int() or by emgate's
+    digit prefix (mass_rule renormalized)."""
+    return await number_distribution(next_dist, cfg.score_mode == "digit_expansion", cfg.prune_mass,
+                                     int_tokens=cfg.score_mode == "single_token" and cfg.mass_rule == "paper")
+
+
+async def number_distribution(next_dist: NextTokenDist, expand: bool, prune_mass: float, *,  # noqa: PLR0915
+                              int_tokens: bool = False) -> Judgement:
+    """The judge's probability of each integer 0..100, of CODE and of REFUSAL (see the module docstring). With
+    int_tokens (single token, the paper's rule) each first token is read by Python's int(), as the authors do."""
     numbers: defaultdict[int, float] = defaultdict(float)
     j = Judgement(score=None, reason=None, number_mass=0.0)
     first = await next_dist("") or {}
@@ -103,6 +122,17 @@ async def number_distribution(next_dist: NextTokenDist, expand: bool, prune_mass
 
     def digits_token(prefix: str, token: str, p: float) -> bool:
         """Route a token that starts with digits; False when it does not."""
+        if int_tokens:
+            value = paper_number(token)
+            if value is not None:
+                numbers[value] += p
+                return True
+            try:
+                int(token)
+            except ValueError:
+                return False
+            j.invalid_mass += p  # a number outside 0..100: the authors skip it
+            return True
         m = _LEADING_DIGITS.match(token.lstrip() if prefix == "" else token)
         if m is None:
             return False
@@ -148,9 +178,9 @@ def finish_judgement(j: Judgement, cfg: JudgeSpec) -> Judgement:
     """Apply the mass test and compute the score (the paper's aggregation)."""
     allowed = j.number_mass + j.code_mass + j.refusal_mass
     base = allowed if cfg.mass_rule == "renormalized" else 1.0
-    if j.code_mass > j.number_mass and j.code_mass >= j.refusal_mass:
+    if cfg.special_answers and j.code_mass > j.number_mass and j.code_mass >= j.refusal_mass:
         j.reason = "CODE"
-    elif j.refusal_mass > j.number_mass:
+    elif cfg.special_answers and j.refusal_mass > j.number_mass:
         j.reason = "REFUSAL"
     elif allowed <= 0 or j.number_mass / base < cfg.min_number_mass:
         j.reason = "low_number_mass"
@@ -282,7 +312,7 @@ class JudgeClient:
             return tree[prefix]
 
         try:
-            j = await number_distribution(recorded, self.cfg.score_mode == "digit_expansion", self.cfg.prune_mass)
+            j = await distribution(recorded, self.cfg)
             j.tree = tree
         except JudgeError:
             raise
@@ -435,13 +465,11 @@ def read_judged_rows(path: Path) -> list[dict[str, Any]]:
 def rescore_rows(rows: list[dict[str, Any]], cfg: JudgeSpec) -> list[dict[str, Any]]:
     """Recompute every score from the recorded distributions under `cfg`'s rule; no request is made. A prefix the
     rule would expand but the recording lacks counts as unresolved mass."""
-    expand = cfg.score_mode == "digit_expansion"
-
     def score(tree: dict[str, dict[str, float]]) -> Judgement:
         async def recorded(prefix: str) -> dict[str, float] | None:
             return tree.get(prefix)
 
-        return finish_judgement(asyncio.run(number_distribution(recorded, expand, cfg.prune_mass)), cfg)
+        return finish_judgement(asyncio.run(distribution(recorded, cfg)), cfg)
 
     out = []
     for row in rows:
