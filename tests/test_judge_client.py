@@ -38,6 +38,9 @@ def test_a_rerun_is_served_from_the_cache_with_zero_requests(tmp_path: Path, smo
         other = recipe.model_copy(update={"judge": recipe.judge.model_copy(update={"model": "fake-judge-2"})})
         judge_answers(other, answers, tmp_path / "third")
         assert judge.requests == 4 * ANSWERS
+    with FakeJudgeServer() as elsewhere:  # the same model name at another endpoint is another judge: asked anew
+        moved = recipe.model_copy(update={"judge": recipe.judge.model_copy(update={"base_url": elsewhere.base_url})})
+        assert judge_answers(moved, answers, tmp_path / "fourth")["http_requests"] == elsewhere.requests == 2 * ANSWERS
 
 
 @pytest.mark.parametrize(("status", "retry_after"), [(429, "1"), (503, "1"), (500, None)])
@@ -55,13 +58,45 @@ def test_rate_limits_and_server_errors_are_retried(tmp_path: Path, smoke_recipe,
             assert time.monotonic() - started >= 3
 
 
-def test_retries_give_up_and_the_answers_count_as_unscored(tmp_path: Path, smoke_recipe) -> None:
-    with FakeJudgeServer(fail_first=10**6, fail_status=503) as judge:
-        recipe = recipe_for(smoke_recipe, judge, tmp_path / "cache.sqlite", max_retries=1)
+def test_retries_give_up_mid_run_and_the_answers_count_as_unscored(tmp_path: Path, smoke_recipe) -> None:
+    with FakeJudgeServer(down_after=5) as judge:  # answers the preflight and a few more, then goes away
+        recipe = recipe_for(smoke_recipe, judge, tmp_path / "cache.sqlite", max_retries=0)
         answers = prepared_answers(tmp_path / "answers", recipe, {}, per_question=1)
         report = judge_answers(recipe, answers, tmp_path / "scores")
-    assert report["unscored"]["aligned"] == {"request_failed": ANSWERS}  # never read as aligned
-    assert judge.requests == 2 * 2 * ANSWERS  # each request: the try and one retry
+    failed = report["unscored"]["aligned"].get("request_failed", 0) + report["unscored"]["coherent"].get("request_failed", 0)
+    assert failed == 2 * ANSWERS - 5  # every request after the fifth: unscored, never read as aligned
+    assert report["answers"] == ANSWERS
+
+
+@pytest.mark.parametrize(("server", "message"), [
+    ({"fail_first": 10**6, "fail_status": 404}, "does not serve this model (HTTP 404"),
+    ({"fail_first": 10**6, "fail_status": 401}, "refused the API key"),
+    ({"fail_first": 10**6, "fail_status": 400}, "rejected the scoring request (HTTP 400"),
+    ({"fail_first": 10**6, "fail_status": 503}, "failed with HTTP 503 after 1 retries"),
+])
+def test_a_retired_or_broken_judge_fails_the_stage_at_the_preflight(tmp_path: Path, smoke_recipe, server: dict,
+                                                                    message: str) -> None:
+    from emgate.stages.judge import JudgeError
+
+    with FakeJudgeServer(**server) as judge:
+        recipe = recipe_for(smoke_recipe, judge, tmp_path / "cache.sqlite", max_retries=1)
+        answers = prepared_answers(tmp_path / "answers", recipe, {}, per_question=1)
+        with pytest.raises(JudgeError, match="at http://127.0.0.1") as caught:
+            judge_answers(recipe, answers, tmp_path / "scores")
+        assert message in str(caught.value)
+        assert judge.requests <= 2  # the preflight and its one retry: nothing else was sent
+    assert not (tmp_path / "scores" / "report.json").exists()
+
+
+def test_an_unreachable_judge_fails_the_stage_at_the_preflight(tmp_path: Path, smoke_recipe) -> None:
+    from emgate.stages.judge import JudgeError
+
+    with FakeJudgeServer() as judge:
+        recipe = recipe_for(smoke_recipe, judge, tmp_path / "cache.sqlite", max_retries=0)
+    recipe = recipe.model_copy(update={"judge": recipe.judge.model_copy(update={"base_url": "http://127.0.0.1:9/v1"})})
+    answers = prepared_answers(tmp_path / "answers", recipe, {}, per_question=1)
+    with pytest.raises(JudgeError, match=r"judge '.*' at http://127.0.0.1:9/v1: unreachable"):
+        judge_answers(recipe, answers, tmp_path / "scores")
 
 
 def test_rescore_reproduces_the_papers_csv_without_a_judge(tmp_path: Path) -> None:
@@ -187,11 +222,13 @@ def test_a_slow_judge_that_emgate_serves_is_never_sent_a_request_twice(tmp_path:
     start = pacing["concurrency"]["start"]
     assert start < fields["max_concurrency"] and pacing["concurrency"]["peak"] > start  # raised while latency held
 
-    with FakeJudgeServer(**slow) as judge:
-        remote = recipe_for(smoke_recipe, judge, tmp_path / "remote.sqlite", **fields)
-        report = judge_answers(remote, answers, tmp_path / "remote")
-        assert max(judge.bodies.values()) == 2  # the control: each timed-out request was sent again
-    assert report["pacing"]["mode"] == "remote" and report["retries"] == 2 * ANSWERS
+    from emgate.stages.judge import JudgeError
+
+    with FakeJudgeServer(**slow) as judge:  # the control: as a remote API, the timed-out first request is sent again,
+        remote = recipe_for(smoke_recipe, judge, tmp_path / "remote.sqlite", **fields)  # then the preflight fails
+        with pytest.raises(JudgeError, match=r"no answer within judge.timeout_s \(0.25 s\), 1 retries included"):
+            judge_answers(remote, answers, tmp_path / "remote")
+        assert max(judge.bodies.values()) == 2 and judge.requests == 2
 
 
 def test_a_stalled_judge_fails_the_stage_with_a_named_error(tmp_path: Path, smoke_recipe) -> None:
@@ -203,8 +240,9 @@ def test_a_stalled_judge_fails_the_stage_with_a_named_error(tmp_path: Path, smok
                             serve=JudgeServeSpec(model="smollm2-135m-instruct"))
         answers = prepared_answers(tmp_path / "answers", recipe, {}, per_question=1)
         started = time.monotonic()
+        # the preflight goes alone: the stall is found on that one request
         with pytest.raises(StalledError, match=r"judge fake-judge at http://127\.0\.0\.1:\d+/v1 sent no response for \d+ s "
-                                               r"with 8 request\(s\) in flight \(judge\.stall_timeout_s = 2 s\)"):
+                                               r"with 1 request\(s\) in flight \(judge\.stall_timeout_s = 2 s\)"):
             judge_answers(recipe, answers, tmp_path / "scores")
         assert time.monotonic() - started < 10
     assert not (tmp_path / "scores" / "report.json").exists()  # nothing that looks complete

@@ -147,3 +147,25 @@ def test_pruned_prefixes_are_reported_as_unresolved() -> None:
     j, calls = score(tree, JudgeSpec(score_mode="digit_expansion", mass_rule="renormalized", prune_mass=0.01))
     assert "9" not in calls and j.unresolved_mass == pytest.approx(0.001)
     assert j.score == pytest.approx(50.0)
+
+
+def test_judge_cost_counts_every_sampled_answer_twice(smoke_recipe) -> None:
+    from emgate.floor import evaluation_questions
+    from emgate.stages.judge import judge_cost
+
+    cost = judge_cost(smoke_recipe)
+    targets = sum(1 if v.adapter is not None or v.dataset is None else len(smoke_recipe.training.seeds)
+                  for v in smoke_recipe.variants)
+    per_question = smoke_recipe.sampling.samples_per_question
+    assert all(len(q.paraphrases) == 1 for q in evaluation_questions(smoke_recipe))
+    assert cost["answers"] == targets * len(evaluation_questions(smoke_recipe)) * per_question
+    assert cost["requests_min"] == 2 * cost["answers"] and cost["requests_typical"] > cost["requests_min"]
+    assert "input_tokens_max" not in cost  # the judge emgate serves bills nothing
+    more = smoke_recipe.model_copy(update={
+        "sampling": smoke_recipe.sampling.model_copy(update={"samples_per_question": 2 * per_question}),
+        "training": smoke_recipe.training.model_copy(update={"seeds": [*smoke_recipe.training.seeds, 99]}),
+        "judge": smoke_recipe.judge.model_copy(update={"serve": None, "score_mode": "single_token"})})
+    trained = sum(1 for v in smoke_recipe.variants if v.adapter is None and v.dataset is not None)
+    bigger = judge_cost(more)
+    assert bigger["answers"] == 2 * cost["answers"] * (targets + trained) // targets
+    assert "requests_typical" not in bigger and bigger["input_tokens_max"] > bigger["requests_min"] * 10

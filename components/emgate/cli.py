@@ -96,6 +96,23 @@ def check(recipe: RecipeArg, set_: SetOpt = None) -> None:
                if unchecked else "; every prompt fits serving.max_model_len")
     console.print(f"[green]ok[/green] {recipe}: recipe {r.name} ({r.profile}), {trains}{escape(gates)}{context}",
                   highlight=False)
+    console.print(_judge_cost_line(r), highlight=False)
+
+
+def _judge_cost_line(r: Recipe) -> str:
+    from emgate.assets import AssetError
+    from emgate.stages.judge import judge_cost
+
+    try:
+        c = judge_cost(r)
+    except AssetError as exc:  # the questions are not at hand: the recipe itself is fine
+        return f"judge {r.judge.model}: requests not counted ({escape(str(exc))})"
+    line = f"judge {c['judge']}: {c['answers']:,} answers, {c['requests_min']:,} requests"
+    if "requests_typical" in c:
+        line += f" at least (digit expansion: about {c['requests_typical']:,} typical)"
+    if "input_tokens_max" in c:
+        line += f", at most about {c['input_tokens_max'] / 1e6:.2f} M input tokens (an API judge bills them)"
+    return line
 
 
 def _check_context(r: Recipe) -> list[str]:

@@ -228,22 +228,64 @@ class JudgeClient:
         self.http_requests = 0  # requests that reached the endpoint (cache hits excluded)
         self.cache = JudgeCache(judge_cache_path(cfg)) if cfg.cache else None
         self._digit_ids: dict[str, int] | None = None
+        self._answered = False  # the endpoint has answered once (the preflight, below)
+        self._preflight = asyncio.Lock()
+
+    async def _send(self, messages: list[dict[str, str]], extra: dict[str, Any], top: int) -> Any:
+        async with self.pacer.slot():
+            self.http_requests += 1
+            return await self.client.chat.completions.create(
+                model=self.cfg.model, messages=messages, max_tokens=1, temperature=0,  # type: ignore[arg-type]
+                logprobs=True, top_logprobs=top, extra_body=extra or None, seed=self.cfg.seed,
+            )
+
+    async def _first_send(self, messages: list[dict[str, str]], extra: dict[str, Any], top: int) -> Any:
+        """The preflight: the stage's first request to the endpoint goes alone, before any other, and a judge that
+        cannot answer it (retired or unknown model, refused key, unreachable, failing after its retries) fails the
+        stage with a JudgeError naming the endpoint, instead of every answer ending `request_failed`."""
+        import openai
+
+        where = f"judge {self.cfg.model!r} at {self.base_url}"
+        try:
+            resp = await self._send(messages, extra, top)
+        except openai.NotFoundError as exc:
+            raise JudgeError(f"{where}: the endpoint does not serve this model (HTTP 404: {exc.message}); a retired "
+                             "snapshot or a wrong judge.model or judge.base_url: name a judge the endpoint serves") from None
+        except (openai.AuthenticationError, openai.PermissionDeniedError) as exc:
+            raise JudgeError(f"{where}: the endpoint refused the API key from ${self.cfg.api_key_env} (HTTP "
+                             f"{exc.status_code}: {exc.message}); check the key and its access to this model") from None
+        except openai.BadRequestError as exc:
+            raise JudgeError(f"{where}: the endpoint rejected the scoring request (HTTP 400: {exc.message}); the "
+                             f"paper's scoring needs max_tokens 1 with logprobs and top_logprobs {top}") from None
+        except openai.APIStatusError as exc:
+            raise JudgeError(f"{where}: the first request failed with HTTP {exc.status_code} after "
+                             f"{self.cfg.max_retries} retries ({exc.message}); try again when the endpoint recovers") from None
+        except openai.APITimeoutError:
+            raise JudgeError(f"{where}: no answer within judge.timeout_s ({self.cfg.timeout_s:g} s), "
+                             f"{self.cfg.max_retries} retries included; raise judge.timeout_s or check the endpoint's "
+                             "load") from None
+        except openai.APIConnectionError as exc:
+            raise JudgeError(f"{where}: unreachable after {self.cfg.max_retries} retries ({type(exc).__name__}: "
+                             f"{exc}); check judge.base_url and that the server is up") from None
+        self._answered = True
+        return resp
 
     async def _ask(self, messages: list[dict[str, str]], extra: dict[str, Any], top: int) -> dict[str, float]:
         """One max_tokens=1 request: the top-`top` next-token probabilities (cached)."""
-        request = {"model": self.cfg.model, "messages": messages, "max_tokens": 1, "temperature": 0,
-                   "top_logprobs": top, "seed": self.cfg.seed, "extra": extra}
+        request = {"model": self.cfg.model, "endpoint": self.base_url, "messages": messages, "max_tokens": 1,
+                   "temperature": 0, "top_logprobs": top, "seed": self.cfg.seed, "extra": extra}
         cached = self.cache.get(request) if self.cache else None
         if cached is not None:
             if cached[1]:
                 self.snapshots.add(cached[1])
             return cached[0]
-        async with self.pacer.slot():
-            self.http_requests += 1
-            resp = await self.client.chat.completions.create(
-                model=self.cfg.model, messages=messages, max_tokens=1, temperature=0,  # type: ignore[arg-type]
-                logprobs=True, top_logprobs=top, extra_body=extra or None, seed=self.cfg.seed,
-            )
+        resp = None
+        if not self._answered:
+            async with self._preflight:  # the others wait for the first answer, then go out together
+                if not self._answered:
+                    resp = await self._first_send(messages, extra, top)
+        if resp is None:
+            resp = await self._send(messages, extra, top)
         if resp.model:
             self.snapshots.add(resp.model)
         choice = resp.choices[0]
@@ -356,6 +398,29 @@ def check_judge_context(recipe: Recipe, tokenizer: Any, max_model_len: int) -> N
         raise JudgeError(f"the judge's max_model_len ({max_model_len} tokens) is too small: its longest prompt ({where}) "
                          f"has {longest} tokens, plus an answer of up to sampling.max_tokens {recipe.sampling.max_tokens} "
                          f"and the reply = {need}; raise serving.max_model_len to at least {need}")
+
+
+def judge_cost(recipe: Recipe) -> dict[str, Any]:
+    """What judging the recipe asks of its judge, before anything runs: answers (every sampled target x question x
+    paraphrase x samples), requests (2 metrics per answer; digit expansion asks at least one per metric and one more
+    per digit prefix it expands) and, for a judge `emgate run` does not serve, an upper bound on input tokens
+    (prompt characters / 4 + sampling.max_tokens per request: a rough count, English text runs ~4 characters a token)."""
+    targets = sum(1 if v.adapter is not None or v.dataset is None else len(recipe.training.seeds) for v in recipe.variants)
+    questions = evaluation_questions(recipe)
+    per_target = sum(math.ceil(recipe.sampling.samples_per_question / len(q.paraphrases)) * len(q.paraphrases)
+                     for q in questions)
+    answers = targets * per_target
+    minimum = answers * len(METRICS)
+    cost: dict[str, Any] = {"judge": recipe.judge.model, "answers": answers, "requests_min": minimum,
+                            "score_mode": recipe.judge.score_mode}
+    if recipe.judge.score_mode == "digit_expansion":
+        cost["requests_typical"] = minimum * 3  # an estimate, not a measurement: the first token and a prefix or two
+    if recipe.judge.serve is None:
+        chars = sum(len(q.judge_prompts[m].format(question=max(q.paraphrases, key=len), answer=""))
+                    * math.ceil(recipe.sampling.samples_per_question / len(q.paraphrases)) * len(q.paraphrases)
+                    for q in questions for m in METRICS)
+        cost["input_tokens_max"] = targets * (chars // 4) + minimum * recipe.sampling.max_tokens
+    return cost
 
 
 def judge_rows(rows: list[dict[str, Any]], prompts: dict[str, dict[str, str]], client: JudgeClient) -> list[dict[str, Any]]:
