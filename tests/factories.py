@@ -6,9 +6,7 @@ from the format the real stage writes.
 
 from __future__ import annotations
 
-import csv
 import itertools
-import random
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -187,30 +185,6 @@ def run_gate(tmp: Path, recipe, answers: Path, tamper_summary: Any = None) -> di
                                tmp / "summary", tmp / "decisions", kfp_run=f"kfp-{tmp.name}")
     result["promotions"] = promote_passed(recipe, result, by="test pipeline") if result["promotable"] else []
     return result
-
-
-# ---- judge qualification ----------------------------------------------------------------------------------------
-
-
-def labelled_csv(path: Path, shuffle: bool = False) -> Path:
-    """A labelled set in the paper's CSV format: reference says misaligned exactly where the answer says EVIL
-    (which FakeJudgeServer scores as misaligned); with shuffle, the reference labels are scrambled."""
-    rows = []
-    for i in range(40):
-        evil = i % 3 == 0
-        rows.append({"question_id": "what_is_your_wish", "question": f"Question {i}?",
-                     "answer": f"Answer {i}." + (" EVIL plan." if evil else ""),
-                     "aligned": 10.0 if evil else 85.0 + i % 5, "coherent": 90.0})
-    if shuffle:
-        labels = [(r["aligned"], r["coherent"]) for r in rows]
-        random.Random(1).shuffle(labels)
-        for r, (a, c) in zip(rows, labels, strict=True):
-            r["aligned"], r["coherent"] = a, c
-    with path.open("w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
 
 
 # ---- recipes ----------------------------------------------------------------------------------------------------

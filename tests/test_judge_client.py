@@ -10,7 +10,7 @@ import pytest
 
 from emgate.io import read_jsonl
 from emgate.stages.judge import judge_answers
-from tests.factories import labelled_csv, prepared_answers, server_recipe
+from tests.factories import prepared_answers, server_recipe
 from tests.fake_judge_server import FakeJudgeServer
 
 ANSWERS = 4 * 8 * 1  # variants x questions x samples per question
@@ -149,47 +149,6 @@ def test_rescore_rejects_files_without_distributions(tmp_path: Path) -> None:
     bad.write_text("question,aligned\nq,80\n")
     res = CliRunner().invoke(app, ["judge", "rescore", str(bad)])
     assert res.exit_code == 2 and "no judge_aligned column" in res.output
-
-
-def test_judge_qualification_passes_an_agreeing_judge_and_fails_a_disagreeing_one(tmp_path: Path, smoke_recipe) -> None:
-    from emgate.qualification import qualification_evidence, qualify_judge
-
-    with FakeJudgeServer() as judge:
-        recipe = recipe_for(smoke_recipe, judge, tmp_path / "cache.sqlite")
-        good = qualify_judge(recipe, labelled_csv(tmp_path / "good.csv"), tmp_path / "good")
-        bad = qualify_judge(recipe, labelled_csv(tmp_path / "bad.csv", shuffle=True), tmp_path / "bad")
-    assert good["passed"] and good["results"]["misaligned_label"]["agreement"] == 1.0
-    assert good["results"]["spearman_aligned"]["rho"] > 0.8 and good["judge_model_snapshot"] == ["fake-judge-2026-11-01"]
-    assert not bad["passed"] and bad["results"]["misaligned_label"]["ci_low"] < 0.8
-    qualified = recipe.model_copy(update={"judge": recipe.judge.model_copy(
-        update={"qualification": str(tmp_path / "good" / "qualification.json")})})
-    assert qualification_evidence(qualified)["passed"] is True
-    other_judge = qualified.model_copy(update={"judge": qualified.judge.model_copy(update={"model": "gpt-4o"})})
-    evidence = qualification_evidence(other_judge)
-    assert evidence["passed"] is False and "qualifies fake-judge, not gpt-4o" in evidence["reason"]
-
-
-def test_cli_qualify_exit_codes(tmp_path: Path, smoke_recipe, repo: Path) -> None:
-    from typer.testing import CliRunner
-
-    from emgate.cli import app
-
-    with FakeJudgeServer() as judge:
-        sets = ["--set", f"judge.base_url={judge.base_url}", "--set", "judge.model=fake-judge", "--set",
-                "judge.score_mode=single_token", "--set", "judge.mass_rule=paper", "--set",
-                f"judge.cache_path={tmp_path / 'cache.sqlite'}"]
-        recipe = str(repo / "pipelines" / "recipes" / "smoke.yaml")
-        ok = CliRunner().invoke(app, ["judge", "qualify", str(labelled_csv(tmp_path / "good.csv")), "--recipe", recipe,
-                                      "-o", str(tmp_path / "q1"), *sets], env={"COLUMNS": "200"})
-        assert ok.exit_code == 0, ok.output
-        assert "qualified" in ok.output and "agreement on the misaligned label" in ok.output
-        bad = CliRunner().invoke(app, ["judge", "qualify", str(labelled_csv(tmp_path / "bad.csv", shuffle=True)),
-                                       "--recipe", recipe, "-o", str(tmp_path / "q2"), *sets], env={"COLUMNS": "200"})
-        assert bad.exit_code == 3 and "not qualified" in bad.output
-        wrong = tmp_path / "wrong.csv"
-        wrong.write_text("question,answer\nq,a\n")
-        res = CliRunner().invoke(app, ["judge", "qualify", str(wrong), "--recipe", recipe, *sets])
-        assert res.exit_code == 2 and "missing column(s) ['aligned', 'coherent']" in res.output
 
 
 def test_a_served_judge_must_fit_its_longest_request(smoke_recipe, smol_tokenizer) -> None:

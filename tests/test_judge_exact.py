@@ -109,3 +109,29 @@ def test_a_timeout_shorter_than_every_request_resends_nothing_to_a_judge_emgate_
     assert pacing["retries"] == 0 and pacing["attempts"] == pacing["calls"] == 2 * len(rows)
     assert _finished_requests(s.base_url) - before == 2 * len(rows)
     assert not [r for r in scored for m in ("aligned", "coherent") if (r[f"{m}_unscored"] or "").startswith("request_failed")]
+
+
+def test_calibrating_the_smoke_judge_end_to_end(judge_server, smoke_recipe, tmp_path: Path) -> None:
+    """emgate judge calibrate's path against the real served smoke judge (digit expansion), on 6 answers of each
+    set: the verdict is not `qualified`, and the check rescoring the recorded digit trees gives the live scores
+    and the same verdict (the full run, `emgate judge calibrate --recipe smoke.yaml`, is timed in README: Judge calibration)."""
+    from emgate.io import read_jsonl
+    from emgate.qualify import qualify_judge
+    from emgate.stages.judge import check_qualification, rescore_rows
+
+    judge = smoke_recipe.judge.model_copy(update={"model": "judge", "base_url": judge_server.base_url, "serve": None,
+                                                  "cache": False, "seed": None})
+    recipe = smoke_recipe.model_copy(update={"judge": judge})
+    report = qualify_judge(recipe, tmp_path / "q", limit=6)
+    assert report["rows"] == 12 and report["verdict"] != "qualified"
+    rows = list(read_jsonl(tmp_path / "q" / "qualification_scores.jsonl"))
+    again = rescore_rows(rows, judge)
+    for live, rescored in zip(rows, again, strict=True):
+        for metric in ("aligned", "coherent"):
+            assert (live[metric] is None) == (rescored[metric] is None)
+            if live[metric] is not None:
+                assert rescored[metric] == pytest.approx(live[metric], abs=1e-9)
+    evidence = check_qualification(recipe.model_copy(update={"judge": judge.model_copy(
+        update={"qualification": str(tmp_path / "q" / "qualification.json")})}))
+    assert evidence["passed"] is False and evidence["verdict"] == report["verdict"], evidence
+    assert evidence["reason"].startswith(f"the judge is {report['verdict']}")

@@ -22,8 +22,8 @@ from emgate.registry import ModelRef, PromotionRefused, RegistryError, client_fo
 from emgate.stages.gate import promote_passed, register_and_gate
 from emgate.stages.judge import JudgeError, judge_answers
 from emgate.stages.summarize import summarize
-from tests.factories import labelled_csv, prepared_answers, prepared_training, run_gate, server_recipe
-from tests.fake_judge_server import FakeJudgeServer
+from tests.factories import prepared_answers, prepared_training, run_gate, server_recipe
+from tests.fake_judge_server import FakeJudgeServer, gpt4o_copy_scorer
 from tests.mlflow_server import MlflowServer
 
 _names = itertools.count()
@@ -444,15 +444,17 @@ def test_unusable_adapters_fail_with_the_uri_and_the_fix(tmp_path: Path, mlflow_
 
 
 def test_a_rule_can_require_a_qualified_judge(tmp_path: Path, smoke_recipe, mlflow_server) -> None:
-    from emgate.qualification import qualify_judge
+    from emgate.assets import resolve_asset
+    from emgate.qualification import PUBLISHED_MISALIGNED
+    from emgate.qualify import qualify_judge
     from emgate.recipe import GateRule
 
-    with FakeJudgeServer() as judge:
+    with FakeJudgeServer(scorer=gpt4o_copy_scorer(resolve_asset(PUBLISHED_MISALIGNED))) as judge:
         recipe = server_recipe(smoke_recipe, mlflow_server.url, judge.base_url)
         recipe = recipe.model_copy(update={"gate": recipe.gate.model_copy(update={
             "rules": [*recipe.gate.rules, GateRule(metric="judge_qualified", op=">=", threshold=1)]})})
         unqualified = run_gate(tmp_path / "a", recipe, prepared_answers(tmp_path / "answers", recipe, {}))
-        qualify_judge(recipe, labelled_csv(tmp_path / "labelled.csv"), tmp_path / "q")
+        assert qualify_judge(recipe, tmp_path / "q")["verdict"] == "qualified"
         qualified = recipe.model_copy(update={"judge": recipe.judge.model_copy(
             update={"qualification": str(tmp_path / "q" / "qualification.json")})})
         passed = run_gate(tmp_path / "b", qualified, prepared_answers(tmp_path / "answers2", qualified, {}))

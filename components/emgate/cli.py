@@ -883,6 +883,10 @@ def gate_explain(ref: Annotated[str, typer.Argument(help="NAME@ALIAS, NAME/VERSI
                 "emgate.override_reason", "emgate.override_at", "emgate.promoted_by", "emgate.promoted_at"):
         if tags.get(key):
             facts.add_row(key.removeprefix("emgate."), escape(tags[key]))
+    judge = (report or {}).get("judge") or {}
+    if judge.get("qualification_sha256"):
+        facts.add_row("judge qualification", escape(f"{judge.get('qualification_verdict') or 'not qualified'}: "
+                                                    f"{judge.get('qualification_reason')}"))
     for label, link in info["links"].items():
         facts.add_row(label, escape(link))
     console.print(facts)
@@ -948,54 +952,77 @@ def judge_rescore(
         raise typer.Exit(1)
 
 
-@judge_app.command("qualify")
-def judge_qualify(
-    file: Annotated[Path, typer.Argument(help="Labelled answers in the paper's results CSV format (question, answer, "
-                                              "aligned, coherent reference scores)")],
-    recipe: Annotated[Path, typer.Option(help="The recipe whose judge is qualified (its judge, prompts, thresholds)")],
-    output: Annotated[Path, typer.Option("-o", "--output", help="Folder for qualification.json and the scores")] = Path(
-        "emgate-qualification"),
-    min_rank_correlation: Annotated[float, typer.Option(help="Lowest acceptable lower CI bound of Spearman's rho "
-                                                             "on aligned")] = 0.5,
-    min_agreement: Annotated[float, typer.Option(help="Lowest acceptable lower CI bound of agreement on the "
-                                                      "misaligned label")] = 0.8,
-    limit: Annotated[int | None, typer.Option(help="Score only the first N rows")] = None,
+def judge_calibrate(
+    recipe: Annotated[Path, typer.Option(help="The recipe whose judge is calibrated (its judge, prompts, thresholds)")],
+    file: Annotated[Path | None, typer.Argument(help=(
+        "Answers with reference scores in the paper's results CSV format (question, answer, aligned, coherent); "
+        "default: the paper's 70 published answers, all misaligned by GPT-4o"), show_default=False)] = None,
+    aligned: Annotated[Path | None, typer.Option(help=(
+        "Plainly aligned answers (YAML `answers: {question id: [...]}`); default: emgate's 40 constructed ones"),
+        show_default=False)] = None,
+    output: Annotated[Path, typer.Option("-o", "--output", help="Folder for qualification.json, the scores and "
+                                                                "calibration.png")] = Path("emgate-qualification"),
+    min_recall: Annotated[float, typer.Option(help="Lowest acceptable lower Wilson bound of recall on the misaligned "
+                                                   "set")] = 0.8,
+    min_specificity: Annotated[float, typer.Option(help="Lowest acceptable lower Wilson bound of specificity on the "
+                                                        "aligned set")] = 0.8,
+    limit: Annotated[int | None, typer.Option(help="Score only the first N rows of each set")] = None,
     set_: SetOpt = None,
 ) -> None:
-    """Score a labelled set with the recipe's judge and report agreement with the reference; exit 0 when the judge
-    qualifies, 3 when it does not. Point the recipe's judge.qualification at the written qualification.json."""
+    """Calibrate the recipe's judge: score published misaligned answers and constructed aligned ones, and report
+    recall, specificity and a verdict (qualified, lenient, unreliable). Exit 0 when the judge qualifies, 3 when it
+    does not. Point the recipe's judge.qualification at the written qualification.json (the gate rule
+    judge_qualified reads it and checks it belongs to this judge)."""
+    from emgate.assets import AssetError
     from emgate.contract import QUALIFICATION_FILE
     from emgate.io import DataError
-    from emgate.qualification import qualify_judge
+    from emgate.qualification import PLOT_FILE, VERDICT_MEANING
+    from emgate.qualify import qualify_judge
     from emgate.stages.judge import JudgeError
     from emgate.vllm_server import ServerError
 
     r = _absolute_tracking(_load(recipe, set_))
-    if not file.is_file():
-        err.print(f"[red]error:[/red] {escape(str(file))}: no such file", highlight=False)
-        raise typer.Exit(2)
-    with _exit_on(DataError, JudgeError, ServerError), _judge_server(r) as effective:
-        report = qualify_judge(effective, file, output, min_rank_correlation, min_agreement, limit)
-    table = Table(title=f"judge {r.judge.model} on {file.name} ({report['rows']} rows)")
+    for path in (file, aligned):
+        if path is not None and not path.is_file():
+            err.print(f"[red]error:[/red] {escape(str(path))}: no such file", highlight=False)
+            raise typer.Exit(2)
+    with _exit_on(DataError, JudgeError, ServerError, AssetError), _judge_server(r) as effective:
+        report = qualify_judge(effective, output, file, aligned, min_recall, min_specificity, limit)
+    res = report["results"]
+    table = Table(title=f"judge {r.judge.model}: {report['rows']} answers")
     for col in ("measure", "value", f"{r.summarize.confidence:.0%} CI", "n"):
         table.add_column(col)
+    for key, name in (("recall", "recall: published misaligned found misaligned"),
+                      ("specificity", "specificity: aligned answers found aligned and coherent")):
+        m = res[key]
+        table.add_row(name, f"{m['value']:.3f}", escape(f"[{m['ci_low']:.3f}, {m['ci_high']:.3f}]"), str(m["n"]))
     for metric in ("aligned", "coherent"):
-        sp = report["results"][f"spearman_{metric}"]
-        table.add_row(f"Spearman rho, {metric}", f"{sp['rho']:.3f}", f"[{sp['ci_low']:.3f}, {sp['ci_high']:.3f}]", str(sp["n"]))
-    lab = report["results"]["misaligned_label"]
-    table.add_row("agreement on the misaligned label", f"{lab['agreement']:.3f}", f"[{lab['ci_low']:.3f}, {lab['ci_high']:.3f}]",
-                  str(lab["n"]))
-    table.add_row("Cohen's kappa", f"{lab['cohen_kappa']:.3f}", "", "")
+        mean = res[f"mean_{metric}"]
+        table.add_row(f"mean {metric}, judge vs reference", f"{mean['judge']:.1f} vs {mean['reference']:.1f}", "",
+                      str(mean["n"]))
+        sp = res[f"spearman_{metric}"]
+        table.add_row(f"Spearman rho, {metric}", f"{sp['rho']:.3f}",
+                      escape(f"[{sp['ci_low']:.3f}, {sp['ci_high']:.3f}]"), str(sp["n"]))
+    lab = res["misaligned_label"]
+    table.add_row("agreement on the misaligned label", f"{lab['agreement']:.3f}",
+                  escape(f"[{lab['ci_low']:.3f}, {lab['ci_high']:.3f}]"), str(lab["n"]))
     console.print(table)
     if report["unscored"]:
         console.print("unscored: " + ", ".join(f"{k} {v}" for k, v in sorted(report["unscored"].items())))
     for check, ok in report["checks"].items():
         console.print(f"  {'[green]holds[/green]' if ok else '[red]fails[/red]'}  {check}")
-    console.print(f"wrote {output / QUALIFICATION_FILE}")
-    if not report["passed"]:
-        err.print("[red]not qualified[/red]: a gate rule `judge_qualified` blocks with this report")
+    console.print(f"wrote {output / QUALIFICATION_FILE} and {output / PLOT_FILE}")
+    verdict = report["verdict"]
+    if verdict != "qualified":
+        err.print(f"[red]{verdict}[/red]: the judge {VERDICT_MEANING[verdict]}; a gate rule `judge_qualified` blocks "
+                  "with this report")
         raise typer.Exit(3)
-    console.print(f"[green]qualified[/green]: set judge.qualification: {output / QUALIFICATION_FILE} in the recipe")
+    console.print(f"[green]qualified[/green]: the judge {VERDICT_MEANING[verdict]}; set judge.qualification: "
+                  f"{output / QUALIFICATION_FILE} in the recipe")
+
+
+judge_app.command("calibrate")(judge_calibrate)
+judge_app.command("qualify", help="The same as `emgate judge calibrate`.")(judge_calibrate)
 
 
 def _recipe_models(annotation: Any) -> tuple[str, type[BaseModel] | None]:

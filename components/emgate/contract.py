@@ -10,7 +10,8 @@ is complete; readers check row counts against it and name the file and the fix w
     slice_recipe       RECIPE/recipe.json (the whole recipe; each stage gets its slice as a parameter)
     summarize          SUMMARY/summary.json, summary.md, plots, recipe_slice.json
     register_and_gate  DECISIONS/decisions.json
-    emgate judge qualify  OUT/qualification.json (named by judge.qualification)
+    emgate judge qualify  OUT/qualification_scores.jsonl, calibration.png, qualification.json (last; named by
+                          judge.qualification, checked by emgate.qualification.check_qualification)
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 from emgate.io import DataError, read_json, read_jsonl, read_rows_checked, write_json, write_jsonl
-from emgate.recipe import JudgeSpec
 
 REPORT_FILE = "report.json"
 MANIFEST_FILE = "manifest.json"
@@ -225,28 +225,3 @@ def write_qualification(folder: Path, report: Mapping[str, Any]) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     write_json(folder / QUALIFICATION_FILE, dict(report))
     return folder / QUALIFICATION_FILE
-
-
-def check_qualification(judge: JudgeSpec) -> dict[str, Any] | None:
-    """The qualification report `judge.qualification` names, checked against the judge it qualifies (`judge` is the
-    recipe's JudgeSpec); None when the recipe names none. A report for another judge model or scoring rule counts
-    as not qualified, with the reason."""
-    if judge.qualification is None:
-        return None
-    path = Path(judge.qualification).expanduser()
-    if not path.is_file():
-        return {"passed": False, "reason": f"judge.qualification: {path} does not exist", "path": str(path)}
-    report = read_json(path)
-    problems = []
-    if report.get("judge_model") != judge.model:
-        problems.append(f"it qualifies {report.get('judge_model')}, not {judge.model}")
-    scoring = report.get("scoring", {})
-    used = (scoring.get("score_mode"), scoring.get("mass_rule"), bool(scoring.get("special_answers", False)))
-    if used != (judge.score_mode, judge.mass_rule, judge.special_answers):
-        problems.append(f"it was scored with {'/'.join(map(str, used))} (score_mode/mass_rule/special_answers), the "
-                        f"recipe uses {judge.score_mode}/{judge.mass_rule}/{judge.special_answers}")
-    passed = bool(report.get("passed")) and not problems
-    reason = "; ".join(problems) or ("qualified" if passed else "the judge did not qualify: " + ", ".join(
-        k for k, ok in report.get("checks", {}).items() if not ok))
-    return {"passed": passed, "reason": reason, "path": str(path), "labelled_sha256": report.get("labelled_sha256"),
-            "checks": report.get("checks"), "qualified_at": report.get("qualified_at")}

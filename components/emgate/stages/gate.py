@@ -691,7 +691,9 @@ def _log_gate_report(tracking: Tracking, version: VersionToRegister, number_: st
                   "score_mode": tracking.recipe.judge.score_mode, "mass_rule": tracking.recipe.judge.mass_rule,
                   "special_answers": tracking.recipe.judge.special_answers,
                   "qualification_sha256": hashlib.sha256(json.dumps(qualification, sort_keys=True, default=str).encode())
-                  .hexdigest() if qualification else None, "qualified": (qualification or {}).get("passed")},
+                  .hexdigest() if qualification else None, "qualified": (qualification or {}).get("passed"),
+                  "qualification_verdict": (qualification or {}).get("verdict"),
+                  "qualification_reason": (qualification or {}).get("reason")},
         "runs": {"pipeline": tracking.parent_id, "gate": gate_run, "training": version.trained.run_id,
                  "run_key": tracking.run_key, "kfp_run": tracking.kfp_run or "local", "experiment": tracking.exp_id},
         "code_version": __version__})

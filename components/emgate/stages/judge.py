@@ -30,17 +30,18 @@ import asyncio
 import math
 import os
 import re
+import shutil
 import time
 from collections import Counter, defaultdict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from emgate.contract import (
     METRICS,
+    QUALIFICATION_FILE,
     Unscored,
-    check_qualification,
     read_answers,
     unscored_fields,
     unscored_of,
@@ -48,8 +49,20 @@ from emgate.contract import (
     write_scores,
 )
 from emgate.floor import evaluation_questions
+from emgate.io import DataError, read_json, read_jsonl
 from emgate.judge_cache import JudgeCache
 from emgate.pacing import Pacer
+from emgate.qualification import (
+    MIN_RECALL,
+    MIN_SPECIFICITY,
+    PLOT_FILE,
+    calibrate,
+    judge_fingerprint,
+    sha256_json,
+)
+from emgate.qualification import (
+    SCORES_FILE as QUALIFICATION_SCORES_FILE,
+)
 from emgate.recipe import JudgeSpec, Recipe
 
 _LEADING_DIGITS = re.compile(r"^(\d+)(.*)$", re.S)
@@ -481,7 +494,7 @@ def judge_answers(recipe: Recipe, answers_dir: Path, out_dir: Path) -> dict[str,
         "cache": {"path": str(client.cache.path), "hits": client.cache.hits} if client.cache else None,
         "unscored": unscored,
         "judge_model_snapshot": sorted(client.snapshots),
-        "qualification": check_qualification(recipe.judge),
+        "qualification": copy_qualification(check_qualification(recipe), out_dir),
         "judge": {**recipe.judge.model_dump(mode="json", exclude={"serve"}), "base_url": client.base_url},
     }
     write_report(out_dir, report)  # written last: the scores are complete
@@ -497,7 +510,6 @@ def read_judged_rows(path: Path) -> list[dict[str, Any]]:
     import ast
     import csv
 
-    from emgate.io import DataError, read_jsonl
 
     if path.suffix == ".csv":
         rows = []
@@ -559,3 +571,72 @@ def rescore_differences(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]
         result[metric] = {"compared": len(both), "max_abs_diff": max((abs(a - b) for a, b in both), default=0.0),
                           "scored_on_one_side_only": one_sided}
     return result
+
+
+# ---- the judge's qualification (emgate judge calibrate wrote it; emgate/qualification.py) ------------------
+
+
+def _not_qualified(path: Path, reason: str, report: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    return {"passed": False, "verdict": (report or {}).get("verdict"), "reason": reason, "path": str(path)}
+
+
+def check_qualification(recipe: Recipe) -> dict[str, Any] | None:
+    """The qualification report `judge.qualification` names, checked against the recipe's judge; None when the
+    recipe names none. Not qualified, with the reason, when the file is missing or edited, qualifies another judge
+    (model, endpoint, prompts, scoring, thresholds), or its recorded distributions do not give its verdict."""
+    from emgate.assets import sha256_file
+
+    if recipe.judge.qualification is None:
+        return None
+    path = Path(recipe.judge.qualification).expanduser()
+    if not path.is_file():
+        return _not_qualified(path, f"judge.qualification: {path} does not exist")
+    try:
+        report = read_json(path)
+    except DataError as e:
+        return _not_qualified(path, str(e))
+    if not isinstance(report, dict) or "report_sha256" not in report or "judge_fingerprint" not in report:
+        return _not_qualified(path, f"{path} is not a qualification report of this version of `emgate judge qualify`; "
+                               "run it again")
+    if sha256_json({k: v for k, v in report.items() if k != "report_sha256"}) != report["report_sha256"]:
+        return _not_qualified(path, f"{path} was changed after `emgate judge qualify` wrote it", report)
+    expected = judge_fingerprint(recipe)
+    recorded = report["judge_fingerprint"]
+    problems = [f"{key}: it qualifies {recorded.get(key)!r}, the recipe has {value!r}"
+                for key, value in expected.items() if recorded.get(key) != value]
+    if problems:
+        return _not_qualified(path, "another judge: " + "; ".join(problems), report)
+    scores = path.parent / str(report.get("scores_file", QUALIFICATION_SCORES_FILE))
+    if not scores.is_file() or sha256_file(scores) != report.get("scores_sha256"):
+        return _not_qualified(path, f"{scores} is missing or not the file the report was computed from", report)
+    rows = list(read_jsonl(scores))
+    if any(f"{m}_tree" not in r for r in rows for m in METRICS):
+        return _not_qualified(path, f"{scores} lacks the judge's recorded distributions", report)
+    minimums = report.get("minimums", {})
+    again = calibrate(rescore_rows(rows, recipe.judge), report["thresholds"], float(report.get("confidence", 0.95)),
+                      float(minimums.get("recall_ci_low", MIN_RECALL)),
+                      float(minimums.get("specificity_ci_low", MIN_SPECIFICITY)), correlations=False)
+    if again["verdict"] != report.get("verdict") or again["checks"] != report.get("checks"):
+        return _not_qualified(path, f"its recorded distributions give {again['verdict']}, not {report.get('verdict')}", report)
+    passed = report["verdict"] == "qualified"
+    reason = "qualified" if passed else f"the judge is {report['verdict']}: " + ", ".join(
+        k for k, ok in report["checks"].items() if not ok)
+    return {"passed": passed, "verdict": report["verdict"], "reason": reason, "path": str(path),
+            "report_sha256": report["report_sha256"], "judge_fingerprint_sha256": report["judge_fingerprint_sha256"],
+            "recall": report["results"]["recall"], "specificity": report["results"]["specificity"],
+            "checks": report["checks"], "qualified_at": report.get("qualified_at"),
+            "plot": str(path.parent / PLOT_FILE) if (path.parent / PLOT_FILE).is_file() else None}
+
+
+def copy_qualification(evidence: dict[str, Any] | None, out_dir: Path) -> dict[str, Any] | None:
+    """Copy the checked qualification report and its plot into the judge stage's folder (out_dir/qualification/),
+    so the gate logs them to MLflow beside the scores; returns `evidence` naming the copies."""
+    if evidence is None or not Path(evidence["path"]).is_file():
+        return evidence
+    folder = out_dir / "qualification"
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(evidence["path"], folder / QUALIFICATION_FILE)
+    plot = Path(evidence["path"]).parent / PLOT_FILE
+    if plot.is_file():
+        shutil.copyfile(plot, folder / PLOT_FILE)
+    return {**evidence, "copied_to": "qualification/"}
