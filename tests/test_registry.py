@@ -462,6 +462,20 @@ def test_a_rule_can_require_a_qualified_judge(tmp_path: Path, smoke_recipe, mlfl
     assert unqualified["candidates"]["instruct-insecure"]["decision"] == "blocked"
     assert reasons == ["missing evidence: judge_qualified is missing"]
     assert passed["candidates"]["instruct-insecure"]["decision"] == "passed"
+    # the calibration report and plot are logged with the judge run, and the gate report names the verdict
+    client = client_for(qualified.mlflow.tracking_uri)
+    exp = client.get_experiment_by_name(qualified.mlflow.experiment)
+    judge_runs = client.search_runs([exp.experiment_id], filter_string="tags.`emgate.stage` = 'judge_answers'")
+    logged = {a.path for r in judge_runs for a in client.list_artifacts(r.info.run_id, "judge_answers/qualification")}
+    assert {"judge_answers/qualification/qualification.json", "judge_answers/qualification/calibration.png"} <= logged
+    from emgate.registry import load_gate_report
+
+    name = passed["candidates"]["instruct-insecure"]["registered_model"]
+    mv = client.get_model_version(name, passed["candidates"]["instruct-insecure"]["versions"][0]["version"])
+    envelope, problems = load_gate_report(client, mv)
+    report = envelope["payload"]  # signed by the gate (emgate.signing)
+    assert problems == [] and report["judge"]["qualification_verdict"] == "qualified"
+    assert report["context"]["judge qualification"].startswith("qualified, report sha256 ")
 
 
 def test_newest_ungated_resolves_to_the_newest_version_without_a_decision(tmp_path: Path, mlflow_server) -> None:

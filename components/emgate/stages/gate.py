@@ -633,8 +633,18 @@ def _decision_context(tracking: Tracking, version: VersionToRegister, number_: s
         "seeds": ",".join(str(x) for x in recipe.training.seeds) if version.seed is not None else "trained elsewhere",
         "judge": f"{recipe.judge.model} (snapshot {snapshot}; {recipe.judge.score_mode}, mass rule {recipe.judge.mass_rule}"
                  + (", CODE/REFUSAL rule" if recipe.judge.special_answers else "") + ")",
+        "judge qualification": _qualification_line(evidence),
         "decided at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
+
+
+def _qualification_line(evidence: Evidence) -> str:
+    q = evidence.judge_report.get("qualification")
+    if not q:
+        return "none (judge.qualification not set)"
+    if q.get("passed"):
+        return f"qualified, report sha256 {q.get('report_sha256')}"
+    return f"not qualified: {q.get('reason')}"
 
 
 def _judge_snapshot(evidence: Evidence) -> str:
