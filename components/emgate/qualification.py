@@ -202,8 +202,9 @@ def calibrate(scored: list[dict[str, Any]], thresholds: Mapping[str, float], con
         f"specificity_ci_low >= {min_specificity:g}": not math.isnan(spec_ci[0]) and spec_ci[0] >= min_specificity,
     }
     recall_ok, spec_ok = checks.values()
-    verdict: Verdict = "qualified" if recall_ok and spec_ok else (
-        "lenient" if spec_ok and missed_scored >= results["recall"]["missed_unscored"] else "unreliable")
+    # lenient only on evidence of misses it scored as acceptable: too few answers for the bound is `unreliable`
+    lenient = spec_ok and missed_scored > 0 and missed_scored >= results["recall"]["missed_unscored"]
+    verdict: Verdict = "qualified" if recall_ok and spec_ok else "lenient" if lenient else "unreliable"
     unscored: dict[str, int] = {}
     for r in scored:
         for metric in METRICS:
