@@ -43,14 +43,14 @@ def qualify_judge(recipe: Recipe, out_dir: Path, labelled: Path | None = None, a
     standard = questions[0].judge_prompts  # the paper's prompts are the same for every question
     by_suffix = {q.id.rsplit("/", 1)[-1]: q.judge_prompts for q in questions}
     prompts = {row["question_id"]: by_suffix.get(row["question_id"], standard) for row in rows}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / QUALIFICATION_FILE).unlink(missing_ok=True)  # a rerun that fails leaves no old verdict behind
     client = JudgeClient(recipe.judge, judge_base_url(recipe.judge))
     scored = judge_rows(rows, prompts, client)
     thresholds = calibration_thresholds(recipe)
     cfg = recipe.summarize
     report: dict[str, Any] = calibrate(scored, thresholds, cfg.confidence, min_recall, min_specificity,
                                        cfg.bootstrap_seed)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / QUALIFICATION_FILE).unlink(missing_ok=True)  # a rerun that fails leaves no old verdict behind
     write_jsonl(out_dir / SCORES_FILE, scored)
     fingerprint = judge_fingerprint(recipe)
     report |= {
