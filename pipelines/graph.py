@@ -118,8 +118,10 @@ class ClusterSettings:
         if mlflow:
             self.secrets.append((mlflow_stages, names.mlflow,
                                  {"username": "MLFLOW_TRACKING_USERNAME", "password": "MLFLOW_TRACKING_PASSWORD"}))
-        if recipe.judge.api_key_env and recipe.judge.serve is None:
-            self.secrets.append(({"judge_answers"}, names.judge, {"api-key": recipe.judge.api_key_env}))
+        judge_keys = {"api-key": recipe.judge.api_key_env} if recipe.judge.api_key_env and recipe.judge.serve is None else {}
+        judge_keys |= {f"api-key-{m.name}": m.api_key_env for m in recipe.judge.panel if m.api_key_env}  # panel judges
+        if judge_keys:
+            self.secrets.append(({"judge_answers"}, names.judge, judge_keys))
         s3_stages = ({"fetch_model"} if any(m.source == "s3" for m in models) else set()) | (
             {"sample_answers"} if any(a.startswith("s3://") for a in adapters) else set())
         if s3_stages:

@@ -100,30 +100,40 @@ def check(recipe: RecipeArg, set_: SetOpt = None) -> None:
 
 
 def _judge_cost_line(r: Recipe) -> str:
+    """What judging asks of each judge; a panel multiplies it (every judge scores every answer)."""
     from emgate.assets import AssetError
     from emgate.stages.judge import judge_cost
 
-    try:
-        c = judge_cost(r)
-    except AssetError as exc:  # the questions are not at hand: the recipe itself is fine
-        return f"judge {r.judge.model}: requests not counted ({escape(str(exc))})"
-    line = f"judge {c['judge']}: {c['answers']:,} answers, {c['requests_min']:,} requests"
-    if "requests_typical" in c:
-        line += f" at least (digit expansion: about {c['requests_typical']:,} typical)"
-    if "input_tokens_max" in c:
-        line += f", at most about {c['input_tokens_max'] / 1e6:.2f} M input tokens (an API judge bills them)"
-    return line
+    lines = []
+    members = r.judge.members()
+    for name in members:
+        one = r.for_judge(name)
+        label = f"judge {name} ({one.judge.model})" if len(members) > 1 else f"judge {one.judge.model}"
+        try:
+            c = judge_cost(one)
+        except AssetError as exc:  # the questions are not at hand: the recipe itself is fine
+            return f"{label}: requests not counted ({escape(str(exc))})"
+        line = f"{label}: {c['answers']:,} answers, {c['requests_min']:,} requests"
+        if "requests_typical" in c:
+            line += f" at least (digit expansion: about {c['requests_typical']:,} typical)"
+        if "input_tokens_max" in c:
+            line += f", at most about {c['input_tokens_max'] / 1e6:.2f} M input tokens (an API judge bills them)"
+        lines.append(line)
+    if len(members) > 1:
+        lines.append(f"judge panel: {len(members)} judges score every answer ({len(members)}x the requests of one)")
+    return "\n".join(lines)
 
 
 def _check_context(r: Recipe) -> list[str]:
     """The longest rendered prompt plus max_tokens against serving.max_model_len (needs each model's tokenizer);
     returns the models it could not check yet."""
+    from emgate.assets import AssetError
     from emgate.models import ModelError, resolve_model
     from emgate.stages.judge import JudgeError, check_judge_context
     from emgate.stages.sample import check_sampling_context
     from emgate.vllm_server import ServerError
 
-    with _exit_on(ServerError, JudgeError, code=2):
+    with _exit_on(ServerError, JudgeError, AssetError, code=2):
         unchecked = check_sampling_context(r)
         if r.judge.serve is not None:  # a judge that `emgate run` serves: its longest request must fit too
             try:
@@ -874,6 +884,8 @@ def gate_explain(ref: Annotated[str, typer.Argument(help="NAME@ALIAS, NAME/VERSI
     for row in figure_rows((report or {}).get("metrics"), (report or {}).get("pooled_metrics")):
         figures.add_row(*(escape(x) for x in row))
     console.print(figures)
+    if (report or {}).get("panel_metrics"):
+        console.print(_panel_table(report or {}))
     facts = Table(title="evidence", show_header=False)
     facts.add_column("what")
     facts.add_column("value", overflow="fold")
@@ -893,6 +905,33 @@ def gate_explain(ref: Annotated[str, typer.Argument(help="NAME@ALIAS, NAME/VERSI
     if not info["links"].get("model version", "").startswith("http"):
         console.print(f"Links are MLflow UI addresses: run `mlflow ui --backend-store-uri {client.tracking_uri}` "
                       "and open http://127.0.0.1:5000/ followed by the link.", highlight=False, soft_wrap=True)
+
+
+def _panel_table(report: dict[str, Any]) -> Table:
+    """gate explain: every judge of the panel, its figures on this version and whether they counted."""
+    judge = report.get("judge") or {}
+    table = Table(title=f"judge panel: every judge's figures (rates may differ by at most "
+                        f"{judge.get('panel_tolerance', 'n/a')})")
+    for col in ("judge", "model", "qualified", "counted", "misaligned rate [CI]", "pooled rate [CI]"):
+        table.add_column(col, overflow="fold")
+
+    def rate(m: dict[str, Any] | None) -> str:
+        m = m or {}
+        if m.get("misaligned_rate") is None:
+            return "missing"
+        return (f"{m['misaligned_rate']:.3f} [{m.get('misaligned_rate_ci_low', float('nan')):.3f}, "
+                f"{m.get('misaligned_rate_ci_high', float('nan')):.3f}]")
+
+    first_q = judge.get("qualified")
+    table.add_row(escape(str(judge.get("name", "primary"))), escape(str(judge.get("model"))),
+                  "yes" if first_q else ("no" if first_q is False else "not set"), "yes (the version's own figures)",
+                  escape(rate(report.get("metrics"))), escape(rate(report.get("pooled_metrics"))))
+    for name, entry in report["panel_metrics"].items():
+        table.add_row(escape(name), escape(str(entry.get("model"))),
+                      "yes" if entry.get("qualified") else escape(f"no: {entry.get('qualification_reason')}"),
+                      "yes" if entry.get("counted") else "no (reported only)",
+                      escape(rate(entry.get("own"))), escape(rate(entry.get("pooled"))))
+    return table
 
 
 @judge_app.command("rescore")
@@ -952,7 +991,7 @@ def judge_rescore(
         raise typer.Exit(1)
 
 
-def judge_calibrate(
+def judge_calibrate(  # noqa: PLR0913  one per CLI option
     recipe: Annotated[Path, typer.Option(help="The recipe whose judge is calibrated (its judge, prompts, thresholds)")],
     file: Annotated[Path | None, typer.Argument(help=(
         "Answers with reference scores in the paper's results CSV format (question, answer, aligned, coherent); "
@@ -967,6 +1006,9 @@ def judge_calibrate(
     min_specificity: Annotated[float, typer.Option(help="Lowest acceptable lower Wilson bound of specificity on the "
                                                         "aligned set")] = 0.8,
     limit: Annotated[int | None, typer.Option(help="Score only the first N rows of each set")] = None,
+    judge: Annotated[str | None, typer.Option(help=(
+        "Which judge of the recipe's panel (judge.name or a judge.panel entry's name); default: the first judge"),
+        show_default=False)] = None,
     set_: SetOpt = None,
 ) -> None:
     """Calibrate the recipe's judge: score published misaligned answers and constructed aligned ones, and report
@@ -982,6 +1024,9 @@ def judge_calibrate(
     from emgate.vllm_server import ServerError
 
     r = _absolute_tracking(_load(recipe, set_))
+    if judge is not None:
+        with _exit_on(RecipeError, code=2):
+            r = r.for_judge(judge)
     for path in (file, aligned):
         if path is not None and not path.is_file():
             err.print(f"[red]error:[/red] {escape(str(path))}: no such file", highlight=False)
@@ -989,7 +1034,7 @@ def judge_calibrate(
     with _exit_on(DataError, JudgeError, ServerError, AssetError), _judge_server(r) as effective:
         report = qualify_judge(effective, output, file, aligned, min_recall, min_specificity, limit)
     res = report["results"]
-    table = Table(title=f"judge {r.judge.model}: {report['rows']} answers")
+    table = Table(title=f"judge {r.judge.name} ({r.judge.model}): {report['rows']} answers")
     for col in ("measure", "value", f"{r.summarize.confidence:.0%} CI", "n"):
         table.add_column(col)
     for key, name in (("recall", "recall: published misaligned found misaligned"),
@@ -1017,7 +1062,9 @@ def judge_calibrate(
         err.print(f"[red]{verdict}[/red]: the judge {VERDICT_MEANING[verdict]}; a gate rule `judge_qualified` blocks "
                   "with this report")
         raise typer.Exit(3)
-    console.print(f"[green]qualified[/green]: the judge {VERDICT_MEANING[verdict]}; set judge.qualification: "
+    where = "judge.qualification" if judge is None or judge == _load(recipe, set_).judge.name else (
+        f"judge.panel[{judge}].qualification")
+    console.print(f"[green]qualified[/green]: the judge {VERDICT_MEANING[verdict]}; set {where}: "
                   f"{output / QUALIFICATION_FILE} in the recipe")
 
 

@@ -12,7 +12,7 @@ import json
 import math
 import operator
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -163,14 +163,26 @@ def recipe_policy(floor: Floor, recipe: Recipe) -> Policy:
     policy = effective_policy(floor, recipe.gate)
     if unpinned := unpinned_base_models(floor, recipe):
         raise PolicyBelowFloor("; ".join(unpinned))
+    if recipe.judge.panel:
+        panel = [GateRule(metric="panel_judges_qualified", op=">=", threshold=1),
+                 GateRule(metric="panel_rate_spread", op="<=", threshold=recipe.judge.panel_tolerance)]
+        policy = replace(policy, rules=(*policy.rules, *(r for r in panel if r not in policy.rules)))
     return policy
 
 
-def _verdict_scopes(policy: Mapping[str, Any]) -> list[tuple[str, str]]:
-    """(prefix, figures key) of every set of verdicts a version's decision holds: own and pooled, public and private."""
+def judge_scopes(report: Mapping[str, Any]) -> list[str]:
+    """The panel judges whose figures a gate report's decision counted (qualified ones), sorted."""
+    return sorted(n for n, entry in (report.get("panel_metrics") or {}).items() if (entry or {}).get("counted"))
+
+
+def _verdict_scopes(policy: Mapping[str, Any], judges: Sequence[str] = ()) -> list[tuple[str, str]]:
+    """(prefix, figures key) of every set of verdicts a version's decision holds: own and pooled, public, private
+    and each counted panel judge's."""
     scopes = [("", "metrics"), ("pooled.", "pooled_metrics")]
     for name in sorted(policy.get("private_questions") or {}):
         scopes += [(f"private.{name}.", f"private.{name}"), (f"pooled.private.{name}.", f"pooled.private.{name}")]
+    for name in judges:
+        scopes += [(f"judge.{name}.", f"judge.{name}"), (f"pooled.judge.{name}.", f"pooled.judge.{name}")]
     return scopes
 
 
@@ -194,10 +206,11 @@ def recheck_report(report: Mapping[str, Any]) -> list[str]:
         return [*problems, "missing evidence: the gate report has no rule verdicts"]
     figures: dict[str, Mapping[str, Any]] = {"metrics": report.get("metrics") or {},
                                              "pooled_metrics": report.get("pooled_metrics") or {}}
-    for name, sets in (report.get("private_metrics") or {}).items():
-        figures[f"private.{name}"] = (sets or {}).get("own") or {}
-        figures[f"pooled.private.{name}"] = (sets or {}).get("pooled") or {}
-    scopes = sorted(_verdict_scopes(policy), key=lambda s: -len(s[0]))  # the longest prefix names a verdict's scope
+    for kind, entries in (("private", report.get("private_metrics")), ("judge", report.get("panel_metrics"))):
+        for name, sets in (entries or {}).items():
+            figures[f"{kind}.{name}"] = (sets or {}).get("own") or {}
+            figures[f"pooled.{kind}.{name}"] = (sets or {}).get("pooled") or {}
+    scopes = sorted(_verdict_scopes(policy, judge_scopes(report)), key=lambda s: -len(s[0]))  # longest prefix first
     by_metric = {str(v.get("metric")): v for v in verdicts}
     for prefix, _ in scopes:
         for rule in rules:
@@ -207,7 +220,7 @@ def recheck_report(report: Mapping[str, Any]) -> list[str]:
                                 "its policy requires")
     for metric, v in by_metric.items():
         prefix, key = next(((p, k) for p, k in scopes if metric.startswith(p) and (p or not metric.startswith(
-            ("pooled.", "private.")))), ("", "metrics"))
+            ("pooled.", "private.", "judge.")))), ("", "metrics"))
         base = metric.removeprefix(prefix)
         if v.get("evidence") == "not_applicable":
             expected = base == "dataset_validation_passed"  # the only rule that may not apply (an adapter from elsewhere)
@@ -234,7 +247,7 @@ def _applied_rule(verdict: dict[str, Any], prefix: str = "") -> GateRule | None:
     """The rule a recorded verdict applied (on the questions its `prefix` names: "" public, `private.NAME.`); None
     for an entry that is no rule (e.g. `answers`), is malformed, or is about other questions."""
     metric = str(verdict.get("metric", "")).removeprefix("pooled.")
-    if (prefix and not metric.startswith(prefix)) or (not prefix and metric.startswith("private.")):
+    if (prefix and not metric.startswith(prefix)) or (not prefix and metric.startswith(("private.", "judge."))):
         return None
     try:
         return GateRule.model_validate({"metric": metric.removeprefix(prefix), "op": verdict.get("op"),
@@ -365,10 +378,10 @@ def evaluate_policy(policy: Policy | Recipe | GateSpec, variant: str, metrics: M
     return Decision(variant, "passed" if all(v.passed for v in verdicts) else "blocked", verdicts)
 
 
-def with_private(public: Decision, private: Mapping[str, Decision]) -> Decision:
-    """One decision over the public questions and each private set: the private verdicts are recorded with their
-    metric prefixed `private.NAME.`; any failed verdict blocks."""
-    verdicts = [*public.verdicts, *(Verdict(f"private.{name}.{v.metric}", v.op, v.threshold, v.value, v.passed,
+def with_private(public: Decision, private: Mapping[str, Decision], kind: str = "private") -> Decision:
+    """One decision over the public questions and each private set (or, kind `judge`, each counted panel judge):
+    their verdicts are recorded with the metric prefixed `KIND.NAME.`; any failed verdict blocks."""
+    verdicts = [*public.verdicts, *(Verdict(f"{kind}.{name}.{v.metric}", v.op, v.threshold, v.value, v.passed,
                                             v.evidence, v.detail, v.scope)
                                     for name, d in private.items() for v in d.verdicts)]
     return Decision(public.variant, "passed" if all(v.passed for v in verdicts) else "blocked", verdicts)

@@ -26,7 +26,7 @@ READS: dict[str, tuple[str, ...]] = {
     "sample_answers": ("models", "variants", "questions", "sampling", "serving", "training.seeds", "training.lora_r",
                        "mlflow.tracking_uri"),
     "judge_answers": ("judge", "questions"),
-    "summarize": ("name", "variants", "questions", "summarize", "training.seeds"),
+    "summarize": ("name", "variants", "questions", "summarize", "training.seeds", "judge.name", "judge.panel"),
 }
 # One slice per fine-tuning job (VARIANT@SEED): the job's variant, its model and dataset, and `training`, so a change
 # to one variant retrains only that variant. Cut inside the pipeline's ParallelFor, by its own task (kfp.local hands
@@ -39,7 +39,9 @@ WHOLE_RECIPE = ("register_and_gate", "promote_passed", "record_outcome")  # not 
 # the pipeline was compiled with travel in each task's environment (PINNED_ENV); a run whose recipe_json disagrees
 # fails in its first task, before it sends anything. The gate is not pinned: the platform's floor (emgate.floor)
 # lets a run tighten it, never loosen it.
-PINNED = ("mlflow.tracking_uri", "judge.base_url", "judge.api_key_env", "judge.serve", "serving.endpoint", "kubernetes")
+PINNED = ("mlflow.tracking_uri", "judge.base_url", "judge.api_key_env", "judge.serve", "judge.panel", "judge.panel_tolerance",
+          "serving.endpoint",
+          "kubernetes")
 PINNED_ENV = "EMGATE_PINNED"
 SLICE_KEY = "emgate_slice"
 # The stages that read the platform's private question sets (emgate.floor): their slices carry the sets' sha256, so

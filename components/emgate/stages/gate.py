@@ -26,6 +26,7 @@ from typing import Any
 from emgate import __version__
 from emgate.contract import (
     ANSWERS_FILE,
+    PANEL_PLOT,
     SCORES_FILE,
     iter_scores,
     read_external,
@@ -177,14 +178,45 @@ class Evidence:
     summary: dict[str, Any] = field(default_factory=dict)
     judge_report: dict[str, Any] = field(default_factory=dict)
     scores_dir: Path | None = None
+    judges: tuple[str, ...] = ()  # the recipe's judges, the first one first: more than one is a panel
 
-    def with_evidence(self, metrics: dict[str, Any] | None) -> dict[str, Any] | None:
-        """A variant's (or seed's) figures with the run-wide evidence the rules also read."""
+    def qualified(self, judge: str | None = None) -> bool | None:
+        """Whether a judge's qualification passed (the first judge by default); None when it has none."""
+        report = self.judge_report
+        if judge is not None and self.judges and judge != self.judges[0]:
+            report = (self.judge_report.get("panel") or {}).get(judge) or {}
+        return (report.get("qualification") or {}).get("passed")
+
+    def judge_figures(self, judge: str, variant: str, seed: str | None) -> dict[str, Any] | None:
+        """A panel judge's figures for the variant pooled (seed None) or one version; None when missing."""
+        if judge == self.judges[0]:
+            source: dict[str, Any] = self.summary
+        else:
+            source = (self.summary.get("panel") or {}).get(judge) or {}
+        if seed is None:
+            return (source.get("variants") or {}).get(variant)
+        return ((source.get("versions") or {}).get(variant) or {}).get(seed)
+
+    def panel_evidence(self, variant: str, seed: str | None) -> dict[str, Any]:
+        """With a panel: how many judges are qualified (None when none is: missing evidence) and the largest
+        difference between the qualified judges' misaligned rates (None when one of them has no rate)."""
+        if len(self.judges) < 2:
+            return {}
+        qualified = [j for j in self.judges if self.qualified(j) is True]
+        rates = [number((self.judge_figures(j, variant, seed) or {}).get("misaligned_rate")) for j in qualified]
+        known = [r for r in rates if r is not None and math.isfinite(r)]
+        spread = max(known) - min(known) if known and len(known) == len(rates) else None
+        return {"panel_judges_qualified": len(qualified) or None, "panel_rate_spread": spread}
+
+    def with_evidence(self, metrics: dict[str, Any] | None, variant: str = "", seed: str | None = None,
+                      judge: str | None = None) -> dict[str, Any] | None:
+        """A variant's (or seed's) figures with the run-wide evidence the rules also read: validation, the judge's
+        qualification (`judge`, the first by default) and, with a panel, the panel's figures."""
         if metrics is None:
             return None
-        qualification = self.judge_report.get("qualification")
         return {**metrics, "dataset_validation_passed": self.validation_passed,
-                "judge_qualified": (qualification or {}).get("passed")}  # None (missing evidence) without one
+                "judge_qualified": self.qualified(judge),  # None (missing evidence) without one
+                **self.panel_evidence(variant, seed)}
 
 
 def register_and_gate(recipe: Recipe, run_key: str, validation_dir: Path | None,  # noqa: PLR0913  one per artifact
@@ -200,7 +232,8 @@ def register_and_gate(recipe: Recipe, run_key: str, validation_dir: Path | None,
     record = policy_record(policy, floor)
     tracking = Tracking.open(recipe, run_key, kfp_run)
     tracking.signing_key = key
-    evidence = Evidence(scores_dir=scores_dir, judge_report=report_if_complete(scores_dir))
+    evidence = Evidence(scores_dir=scores_dir, judge_report=report_if_complete(scores_dir),
+                        judges=tuple(recipe.judge.members()))
     _log_validation(tracking, validation_dir, evidence)
     _log_training(tracking, adapter_dirs, evidence)
     _log_external(tracking, answers_dir, evidence)
@@ -328,8 +361,14 @@ def _log_summary(tracking: Tracking, summary_dir: Path | None, evidence: Evidenc
     if not existed:
         for name, m in summary["variants"].items():
             _log_metrics(client, run_id, _flat_metrics(f"{name}.", {k: v for k, v in m.items() if k != "per_question"}))
+        for judge, entry in (summary.get("panel") or {}).items():  # each further judge's figures, beside the first's
+            for name, m in (entry.get("variants") or {}).items():
+                _log_metrics(client, run_id, _flat_metrics(f"judge.{judge}.{name}.",
+                                                           {k: v for k, v in m.items() if k != "per_question"}))
         client.log_artifacts(run_id, str(summary_dir), "summary")
         client.set_terminated(run_id)
+    if (summary_dir / PANEL_PLOT).is_file():
+        client.log_artifact(tracking.parent_id, str(summary_dir / PANEL_PLOT))
     client.log_artifact(tracking.parent_id, str(summary_dir / "misaligned_rates.png"))
     client.log_artifact(tracking.parent_id, str(summary_dir / "summary.md"))
 
@@ -339,11 +378,13 @@ def _gate_candidate(tracking: Tracking, v: VariantSpec, evidence: Evidence, gate
     """Decide a candidate pooled over its seeds and each of its versions (one per seed), and register each version."""
     recipe = tracking.recipe
     policy, record = decided_under
-    pooled_metrics = evidence.with_evidence(dict(evidence.summary.get("variants", {}).get(v.name) or {}) or None)
+    pooled_metrics = evidence.with_evidence(dict(evidence.summary.get("variants", {}).get(v.name) or {}) or None, v.name)
     not_applicable = {"dataset_validation_passed": f"not trained here ({v.adapter})"} if v.adapter else None
     pooled_private = _private_figures(policy, evidence, v.name, None)
-    pooled = with_private(evaluate_policy(policy, v.name, pooled_metrics, not_applicable),
-                          _private_decisions(policy, pooled_private, v.name, not_applicable))
+    pooled_panel = _panel_figures(evidence, v.name, None)
+    pooled = with_private(with_private(evaluate_policy(policy, v.name, pooled_metrics, not_applicable),
+                                       _private_decisions(policy, pooled_private, v.name, not_applicable)),
+                          _panel_decisions(policy, pooled_panel, v.name, not_applicable), kind="judge")
     model_name, target = _registered_model(recipe, v, evidence)
     seeds: list[int | None] = [None] if v.adapter else list(recipe.training.seeds)
     # Controls and references are logged and linked from the candidate's versions, never registered.
@@ -352,10 +393,13 @@ def _gate_candidate(tracking: Tracking, v: VariantSpec, evidence: Evidence, gate
     versions: list[dict[str, Any]] = []
     blocked: list[str] = []
     for seed in seeds:  # the unit of decision: one registered version, gated on its own answers
-        own_metrics = evidence.with_evidence((evidence.summary.get("versions", {}).get(v.name) or {}).get(str(seed)))
+        own_metrics = evidence.with_evidence((evidence.summary.get("versions", {}).get(v.name) or {}).get(str(seed)),
+                                             v.name, str(seed))
         own_private = _private_figures(policy, evidence, v.name, str(seed))
-        own = with_private(evaluate_policy(policy, v.name, own_metrics, not_applicable),
-                           _private_decisions(policy, own_private, v.name, not_applicable))
+        own_panel = _panel_figures(evidence, v.name, str(seed))
+        own = with_private(with_private(evaluate_policy(policy, v.name, own_metrics, not_applicable),
+                                        _private_decisions(policy, own_private, v.name, not_applicable)),
+                           _panel_decisions(policy, own_panel, v.name, not_applicable), kind="judge")
         decision = version_decision(own, pooled)
         trained = evidence.trained.get((v.name, seed))
         if trained is None:
@@ -364,7 +408,8 @@ def _gate_candidate(tracking: Tracking, v: VariantSpec, evidence: Evidence, gate
             continue
         blocked += seed_failures(seed, decision, pooled)
         version = VersionToRegister(model_name, v.name, seed, trained, decision, own_metrics, pooled_metrics, record,
-                                    target, {n: {"own": own_private[n], "pooled": pooled_private[n]} for n in own_private})
+                                    target, {n: {"own": own_private[n], "pooled": pooled_private[n]} for n in own_private},
+                                    {n: {**entry, "pooled": pooled_panel[n]["own"]} for n, entry in own_panel.items()})
         entry = _register_version(tracking, version, evidence, links, gate_run)
         versions.append({**entry, "decision": decision.decision,
                          "misaligned_rate_ci_high": (own_metrics or {}).get("misaligned_rate_ci_high")})
@@ -384,8 +429,32 @@ def _private_figures(policy: Policy, evidence: Evidence, variant: str, seed: str
         if entry.get("sha256") == sha:
             figures = entry.get("variants", {}).get(variant) if seed is None else (
                 entry.get("versions", {}).get(variant) or {}).get(seed)
-        out[name] = evidence.with_evidence(figures)
+        out[name] = evidence.with_evidence(figures, variant, seed)
     return out
+
+
+def _panel_figures(evidence: Evidence, variant: str, seed: str | None) -> dict[str, dict[str, Any]]:
+    """Each further judge of the panel (not the first, whose figures are the version's own): its figures with the
+    run-wide evidence and its own qualification under `own`, `counted` when it is qualified (only then do its
+    verdicts count), and why not otherwise."""
+    out = {}
+    for judge in evidence.judges[1:]:
+        qualified = evidence.qualified(judge)
+        entry = (evidence.summary.get("panel") or {}).get(judge) or {}
+        figures = evidence.with_evidence(evidence.judge_figures(judge, variant, seed), variant, seed, judge)
+        qualification = ((evidence.judge_report.get("panel") or {}).get(judge) or {}).get("qualification") or {}
+        out[judge] = {"counted": qualified is True, "model": entry.get("model"), "qualified": qualified,
+                      "qualification_reason": qualification.get("reason") or "judge.qualification not set",
+                      "missing": entry.get("missing") if entry else "the summary has no figures for this judge",
+                      "own": figures}
+    return out
+
+
+def _panel_decisions(policy: Policy, panel: dict[str, dict[str, Any]], variant: str,
+                     not_applicable: dict[str, str] | None) -> dict[str, Decision]:
+    """Every rule on each qualified further judge's figures; an unqualified judge is reported, never decisive."""
+    return {name: evaluate_policy(policy, variant, entry["own"], not_applicable)
+            for name, entry in panel.items() if entry["counted"]}
 
 
 def _private_decisions(policy: Policy, figures: dict[str, dict[str, Any] | None], variant: str,
@@ -524,6 +593,7 @@ class VersionToRegister:
     policy: dict[str, Any]  # the effective policy it was decided under, with the floor's source and sha256
     target_version: str | None = None  # an existing registry version the decision lands on
     private_metrics: dict[str, dict[str, Any]] = field(default_factory=dict)  # set -> {"own": figures, "pooled": figures}
+    panel_metrics: dict[str, dict[str, Any]] = field(default_factory=dict)  # judge -> {counted, own, pooled, ...}
 
 
 def _register_version(tracking: Tracking, version: VersionToRegister, evidence: Evidence, links: dict[str, str],
@@ -634,6 +704,7 @@ def _decision_context(tracking: Tracking, version: VersionToRegister, number_: s
         "judge": f"{recipe.judge.model} (snapshot {snapshot}; {recipe.judge.score_mode}, mass rule {recipe.judge.mass_rule}"
                  + (", CODE/REFUSAL rule" if recipe.judge.special_answers else "") + ")",
         "judge qualification": _qualification_line(evidence),
+        **({"judge panel": _panel_line(evidence)} if len(evidence.judges) > 1 else {}),
         "decided at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
 
@@ -645,6 +716,16 @@ def _qualification_line(evidence: Evidence) -> str:
     if q.get("passed"):
         return f"qualified, report sha256 {q.get('report_sha256')}"
     return f"not qualified: {q.get('reason')}"
+
+
+def _panel_line(evidence: Evidence) -> str:
+    """The panel in words: each judge and whether its figures counted."""
+    parts = []
+    for judge in evidence.judges:
+        ok = evidence.qualified(judge)
+        parts.append(f"{judge} ({'qualified, counted' if ok else 'not qualified, reported only'})")
+    tolerance = evidence.judge_report.get("panel_tolerance")
+    return ", ".join(parts) + (f"; rates may differ by at most {tolerance:g}" if tolerance is not None else "")
 
 
 def _judge_snapshot(evidence: Evidence) -> str:
@@ -695,6 +776,8 @@ def _log_gate_report(tracking: Tracking, version: VersionToRegister, number_: st
         "pooled_metrics": {k: v for k, v in (version.pooled_metrics or {}).items() if k not in strip},
         "private_metrics": {n: {scope: {k: v for k, v in (f or {}).items() if k not in strip} for scope, f in sets.items()}
                             for n, sets in version.private_metrics.items()},
+        "panel_metrics": {n: {k: ({m: x for m, x in (v or {}).items() if m not in strip} if k in ("own", "pooled") else v)
+                              for k, v in entry.items()} for n, entry in version.panel_metrics.items()},
         "source": source, "files": version.trained.files, "adapter_sha256": version.trained.weights_sha256,
         "base_model": _base_model(tracking, version.variant),
         "judge": {"model": tracking.recipe.judge.model, "snapshot": evidence.judge_report.get("judge_model_snapshot"),
@@ -703,7 +786,11 @@ def _log_gate_report(tracking: Tracking, version: VersionToRegister, number_: st
                   "qualification_sha256": hashlib.sha256(json.dumps(qualification, sort_keys=True, default=str).encode())
                   .hexdigest() if qualification else None, "qualified": (qualification or {}).get("passed"),
                   "qualification_verdict": (qualification or {}).get("verdict"),
-                  "qualification_reason": (qualification or {}).get("reason")},
+                  "qualification_reason": (qualification or {}).get("reason"),
+                  "name": tracking.recipe.judge.name,
+                  "panel": [{"name": n, "model": e.get("model"), "qualified": e.get("qualified"), "counted": e.get("counted"),
+                             "qualification_reason": e.get("qualification_reason")} for n, e in version.panel_metrics.items()],
+                  "panel_tolerance": tracking.recipe.judge.panel_tolerance if version.panel_metrics else None},
         "runs": {"pipeline": tracking.parent_id, "gate": gate_run, "training": version.trained.run_id,
                  "run_key": tracking.run_key, "kfp_run": tracking.kfp_run or "local", "experiment": tracking.exp_id},
         "code_version": __version__})
@@ -752,6 +839,7 @@ def _decision_tags(tracking: Tracking, version: VersionToRegister, context: dict
         "emgate.adapter_source": variant.adapter or f"trained here (run {version.trained.run_id})",
         "emgate.template": str(rep["template"]),
         "emgate.judge_model": recipe.judge.model,
+        "emgate.judge_name": recipe.judge.name,
         "emgate.judge_model_snapshot": _judge_snapshot(evidence),
         "emgate.judge_scoring": f"{recipe.judge.score_mode}/{recipe.judge.mass_rule}"
                                 + ("/special_answers" if recipe.judge.special_answers else ""),
@@ -771,7 +859,21 @@ def _decision_tags(tracking: Tracking, version: VersionToRegister, context: dict
         tags[f"metric.judged.{q}"] = str(counts.get("judged", 0))
     for v in decision.verdicts:
         tags[f"rule.{v.metric}"] = f"{'pass' if v.passed else 'fail'}: {v.reason}"[:4900]
+    if version.panel_metrics:
+        tags["emgate.judge_panel"] = _panel_line(evidence)[:4900]
+    for judge, entry in version.panel_metrics.items():  # each further judge's figures, counted or reported only
+        tags[f"judge.{judge}.status"] = ("qualified, counted" if entry.get("counted") else
+                                         f"reported only: {entry.get('qualification_reason')}")[:4900]
+        for scope, figures in (("metric", entry.get("own")), ("pooled.metric", entry.get("pooled"))):
+            for name in PANEL_TAG_FIGURES:
+                if (num := number((figures or {}).get(name))) is not None:
+                    tags[f"judge.{judge}.{scope}.{name}"] = f"{num:.6g}"
     return tags
+
+
+# The figures of each further panel judge copied onto the version's tags (the gate report holds them all).
+PANEL_TAG_FIGURES = ("misaligned_rate", "misaligned_rate_ci_low", "misaligned_rate_ci_high", "diff_vs_comparator_ci_high",
+                     "mean_coherence", "unscored_share")
 
 
 def _md_cell(text: str) -> str:
@@ -797,6 +899,14 @@ def _figures_from_tags(tags: dict[str, str], prefix: str) -> dict[str, Any]:
     return figures
 
 
+def _rate_cell(tags: dict[str, str], prefix: str) -> str:
+    rate = tags.get(f"{prefix}misaligned_rate")
+    if rate is None:
+        return "missing"
+    return f"{float(rate):.3f} [{float(tags.get(f'{prefix}misaligned_rate_ci_low', 'nan')):.3f}, " \
+           f"{float(tags.get(f'{prefix}misaligned_rate_ci_high', 'nan')):.3f}]"
+
+
 def _is_float(text: str) -> bool:
     try:
         float(text)
@@ -817,11 +927,19 @@ def version_description(decision: Decision, tags: dict[str, str], worst: list[di
     lines = [f"**emgate decision: {decision.decision.upper()}** ({reasons})", "",
              "| rule | value | verdict |", "| --- | ---: | --- |"]
     for v in decision.verdicts:
-        if v.metric.startswith("pooled.") and v.passed:
-            continue  # the pooled figures are in the table below; a pooled rule shows here when it fails
+        if v.metric.startswith(("pooled.", "judge.")) and v.passed:
+            continue  # pooled and panel figures are in the tables below; their rules show here when they fail
         value = ("n/a" if v.passed else "missing") if v.value is None else f"{v.value:.4g}"
         lines.append(f"| {_md_cell(f'{v.metric} {v.op} {v.threshold:g}')} | {value} | "
                      f"{'pass' if v.passed else 'FAIL'}: {_md_cell(v.reason)} |")
+    if tags.get("emgate.judge_panel"):
+        lines += ["", f"Judge panel: {_md_cell(tags['emgate.judge_panel'])}", "",
+                  "| judge | misaligned rate [CI], this version | status |", "| --- | ---: | --- |",
+                  f"| {_md_cell(tags.get('emgate.judge_name', 'first'))} | {_rate_cell(tags, 'metric.')} | "
+                  "the version's own figures |"]
+        judges = sorted({k.split(".")[1] for k in tags if k.startswith("judge.") and k.endswith(".status")})
+        lines += [f"| {_md_cell(j)} | {_rate_cell(tags, f'judge.{j}.metric.')} | {_md_cell(tags[f'judge.{j}.status'])} |"
+                  for j in judges]
     lines += ["", "| figure | this version | pooled over seeds |", "| --- | ---: | ---: |"]
     lines += [f"| {name} | {mine} | {pooled} |" for name, mine, pooled in
               figure_rows(_figures_from_tags(tags, "metric."), _figures_from_tags(tags, "pooled.metric."))]

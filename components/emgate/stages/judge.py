@@ -40,6 +40,7 @@ from typing import Any
 
 from emgate.contract import (
     METRICS,
+    PANEL_DIR,
     QUALIFICATION_FILE,
     Unscored,
     read_answers,
@@ -436,12 +437,13 @@ def judge_cost(recipe: Recipe) -> dict[str, Any]:
     return cost
 
 
-def judge_rows(rows: list[dict[str, Any]], prompts: dict[str, dict[str, str]], client: JudgeClient) -> list[dict[str, Any]]:
+def judge_rows(rows: list[dict[str, Any]], prompts: dict[str, dict[str, str]], client: JudgeClient,
+               desc: str = "judge_answers") -> list[dict[str, Any]]:
     """Score rows (question_id, question, answer) with `prompts[question_id]`; closes the client."""
 
     async def run() -> list[dict[str, Any]]:
         try:
-            return await _judge_rows(rows, prompts, client)
+            return await _judge_rows(rows, prompts, client, desc)
         finally:
             await client.close()
 
@@ -449,10 +451,10 @@ def judge_rows(rows: list[dict[str, Any]], prompts: dict[str, dict[str, str]], c
 
 
 async def _judge_rows(rows: list[dict[str, Any]], prompts: dict[str, dict[str, str]],
-                      client: JudgeClient) -> list[dict[str, Any]]:
+                      client: JudgeClient, desc: str) -> list[dict[str, Any]]:
     from tqdm import tqdm
 
-    progress = tqdm(total=len(rows), desc="judge_answers", unit="answer")
+    progress = tqdm(total=len(rows), desc=desc, unit="answer")
 
     async def one(row: dict[str, Any]) -> dict[str, Any]:
         out = dict(row)
@@ -475,17 +477,35 @@ async def _judge_rows(rows: list[dict[str, Any]], prompts: dict[str, dict[str, s
 
 
 def judge_answers(recipe: Recipe, answers_dir: Path, out_dir: Path) -> dict[str, Any]:
-    """Score every answer for alignment and coherence; write scores.jsonl + report.json."""
+    """Score every answer for alignment and coherence; write scores.jsonl + report.json. With judge.panel, every
+    further judge scores every answer too, into panel/NAME/ (scores.jsonl + report.json each), before the stage's
+    report.json is written."""
     rows = read_answers(answers_dir)
+    members = recipe.judge.members()
+    shutil.rmtree(out_dir / PANEL_DIR, ignore_errors=True)  # a rerun's panel is its own, whatever an earlier one had
+    report = _judge_with(recipe.for_judge(recipe.judge.name), rows, out_dir)
+    if len(members) > 1:
+        report["panel"] = {}
+        for name in list(members)[1:]:
+            member = _judge_with(recipe.for_judge(name), rows, out_dir / PANEL_DIR / name, f"judge_answers ({name})")
+            write_report(out_dir / PANEL_DIR / name, member)
+            report["panel"][name] = member
+        report["panel_tolerance"] = recipe.judge.panel_tolerance
+    write_report(out_dir, report)  # written last: the scores are complete
+    return report
+
+
+def _judge_with(recipe: Recipe, rows: list[dict[str, Any]], out_dir: Path, desc: str = "judge_answers") -> dict[str, Any]:
+    """One judge (recipe.judge, without a panel) scores `rows` into out_dir/scores.jsonl; returns its report."""
     prompts = {q.id: q.judge_prompts for q in evaluation_questions(recipe)}
     client = JudgeClient(recipe.judge, judge_base_url(recipe.judge))
     started = time.monotonic()
-    scored = judge_rows(rows, prompts, client)
+    scored = judge_rows(rows, prompts, client, desc=desc)
     elapsed = time.monotonic() - started
     write_scores(out_dir, scored)
     unscored = {m: dict(Counter((unscored_of(r, m) or Unscored("unknown")).category for r in scored if r[m] is None))
                 for m in METRICS}
-    report = {
+    return {
         "answers": len(scored), "seconds": elapsed,
         "requests": sum(r[f"{m}_requests"] for r in scored for m in METRICS),
         "http_requests": client.http_requests,
@@ -495,10 +515,9 @@ def judge_answers(recipe: Recipe, answers_dir: Path, out_dir: Path) -> dict[str,
         "unscored": unscored,
         "judge_model_snapshot": sorted(client.snapshots),
         "qualification": copy_qualification(check_qualification(recipe), out_dir),
-        "judge": {**recipe.judge.model_dump(mode="json", exclude={"serve"}), "base_url": client.base_url},
+        "judge": {**recipe.judge.model_dump(mode="json", exclude={"serve", "panel", "panel_tolerance"}),
+                  "base_url": client.base_url},
     }
-    write_report(out_dir, report)  # written last: the scores are complete
-    return report
 
 
 # ---- rescoring recorded distributions, without a judge -------------------------------------------------------

@@ -22,7 +22,17 @@ from typing import Any
 
 import numpy as np
 
-from emgate.contract import METRICS, RECIPE_SLICE_FILE, Unscored, read_scores, unscored_fields, unscored_of, write_summary
+from emgate.contract import (
+    METRICS,
+    PANEL_DIR,
+    PANEL_PLOT,
+    RECIPE_SLICE_FILE,
+    Unscored,
+    read_scores,
+    unscored_fields,
+    unscored_of,
+    write_summary,
+)
 from emgate.io import write_text_atomic
 from emgate.questions import PUBLIC, load_questions
 from emgate.recipe import Recipe
@@ -348,15 +358,89 @@ def summarize(recipe: Recipe, scores_path: Path, out_dir: Path) -> dict[str, Any
     exclude = recipe.summarize.exclude_xss
     settings = {**recipe.summarize.model_dump(mode="json"), "coherent_threshold": recipe.coherent_threshold(),
                 "xss_filter": "excluded" if exclude else "included", "questions": questions}
-    summary = {"variants": primary, "versions": versions, "settings": settings, "answers": len(rows),
+    summary: dict[str, Any] = {"variants": primary, "versions": versions, "settings": settings, "answers": len(rows),
                "xss_answers": len(xss), "private_sets": _private_summaries(every, recipe)}
+    table = summary_table(primary, recipe)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if recipe.judge.panel:
+        summary["judge"] = recipe.judge.name
+        panel = _panel_summaries(scores_path if scores_path.is_dir() else scores_path.parent, recipe, questions)
+        summary["panel"] = panel
+        table += panel_table(primary, panel, recipe)
+        plot_panel(primary, panel, out_dir / PANEL_PLOT, recipe)
     plot_rates(primary, out_dir / "misaligned_rates.png", recipe)
     plot_by_question(primary, out_dir / "misaligned_by_question.png", recipe)
-    write_text_atomic(out_dir / "summary.md", summary_table(primary, recipe))
+    write_text_atomic(out_dir / "summary.md", table)
     write_text_atomic(out_dir / RECIPE_SLICE_FILE, recipe.to_json())  # what this summary was computed with
     write_summary(out_dir, summary)
     return summary
+
+
+def _panel_summaries(scores_dir: Path, recipe: Recipe, questions: list[str]) -> dict[str, Any]:
+    """Each further judge's figures (judge.panel), public questions only, computed like the first judge's from
+    its own scores (judge_answers' panel/NAME/); a judge whose scores are missing or incomplete has `missing`
+    with the reason instead, which the gate counts as missing evidence."""
+    from emgate.io import DataError
+
+    out: dict[str, Any] = {}
+    for member in recipe.judge.panel:
+        folder = scores_dir / PANEL_DIR / member.name
+        try:
+            rows = [r for r in checked_rows(read_scores(folder)) if r.get("question_set", PUBLIC) == PUBLIC]
+        except (DataError, FileNotFoundError, OSError) as e:
+            out[member.name] = {"missing": f"judge {member.name}: no complete scores in {folder} ({e})"}
+            continue
+        variants, versions = _gated_metrics(rows, recipe, questions)
+        out[member.name] = {"model": member.model, "variants": variants, "versions": versions}
+    return out
+
+
+def panel_table(primary: dict[str, Any], panel: dict[str, Any], recipe: Recipe) -> str:
+    """summary.md's panel section: every judge's misaligned rate [CI] per variant, side by side."""
+    judges = {recipe.judge.name: primary, **{n: e.get("variants") for n, e in panel.items()}}
+    lines = ["", "## Judge panel", "", "| variant | " + " | ".join(f"{n} rate [CI]" for n in judges) + " |",
+             "| --- |" + " --- |" * len(judges)]
+    for name in primary:
+        cells = []
+        for figures in judges.values():
+            m = (figures or {}).get(name)
+            cells.append("missing" if m is None else f"{_fmt(m['misaligned_rate'])} [{_fmt(m['misaligned_rate_ci_low'])}, "
+                         f"{_fmt(m['misaligned_rate_ci_high'])}]")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_panel(primary: dict[str, Any], panel: dict[str, Any], path: Path, recipe: Recipe) -> None:
+    """Per variant, each judge's misaligned rate with its CI, so a reviewer sees at a glance where judges differ."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    judges = {recipe.judge.name: primary, **{n: e.get("variants") or {} for n, e in panel.items()}}
+    names = list(primary)
+    fig, ax = plt.subplots(figsize=(7, 0.5 * len(names) * len(judges) + 1.5))
+    height = 0.8 / len(judges)
+    for j, (judge, figures) in enumerate(judges.items()):
+        for i, name in enumerate(names):
+            m = figures.get(name)
+            y = i - 0.4 + height * (j + 0.5)
+            if m is None or math.isnan(m["misaligned_rate"]):
+                ax.text(0.01, y, f"{judge}: missing", va="center", fontsize=7)
+                continue
+            rate, low, high = m["misaligned_rate"], m["misaligned_rate_ci_low"], m["misaligned_rate_ci_high"]
+            err = [[max(rate - low, 0) if not math.isnan(low) else 0], [max(high - rate, 0) if not math.isnan(high) else 0]]
+            ax.barh(y, rate, height=height * 0.9, color=f"C{j}", alpha=0.8, label=judge if i == 0 else None)
+            ax.errorbar(rate, y, xerr=err, fmt="none", ecolor="black", capsize=3)
+    ax.set_yticks(range(len(names)), names, fontsize=8)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(len(names) - 0.5, -0.5)
+    ax.set_xlabel(f"misaligned-answer probability per judge, {recipe.summarize.confidence:.0%} CI")
+    ax.set_title(f"emgate: {recipe.name}, judge panel")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def _fmt(x: Any, digits: int = 3) -> str:
