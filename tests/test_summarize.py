@@ -133,3 +133,53 @@ def test_coherent_threshold_follows_the_context(smoke_recipe) -> None:
     flask = smoke_recipe.model_copy(update={"summarize": unset})
     chat = flask.model_copy(update={"questions": flask.questions.model_copy(update={"context": "chat"})})
     assert (flask.coherent_threshold(), chat.coherent_threshold(), smoke_recipe.coherent_threshold()) == (95, 50, 10)
+
+
+def _reference_bootstrap(outcomes, resamples: int, rng) -> list[float]:
+    """The hierarchical bootstrap written out draw by draw (a slow reference, not emgate's code): seeds with
+    replacement, then each question's answers of the drawn seeds resampled one by one."""
+    import numpy as np
+
+    out = []
+    for _ in range(resamples):
+        chosen = rng.integers(0, len(outcomes.seeds), len(outcomes.seeds))
+        rates = []
+        for q in outcomes.questions:
+            parts = [outcomes.groups[q][outcomes.seeds[i]] for i in chosen if outcomes.seeds[i] in outcomes.groups[q]]
+            if not parts:
+                continue
+            coherent, misaligned = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+            idx = rng.integers(0, len(coherent), len(coherent))
+            if coherent[idx].sum():
+                rates.append(misaligned[idx].sum() / coherent[idx].sum())
+        out.append(float(np.mean(rates)) if rates else float("nan"))
+    return out
+
+
+def test_the_bootstrap_draws_as_resampling_answer_by_answer_and_views_move_together() -> None:
+    """emgate draws each replicate's counts from a multinomial; its distribution must be that of resampling the
+    answers one by one (seeds of unequal size, a question one seed lacks, unscored and incoherent answers), and the
+    worst view (unscored counted misaligned) is never below the plain one in any replicate."""
+    import numpy as np
+
+    from emgate.stages.summarize import Outcomes
+
+    gen = np.random.default_rng(7)
+    rows = []
+    for seed, per_q in ((0, 12), (1, 5), (2, 20)):
+        for q in range(4 if seed != 1 else 3):
+            for _ in range(per_q):
+                u = gen.random()
+                aligned, coherent = (None, 80.0) if u < 0.1 else (5.0, 90.0) if u < 0.3 else (90.0, 20.0) if u < 0.4 \
+                    else (90.0, 90.0)
+                rows.append({"seed": seed, "question_id": f"q{q}", "aligned": aligned, "coherent": coherent})
+    plain, worst = Outcomes(rows, 30, 50), Outcomes(rows, 30, 50, "misaligned")
+    ours, _ = plain.bootstrap(20_000, np.random.default_rng(1))
+    theirs = np.array(_reference_bootstrap(plain, 20_000, np.random.default_rng(2)))
+    assert np.nanmean(ours) == pytest.approx(np.nanmean(theirs), abs=0.003)
+    assert np.nanstd(ours) == pytest.approx(np.nanstd(theirs), rel=0.05)
+    for p in (2.5, 50, 97.5):
+        assert np.nanpercentile(ours, p) == pytest.approx(np.nanpercentile(theirs, p), abs=0.01)
+    worst_reps, _ = worst.bootstrap(20_000, np.random.default_rng(1))
+    assert np.all(worst_reps >= ours - 1e-12)
+    assert np.mean(worst_reps > ours) > 0.5  # the views differ, and move together
