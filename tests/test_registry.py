@@ -686,3 +686,21 @@ def test_pending_is_refused_and_a_stale_pending_is_ungated(gated) -> None:
     client.set_model_version_tag(name, "2", "emgate.pending_since", stale)
     assert str(resolve_version(client, ungated).version) == "2"  # that gate run died: gate it again
     client.delete_model_version(name, "2")
+
+
+def test_version_tags_are_set_in_order_and_never_on_a_prompt(tmp_path: Path) -> None:
+    """registry.set_version_tags checks the registered model once (MLflow's own per-tag check would re-read it
+    for every tag) and still refuses a prompt, as MlflowClient.set_model_version_tag does."""
+    from mlflow import MlflowClient
+    from mlflow.prompt.constants import IS_PROMPT_TAG_KEY
+
+    from emgate.registry import set_version_tags
+    from tests.factories import sqlite_registry
+
+    client = MlflowClient(sqlite_registry(tmp_path, {"model": 1, "prompt": 1}))
+    set_version_tags(client, "model", "1", {"a": "1", "b": "2", "a ": "3"})
+    assert {k: v for k, v in client.get_model_version("model", "1").tags.items()} == {"a": "1", "b": "2", "a ": "3"}
+    client.set_registered_model_tag("prompt", IS_PROMPT_TAG_KEY, "true")
+    with pytest.raises(Exception, match="'prompt' not found"):  # MLflow hides prompts from the model registry
+        set_version_tags(client, "prompt", "1", {"a": "1"})
+    assert client.get_model_version("prompt", "1").tags == {}

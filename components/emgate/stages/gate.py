@@ -601,12 +601,13 @@ def _register_version(tracking: Tracking, version: VersionToRegister, evidence: 
     """Register (or, for an adapter from the registry, reuse) the version and put the signed decision on it: the
     version is `pending` until its signed report and decision record are written, then its tags are a copy of
     them for the UI. A blocked version that held `champion` loses it (_retreat_champion)."""
+    from emgate.registry import set_version_tags
+
     number_ = _model_version(tracking, version)
     client, name = tracking.client, version.model_name
     now = datetime.now(UTC).isoformat(timespec="seconds")
-    for key, value in {"emgate.decision": PENDING, "validation_status": PENDING, "emgate.pending_since": now,
-                       "emgate.pending_run_id": gate_run}.items():
-        client.set_model_version_tag(name, number_, key, value)
+    set_version_tags(client, name, number_, {"emgate.decision": PENDING, "validation_status": PENDING,
+                                             "emgate.pending_since": now, "emgate.pending_run_id": gate_run})
     context = _decision_context(tracking, version, number_, evidence)
     source = str(client.get_model_version(name, number_).source)
     report = _log_gate_report(tracking, version, number_, context, evidence, gate_run, source)
@@ -617,8 +618,7 @@ def _register_version(tracking: Tracking, version: VersionToRegister, evidence: 
     tags = _decision_tags(tracking, version, context, links, evidence, report)
     tags |= {"emgate.decision_sequence": str(record.sequence), "emgate.decision_record_run": record_run}
     decided = {k: tags.pop(k) for k in ("validation_status", "emgate.decision")}  # last: pending until all is written
-    for key, value in {**tags, **decided}.items():
-        client.set_model_version_tag(name, number_, key, value)
+    set_version_tags(client, name, number_, {**tags, **decided})
     for key in ("emgate.pending_since", "emgate.pending_run_id"):
         client.delete_model_version_tag(name, number_, key)
     client.update_model_version(name, number_, description=version_description(
