@@ -1,6 +1,7 @@
 """The smoke recipe through the whole pipeline: KFP local runner, real vLLM servers, real MLflow store.
 
-One run (about 10 minutes on 2 cores) is shared by every test here; a second run checks the KFP cache.
+One run (about 10 minutes on 2 cores) is shared by every test here; a second run, with one summarize setting
+changed, checks the KFP cache and the recipe slices together.
 """
 
 from __future__ import annotations
@@ -123,31 +124,21 @@ def test_the_adapter_changes_greedy_output(smoke_run, smol_model: Path, smol_tok
     assert before.tolist() != after.tolist()
 
 
-def test_a_second_run_reuses_every_cached_stage(smoke_run) -> None:
+def test_a_rerun_with_a_changed_summarize_setting_reruns_only_summarize_and_the_gate(smoke_run) -> None:
+    """The KFP cache and recipe slices (emgate.slices) in one rerun: summarize's cache key changes, sampling's and the
+    judge's do not, so validation, fine-tuning, sampling and judging all come from the cache."""
     root, db, first = smoke_run
-    timings_before = set((root / "runs").glob("timings-*.jsonl"))
-    proc = run_cli(root / "runs", db)
-    assert proc.returncode == first.returncode, proc.stderr[-3000:]
-    new = set((root / "runs").glob("timings-*.jsonl")) - timings_before
-    assert len(new) == 1
-    ran = [json.loads(line)["stage"] for line in new.pop().read_text().splitlines()]
-    promoted = ["promote_passed"] if "PASSED" in first.stdout else []  # runs under dsl.If: only after a pass
-    assert ran == ["register_and_gate", *promoted, "record_outcome"]  # everything else came from the KFP cache
-
-
-def test_a_changed_summarize_setting_reruns_only_summarize_and_the_gate(smoke_run) -> None:
-    """Recipe slices (emgate.slices): summarize's cache key changes, sampling's and the judge's do not."""
-    root, db, _ = smoke_run
     timings_before = set((root / "runs").glob("timings-*.jsonl"))
     proc = run_cli(root / "runs", db, "--set", "summarize.bootstrap_seed=7")
     assert proc.returncode in (0, 3), proc.stderr[-3000:]
     new = set((root / "runs").glob("timings-*.jsonl")) - timings_before
     assert len(new) == 1
     ran = [json.loads(line)["stage"] for line in new.pop().read_text().splitlines()]
-    promoted = ["promote_passed"] if "PASSED" in proc.stdout else []
+    promoted = ["promote_passed"] if "PASSED" in proc.stdout else []  # runs under dsl.If: only after a pass
     slicing = [s for s in ran if s.startswith("slice_recipe")]  # the recipe changed: its slices are cut again
     assert "slice_recipe" in slicing
     assert [s for s in ran if s not in slicing] == ["summarize", "register_and_gate", *promoted, "record_outcome"]
+    assert "Traceback" not in proc.stdout + proc.stderr
 
 
 def test_bad_data_stops_the_run_before_training_and_is_recorded(tmp_path: Path, smol_model: Path) -> None:

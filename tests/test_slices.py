@@ -235,3 +235,30 @@ def test_a_change_to_one_dataset_retrains_only_the_jobs_that_use_it() -> None:
     job = recipe_for_stage(slice_json(before, "fine_tune", "base-secure@0"), "fine_tune[base-secure@0]")
     with pytest.raises(RecipeError, match="given to stage fine_tune\\[base-insecure@0\\]"):
         recipe_for_stage(job.to_json(), "fine_tune[base-insecure@0]")
+
+
+def test_the_judge_stage_waits_for_a_judge_served_in_the_background(monkeypatch: pytest.MonkeyPatch,
+                                                                    tmp_path: Path) -> None:
+    """`emgate run` starts its judge in the background and writes `ready` or `failed: WHY` into the file named by
+    $EMGATE_JUDGE_STATUS: the judge stage waits for `ready`, and a judge that failed to start fails the stage with
+    the server's reason, never a wall of request_failed answers."""
+    import threading
+    import time
+
+    from emgate.stages.judge import JUDGE_STATUS_ENV, JUDGE_URL_ENV, JudgeError, await_served_judge, judge_base_url
+
+    judge = sliced(load_recipe(SMOKE), "judge_answers").judge
+    status = tmp_path / "status"
+    monkeypatch.setenv(JUDGE_URL_ENV, "http://127.0.0.1:40001/v1")
+    monkeypatch.setenv(JUDGE_STATUS_ENV, str(status))
+    timer = threading.Timer(1.0, lambda: status.write_text("ready"))
+    timer.start()
+    started = time.monotonic()
+    assert judge_base_url(judge) == "http://127.0.0.1:40001/v1"
+    assert 0.9 < time.monotonic() - started < 10  # it waited for the file
+    status.write_text("failed: vLLM server for judge exited with code 1 before it was ready")
+    with pytest.raises(JudgeError, match="did not start: vLLM server for judge exited with code 1"):
+        judge_base_url(judge)
+    status.write_text("")
+    with pytest.raises(JudgeError, match="was not ready after 1 s"):
+        await_served_judge(wait_s=1)

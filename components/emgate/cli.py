@@ -10,6 +10,7 @@ import io
 import json
 import os
 import re
+import shutil
 import sys
 import time
 import types
@@ -417,13 +418,19 @@ class _LogTee(io.TextIOBase):
 
 @contextlib.contextmanager
 def _judge_server(r: Recipe) -> Iterator[Recipe]:
-    """Serve the recipe's local judge with vLLM for the length of the run, when it asks for one."""
+    """Serve the recipe's local judge with vLLM for the length of the run, when it asks for one. The server starts
+    in the background: the stages before judging run meanwhile, and the judge stage waits for it
+    (stages/judge.py await_served_judge), so a run that fails early or finds judging cached never waits for it."""
     if r.judge.serve is None or r.judge.base_url:
         yield r
         return
+    import tempfile
+    import threading
+
+    from emgate.io import write_text_atomic
     from emgate.models import resolve_model
-    from emgate.stages.judge import JUDGE_URL_ENV, JudgeError, check_judge_context
-    from emgate.vllm_server import VllmServer, port_is_free, running
+    from emgate.stages.judge import JUDGE_STATUS_ENV, JUDGE_URL_ENV, JudgeError, check_judge_context
+    from emgate.vllm_server import ServerError, VllmServer, port_is_free, running
 
     serve = r.judge.serve
     judge_path = resolve_model(serve.model, r.models[serve.model])
@@ -436,17 +443,31 @@ def _judge_server(r: Recipe) -> Iterator[Recipe]:
         console.print(f"[yellow]judge port {serve.port} is taken; using a free port[/yellow]")
     server = VllmServer(model_path=judge_path, served_name=r.judge.model,
                         serving=r.serving, port=port, max_logprobs=r.judge.top_logprobs)
-    with console.status(f"starting the judge ({r.judge.model}) in vLLM"):
-        ctx = running(server)
-        s = ctx.__enter__()
-    console.print(f"judge {r.judge.model} serving at {s.base_url}")
+    status = Path(tempfile.mkdtemp(prefix="emgate-judge-")) / "status"
+    ctx = running(server, wait=False)
+    s = ctx.__enter__()
+
+    def watch() -> None:
+        try:
+            s.wait_ready()
+            outcome = "ready"
+        except ServerError as exc:
+            outcome = f"failed: {exc}"
+        with contextlib.suppress(OSError):  # the run may have ended (and removed the folder) before the server was up
+            write_text_atomic(status, outcome)
+
+    threading.Thread(target=watch, name="judge-server-ready", daemon=True).start()
+    console.print(f"judge {r.judge.model} starting in vLLM at {s.base_url} (in the background)")
     # the judge stage finds the URL in its environment: a recipe field would change its cache key with the port
     os.environ[JUDGE_URL_ENV] = s.base_url
+    os.environ[JUDGE_STATUS_ENV] = str(status)
     try:
         yield r
     finally:
         os.environ.pop(JUDGE_URL_ENV, None)
+        os.environ.pop(JUDGE_STATUS_ENV, None)
         ctx.__exit__(None, None, None)
+        shutil.rmtree(status.parent, ignore_errors=True)
 
 
 @app.command()

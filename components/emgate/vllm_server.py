@@ -83,7 +83,8 @@ class VllmServer:
             cmd += [f"{m.name}={m.path}" for m in self.lora_modules]
         return cmd
 
-    def start(self) -> None:
+    def start(self, wait: bool = True) -> None:
+        """Launch the server; with `wait`, return once /health answers (else call wait_ready later)."""
         if self.port is None:
             self.port = free_port(self.host)
         elif not port_is_free(self.host, self.port):
@@ -96,15 +97,19 @@ class VllmServer:
             # A new session makes the server and its engine workers one process group, stopped together.
             self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=env,
                                             start_new_session=True, preexec_fn=_terminate_with_parent)
-        self._wait_ready()
+        if wait:
+            self.wait_ready()
 
-    def _wait_ready(self) -> None:
+    def wait_ready(self) -> None:
+        """Until /health answers; ServerError when the server exits, is stopped, or is not ready in time."""
         deadline = time.monotonic() + self.serving.startup_timeout_s
-        assert self.process is not None
         while time.monotonic() < deadline:
-            if self.process.poll() is not None:
+            process = self.process
+            if process is None:
+                raise ServerError(f"vLLM server for {self.served_name} was stopped before it was ready")
+            if process.poll() is not None:
                 raise ServerError(
-                    f"vLLM server for {self.served_name} exited with code {self.process.returncode} "
+                    f"vLLM server for {self.served_name} exited with code {process.returncode} "
                     f"before it was ready. Log tail ({self.log_path}):\n{self.log_tail()}"
                 )
             with contextlib.suppress(httpx.HTTPError):
@@ -162,8 +167,9 @@ def _terminate_with_parent() -> None:
 
 
 @contextlib.contextmanager
-def running(server: VllmServer) -> Iterator[VllmServer]:
-    """Start the server, yield it, and stop it on any exit, error or signal included."""
+def running(server: VllmServer, wait: bool = True) -> Iterator[VllmServer]:
+    """Start the server, yield it (ready, unless `wait` is False: then it may still be starting), and stop it on any
+    exit, error or signal included."""
     previous = signal.getsignal(signal.SIGTERM)
 
     def _terminate(signum: int, frame: object) -> None:
@@ -172,7 +178,7 @@ def running(server: VllmServer) -> Iterator[VllmServer]:
     if previous in (signal.SIG_DFL, None):
         signal.signal(signal.SIGTERM, _terminate)
     try:
-        server.start()
+        server.start(wait=wait)
         yield server
     finally:
         server.stop()

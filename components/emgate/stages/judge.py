@@ -69,6 +69,9 @@ from emgate.recipe import JudgeSpec, Recipe
 _LEADING_DIGITS = re.compile(r"^(\d+)(.*)$", re.S)
 
 JUDGE_URL_ENV = "EMGATE_JUDGE_URL"  # set by `emgate run` while it serves judge.serve
+# a file `emgate run` writes `ready` or `failed: WHY` into once the judge it serves in the background is up or gone
+JUDGE_STATUS_ENV = "EMGATE_JUDGE_STATUS"
+JUDGE_WAIT_S = 3600  # seconds at most to wait for that file; the server's own startup_timeout_s ends it sooner
 NextTokenDist = Callable[[str], Awaitable[dict[str, float] | None]]  # None: unknown (counted unresolved)
 
 
@@ -388,11 +391,35 @@ def judge_base_url(cfg: JudgeSpec) -> str:
     if cfg.base_url:
         return cfg.base_url
     if cfg.serve is not None and os.environ.get(JUDGE_URL_ENV):
+        await_served_judge()
         return os.environ[JUDGE_URL_ENV]
     if cfg.serve is not None:
         raise JudgeError("judge.base_url is not set: `emgate run` serves judge.serve itself and fills it in; "
                          "on a cluster set judge.base_url to the judge's OpenAI-compatible /v1 URL")
     return "https://api.openai.com/v1"
+
+
+def await_served_judge(wait_s: float = JUDGE_WAIT_S) -> None:
+    """Block until the judge `emgate run` starts in the background is ready ($EMGATE_JUDGE_STATUS); JudgeError with
+    the server's own error when it failed to start. Nothing to wait for without the variable (a judge elsewhere)."""
+    path = os.environ.get(JUDGE_STATUS_ENV)
+    if not path:
+        return
+    status = Path(path)
+    deadline = time.monotonic() + wait_s
+    announced = False
+    while time.monotonic() < deadline:
+        text = status.read_text(encoding="utf-8") if status.is_file() else ""
+        if text == "ready":
+            return
+        if text.startswith("failed: "):
+            raise JudgeError(f"the judge `emgate run` serves did not start: {text.removeprefix('failed: ')}")
+        if not announced:
+            print(f"judge_answers: waiting for the judge server at {os.environ.get(JUDGE_URL_ENV)} to be ready",
+                  flush=True)
+            announced = True
+        time.sleep(0.5)
+    raise JudgeError(f"the judge `emgate run` serves was not ready after {wait_s:.0f} s ({status} says nothing)")
 
 
 def check_judge_context(recipe: Recipe, tokenizer: Any, max_model_len: int) -> None:
