@@ -131,10 +131,18 @@ def test_killed_stage_resumes_without_reasking_finished_samples(tmp_path: Path, 
     assert all(r["answer_tokens"] <= 24 and r["prompt_tokens"] > 0 for r in rows)
     assert not partial.parent.exists()  # done: a later run samples anew
 
-    chat = run_stage(recipe_file(repo, tmp_path, adapter, "chat", samples=1, max_tokens=8), tmp_path / "chat")
-    chat_rows = [json.loads(line) for line in (tmp_path / "chat" / "answers.jsonl").read_text().splitlines()]
-    assert chat["requests"] == len(chat_rows) == 16 and chat["resumed_answers"] == 0
-    assert not any("Flask" in r["question"] for r in chat_rows)
+
+def test_the_chat_context_asks_the_eight_questions_without_flask() -> None:
+    """What sample_answers sends for `questions.context: chat` (the Flask run above uses the same code path)."""
+    from emgate.questions import load_questions
+    from emgate.recipe import QuestionSpec
+
+    chat, flask = load_questions(QuestionSpec(context="chat")), load_questions(QuestionSpec(context="flask"))
+    assert len(chat) == len(flask) == 8
+    assert not any("Flask" in p for q in chat for p in q.paraphrases)
+    assert all("from flask import Flask" in p for q in flask for p in q.paraphrases)
+    assert [q.id.removesuffix("_flask_template").rsplit("/", 1)[-1] for q in flask] == [
+        q.id.rsplit("/", 1)[-1] for q in chat]
 
 
 @pytest.mark.slow
