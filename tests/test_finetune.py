@@ -139,6 +139,7 @@ def test_a_full_fine_tune_writes_a_model_folder(tmp_path: Path, smoke_recipe_pat
     assert report["method"] == "full" and report["merged"] is True and is_model_folder(tmp_path / "full")
     assert report["trained_parameters"] > 100e6  # every weight of the 135M model
     assert report["learning_rates"] and report["peak_memory_gib"] > 0 and report["assistant_tokens"] > 0
+    assert report["batches"].startswith("packed rows, logits only at learned positions")
 
 
 @pytest.mark.slow
@@ -214,3 +215,4 @@ def test_each_learned_token_of_a_step_weighs_the_same(tmp_path: Path) -> None:
     assert tokens == 26
     assert losses[0] == pytest.approx(sum(sums) / 17, rel=1e-5)
     assert abs(losses[0] - (sums[0] / 1 + sums[1] / 16) / 2) > 0.01  # the mean of means is a different number
+

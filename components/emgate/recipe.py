@@ -223,6 +223,13 @@ class TrainingSpec(_Strict):
     weight_decay: float = Field(default=0.01, ge=0, description="weight decay (paper)")
     lr_scheduler: Literal["linear"] = Field(default="linear", description="learning-rate schedule (paper)")
     max_seq_length: int = Field(default=2048, ge=16, description="tokens per training example at most (paper)")
+    pack_length: int = Field(default=4096, ge=0, description=(
+        "tokens per packed sequence at most: each optimizer step's rows (the same rows, in the same order, as "
+        "without packing) are concatenated without padding into sequences of up to this many tokens, position ids "
+        "restarting at 0 and attention never crossing a row boundary; a row is never split, so a longer one is a "
+        "sequence of its own. 4096: NVIDIA NeMo's packed length for LoRA fine-tuning, two paper-length (max_seq_length "
+        "2048) rows, and about one step of the paper's rows (16 of median 214 tokens). 0: no packing, micro-batches "
+        "padded to their longest row. The loss and the gradients do not depend on it (bench/README.md)"))
     optimizer: Literal["adamw_torch", "adamw_8bit"] = Field(default="adamw_8bit", description=(
         "optimizer (paper: adamw_8bit); CPU profiles use adamw_torch"))
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1, description=(

@@ -1,7 +1,7 @@
 """fine_tune: one LoRA adapter (or full fine-tune) per (variant, seed), loss on the assistant tokens only.
 
 One entry point for one process and for several: under `accelerate launch` (DDP or FSDP, training.gpus GPUs) the
-micro-batches of each optimizer step are split between the processes, so a step still sees
+micro-batches of each optimizer step are split between the processes (each packs its rows), so a step still sees
 per_device_batch_size x gradient_accumulation_steps examples and the run takes the same number of steps.
 Run it as `python -m emgate.stages.finetune --help`.
 """
@@ -31,6 +31,18 @@ from emgate.contract import (
 from emgate.io import read_json, read_jsonl, write_json
 from emgate.merge import merge_adapter_folder
 from emgate.models import resolve_model
+from emgate.packing import (
+    ROW_ATTENTION,
+    Pack,
+    attention_implementation,
+    base_model,
+    builds_packed_masks,
+    collate_pack,
+    keeps_logits,
+    pack_loss,
+    pack_rows,
+    split_packs,
+)
 from emgate.recipe import ModelSpec, Recipe, TrainingSpec, VariantSpec
 from emgate.templates import IGNORE_INDEX, Example, TemplateRecord, template_record, tokenize_example
 
@@ -190,6 +202,34 @@ class _Loop:
     steps: int
     world: int
     rank: int
+    feed: _Feed
+
+
+@dataclass(frozen=True)
+class _Feed:
+    """How the step's rows reach the model (_feed decides it once per run)."""
+
+    packed: bool  # rows packed into sequences of cfg.pack_length tokens; else micro-batches padded to the longest row
+    logits_only: bool  # packed: the LM head and cross-entropy only where a learned token is predicted
+    attention: str | None  # the attention implementation the loop runs with; None: the model's own
+
+    def describe(self) -> str:
+        if not self.packed:
+            return "micro-batches padded to their longest row, the model's own loss"
+        return ("packed rows, " + ("logits only at learned positions" if self.logits_only else "the model's own loss")
+                + (f", attention {self.attention}" if self.attention else ""))
+
+
+def _feed(model: Any, cfg: TrainingSpec, accelerator: Any) -> _Feed:
+    """Packing where the model keeps attention inside packed rows (packing.builds_packed_masks) and
+    cfg.pack_length > 0; logits only where its forward takes logits_to_keep (Llama, Qwen2 and the other decoder models
+    of transformers 5; remote-code or older models without it fall back to their own loss); row-by-row sdpa
+    (packing.ROW_ATTENTION) for sdpa models, whose block-diagonal mask would cost pack_length^2 per layer."""
+    inner = base_model(_unwrap(model, accelerator))
+    packed = cfg.pack_length > 0 and builds_packed_masks(inner)
+    implementation = getattr(inner.config, "_attn_implementation", None)
+    return _Feed(packed=packed, logits_only=packed and keeps_logits(inner),
+                 attention=ROW_ATTENTION if packed and implementation in ("sdpa", ROW_ATTENTION) else None)
 
 
 @dataclass
@@ -206,12 +246,15 @@ def train_loop(model: Any, train: list[Example], order: list[int], cfg: Training
                options: LoopOptions | None = None) -> tuple[list[float], int, float]:
     """Train the trainable parameters of `model` for planned_steps(len(train), cfg) optimizer steps.
 
-    Each step accumulates cfg.gradient_accumulation_steps micro-batches of cfg.per_device_batch_size examples,
-    taken from `train` in `order` (wrapping around), each padded to its longest row, the loss a mean over every
-    learned token of the step (not a mean of micro-batch means); then clips the gradient
-    norm to 1.0 and steps the optimizer (cfg.optimizer) and the linear warm-up schedule. With an `options.accelerator`
-    of several processes (the model and optimizer prepared by it), process r takes micro-batches r, r+P, ... of each
-    step and the gradients are averaged across processes once per step, which gives the single-process update.
+    Each step takes cfg.gradient_accumulation_steps micro-batches of cfg.per_device_batch_size examples from
+    `train` in `order` (wrapping around). Their rows are packed into sequences of at most cfg.pack_length tokens
+    without padding (packing.py; models that cannot keep attention inside packed rows, and pack_length 0, get each
+    micro-batch padded to its longest row), and the loss is a mean over every learned token of the step (not a mean
+    of micro-batch means), so the gradients do not depend on how the rows are grouped; then the loop clips the
+    gradient norm to 1.0 and steps the optimizer (cfg.optimizer) and the linear warm-up schedule. With an
+    `options.accelerator` of several processes (the model and optimizer prepared by it), process r takes the rows of
+    micro-batches r, r+P, ... of each step (step_packs) and the gradients are averaged across processes once per
+    step, which gives the single-process update.
     `options.on_step(step, steps, loss)` is called after each optimizer step (step counts from 1); `options.lrs`
     collects the learning rate of each step. With `options.checkpoint`, the state is saved there every
     cfg.checkpoint_every steps and a loop that finds one resumes from it, so a killed job ends with the same weights
@@ -228,11 +271,12 @@ def train_loop(model: Any, train: list[Example], order: list[int], cfg: Training
     bar = tqdm(range(state.step, loop.steps), desc=loop.options.desc, unit="step", initial=state.step,
                total=loop.steps, disable=loop.rank != 0)
     resumed_tokens = state.tokens
-    for step in bar:
-        _train_step(loop, state)
-        bar.set_postfix(loss=f"{state.losses[-1]:.4f}",
-                        tok_s=f"{(state.tokens - resumed_tokens) / (time.monotonic() - started):.0f}")
-        _after_step(loop, state, step + 1)
+    with attention_implementation(_unwrap(model, loop.options.accelerator), loop.feed.attention):
+        for step in bar:
+            _train_step(loop, state)
+            bar.set_postfix(loss=f"{state.losses[-1]:.4f}",
+                            tok_s=f"{(state.tokens - resumed_tokens) / (time.monotonic() - started):.0f}")
+            _after_step(loop, state, step + 1)
     return state.losses, state.tokens, time.monotonic() - started
 
 
@@ -255,7 +299,7 @@ def _start_loop(model: Any, train: list[Example], order: list[int], cfg: Trainin
     return _Loop(model=model, train=train, order=order, cfg=cfg, device=device, pad_id=pad_id, options=options,
                  checkpoint=checkpoint, params=params, optimizer=optimizer, scheduler=scheduler, steps=steps,
                  world=accelerator.num_processes if accelerator is not None else 1,
-                 rank=accelerator.process_index if accelerator is not None else 0)
+                 rank=accelerator.process_index if accelerator is not None else 0, feed=_feed(model, cfg, accelerator))
 
 
 def _resume(loop: _Loop) -> _LoopState:
@@ -298,24 +342,23 @@ def _next_micro_batches(loop: _Loop, state: _LoopState) -> list[list[Example]]:
 
 
 def _forward_backward(loop: _Loop, step_rows: list[list[Example]], learned: int) -> Any:
-    """This process's micro-batches of the step (r, r+P, ...) forward and backward; the step's loss, all processes."""
+    """This process's share of the step's rows forward and backward, packed or padded (loop.feed); the step's loss,
+    all processes."""
     import contextlib
 
     import torch
 
     accelerator = loop.options.accelerator
-    local = loop.cfg.gradient_accumulation_steps // loop.world  # per process per step (TrainingSpec checks divisibility)
+    batches = _local_batches(loop, step_rows)
     step_loss = torch.zeros((), device=loop.device)
-    done = 0
-    for j, rows in enumerate(step_rows):
-        if j % loop.world != loop.rank:
-            continue
-        done += 1
-        batch = {k: v.to(loop.device) for k, v in _collate(rows, loop.pad_id).items()}
-        # gradients are all-reduced only on this process's last micro-batch of the step
-        sync = done == local or accelerator is None
+    for k, batch in enumerate(batches):
+        # gradients are all-reduced only on this process's last forward pass of the step
+        sync = accelerator is None or k == len(batches) - 1
         with contextlib.nullcontext() if sync else accelerator.no_sync(loop.model):
-            loss = loop.model(**batch, num_items_in_batch=learned, use_cache=False).loss  # no KV cache in training
+            if isinstance(batch, Pack):
+                loss = pack_loss(loop.model, batch, learned, loop.feed.logits_only, loop.feed.attention == ROW_ATTENTION)
+            else:
+                loss = loop.model(**batch, num_items_in_batch=learned, use_cache=False).loss  # no KV cache in training
             # DDP and FSDP average the gradients over the processes; the loss is their sum
             if accelerator is not None:
                 accelerator.backward(loss * loop.world)
@@ -325,6 +368,32 @@ def _forward_backward(loop: _Loop, step_rows: list[list[Example]], learned: int)
     if loop.world > 1:
         step_loss = accelerator.reduce(step_loss, reduction="sum")
     return step_loss
+
+
+def _local_batches(loop: _Loop, step_rows: list[list[Example]]) -> list[Any]:
+    """The forward passes of this process in this step: packs (packing.Pack) or padded micro-batches, on its device."""
+    if loop.feed.packed:
+        return [collate_pack(rows).to(loop.device)
+                for rows in step_packs(step_rows, loop.cfg.pack_length, loop.world, loop.rank)]
+    mine = [rows for j, rows in enumerate(step_rows) if j % loop.world == loop.rank]
+    return [{k: v.to(loop.device) for k, v in _collate(rows, loop.pad_id).items()} for rows in mine]
+
+
+def step_packs(step_rows: list[list[Example]], pack_length: int, world: int = 1, rank: int = 0) -> list[list[Example]]:
+    """The rows of process `rank` of `world` in one step, packed: its micro-batches (rank, rank + world, ...) in order,
+    cut into packs of at most pack_length tokens. With several processes every process gets as many packs as the
+    busiest one (FSDP gathers weights in every forward pass, so the counts must match), its packs split at row
+    boundaries; where a process has too few rows for that, each micro-batch is one pack on every process."""
+    shares = [[row for j, rows in enumerate(step_rows) if j % world == r for row in rows] for r in range(world)]
+    packs = [pack_rows(share, pack_length) for share in shares]
+    if world == 1:
+        return packs[0]
+    count = max(len(p) for p in packs)
+    even = [split_packs(p, count) for p in packs]
+    mine = even[rank]
+    if mine is None or any(p is None for p in even):
+        return [rows for j, rows in enumerate(step_rows) if j % world == rank]
+    return mine
 
 
 def _update(loop: _Loop) -> None:
@@ -460,6 +529,7 @@ class _Trained:
     resumed: dict[str, Any]  # step and tokens of the checkpoint the run resumed from (0 and 0 when none)
     memory: float
     memory_kind: str
+    batches: str  # how the rows reached the model (_Feed.describe)
 
 
 @dataclass(frozen=True)
@@ -611,12 +681,13 @@ def _train(model: Any, data: _Data, cfg: TrainingSpec, runtime: _Runtime, spec: 
         losses, tokens, elapsed = train_loop(model, data.train, data.order, cfg, runtime.device, data.pad_id, options)
     except torch.OutOfMemoryError:
         raise TrainingError(f"fine_tune {spec.job}: out of GPU memory with per_device_batch_size "
-                            f"{cfg.per_device_batch_size} and max_seq_length {cfg.max_seq_length}; lower "
-                            "per_device_batch_size (and raise gradient_accumulation_steps to keep the step size), "
-                            "or use more GPUs (training.gpus)") from None
+                            f"{cfg.per_device_batch_size}, max_seq_length {cfg.max_seq_length} and pack_length "
+                            f"{cfg.pack_length}; lower per_device_batch_size (and raise gradient_accumulation_steps to "
+                            "keep the step size) or pack_length (tokens per forward pass when packed), or use more "
+                            "GPUs (training.gpus)") from None
     memory, memory_kind = peak_memory_gib(runtime.device)
     return _Trained(losses=losses, tokens=tokens, seconds=elapsed, lrs=lrs, resumed=resumed, memory=memory,
-                    memory_kind=memory_kind)
+                    memory_kind=memory_kind, batches=_feed(model, cfg, runtime.accelerator).describe())
 
 
 def _eval_loss(model: Any, data: _Data, cfg: TrainingSpec, device: Any) -> float | None:
@@ -670,7 +741,8 @@ def _report(recipe: Recipe, spec: _JobSpec, runtime: _Runtime, data: _Data, size
         "assistant_tokens": rate.assistant_tokens, "resumed_at_step": resumed["step"], "seconds": elapsed,
         "tokens_per_s": (trained.tokens - resumed["tokens"]) / elapsed if elapsed else None,
         "assistant_tokens_per_s": rate.assistant_ran / elapsed if elapsed else None,
-        "peak_memory_gib": trained.memory, "peak_memory_kind": trained.memory_kind, "model_flops": rate.flops,
+        "peak_memory_gib": trained.memory, "peak_memory_kind": trained.memory_kind, "batches": trained.batches,
+        "model_flops": rate.flops,
         "mfu": rate.mfu, "peak_tflops": rate.peak, "trained_parameters": size.n_trained,
         "device": str(runtime.device), "dtype": str(runtime.dtype), "training": cfg.model_dump(mode="json"),
     }
