@@ -243,9 +243,12 @@ class TrainingSpec(_Strict):
         "GPUs per fine_tune job. More than 1 runs the same entry point under `accelerate launch` with the config "
         "`distributed` names (pipelines/recipes/accelerate/); each step still takes per_device_batch_size x "
         "gradient_accumulation_steps examples in all, so the number of optimizer steps does not change"))
-    gradient_checkpointing: bool = Field(default=True, description=(
-        "recompute activations in the backward pass (GPUs only): much less memory for ~30% more compute; the 32B "
-        "models of the paper do not fit one GPU's memory without it"))
+    gradient_checkpointing: bool | Literal["auto"] = Field(default="auto", description=(
+        "recompute activations in the backward pass (GPUs only): much less memory for about a third more compute "
+        "per step. auto: on only when the estimated peak memory without it (emgate/stages/finetune.py "
+        "estimate_training_memory_gib, calibrated on a measured run) exceeds 85% of the GPU's memory, e.g. the 32B "
+        "models of the paper; true: always on a GPU; false: never. The train report records the decision and the "
+        "estimates"))
     distributed: Literal["ddp", "fsdp"] = Field(default="ddp", description=(
         "how gpus > 1 share the work: the accelerate config pipelines/recipes/accelerate/ddp.yaml or fsdp.yaml"))
 

@@ -155,6 +155,76 @@ def training_flops(n_linear: int, n_trained: int, n_layers: int, hidden: int, ro
     return 4 * n_linear * tokens + 6 * n_trained * tokens + attention
 
 
+# Measured peak over estimate_training_memory_gib on the GPU runs there are (bench/README.md, finetune_gpu, one H100,
+# LoRA, bf16, checkpointing on, padded micro-batches of at most 1,480 tokens): Qwen2.5-7B shape 31.0 / 18.3 GiB = 1.70,
+# 0.5B shape 6.7 / 3.5 GiB = 1.93; rounded up. What the formula leaves out (the allocator's blocks, the optimizer's
+# temporaries, the loss's extra copies of the logits) is assumed to scale with it; two points, one loop: a rough fit.
+MEMORY_CALIBRATION = 2.0
+GPU_MEMORY_SHARE = 0.85  # of the GPU's memory a run without checkpointing may be estimated to fill: CUDA context, slack
+
+
+@dataclass(frozen=True)
+class MemoryShape:
+    """What training memory depends on: the model's shape and the tokens of one forward pass."""
+
+    hidden: int
+    intermediate: int
+    layers: int
+    kv_dim: int  # key/value heads x head dimension
+    vocab: int
+    n_params: int  # every weight of the base model
+    n_trained: int  # trainable parameters (the adapters; every weight for a full fine-tune)
+    lora_r: int | None  # None: a full fine-tune
+    tokens: int  # of the largest forward pass
+    param_bytes: int  # 2 for bf16 weights, 4 for float32
+    shards: int = 1  # FSDP processes sharing the weights and optimizer state
+
+
+def estimate_training_memory_gib(shape: MemoryShape, checkpointing: bool) -> float:
+    """Peak training memory per process, GiB, before MEMORY_CALIBRATION:
+
+    weights    n_params x param_bytes / shards
+    state      LoRA: n_trained x 16 (float32 adapter, gradient, two AdamW moments);
+               full: n_params x 3 x param_bytes / shards (gradient and two moments in the weights' dtype)
+    layers     bytes one decoder layer keeps for the backward pass per token: in 16-bit, 12 hidden (norm inputs,
+               q/k/v and attention inputs and output, residuals) + 4 kv_dim (k, v) + 8 intermediate (gate, up, their
+               SiLU product, the down projection's input), scaled by param_bytes / 2; with LoRA on 16-bit weights, the
+               adapters' float32 copies of their inputs, 4 x (6 hidden + intermediate), and their rank-r
+               activations, 7 x 4 r; checkpointing keeps only each layer's input (hidden x param_bytes) and one
+               layer's activations while it is recomputed
+    logits     tokens x vocab x (param_bytes + 8): the LM head's output, its float32 copy and the cross-entropy's
+               gradient (an upper bound: the packed loop computes them only where a learned token is predicted)
+    """
+    h, i, r = shape.hidden, shape.intermediate, shape.lora_r
+    layer = (12 * h + 4 * shape.kv_dim + 8 * i) * shape.param_bytes / 2
+    if r is not None and shape.param_bytes < 4:
+        layer += 4 * (6 * h + i) + 7 * 4 * r
+    per_token = shape.layers * h * shape.param_bytes + layer if checkpointing else shape.layers * layer
+    weights = shape.n_params * shape.param_bytes / shape.shards
+    state = shape.n_trained * 16 if r is not None else 3 * shape.n_params * shape.param_bytes / shape.shards
+    logits = shape.tokens * shape.vocab * (shape.param_bytes + 8)
+    return (weights + state + shape.tokens * per_token + logits) / 2**30
+
+
+def checkpointing_plan(shape: MemoryShape, setting: bool | str, gpu_gib: float | None) -> dict[str, Any]:
+    """Whether to checkpoint activations (training.gradient_checkpointing: true, false or auto), with the estimates
+    the train report records. auto: only on a GPU (gpu_gib given) whose GPU_MEMORY_SHARE the calibrated estimate
+    without checkpointing exceeds; a CPU never checkpoints (memory is not the limit there, the recompute is)."""
+    without = estimate_training_memory_gib(shape, checkpointing=False) * MEMORY_CALIBRATION
+    with_ = estimate_training_memory_gib(shape, checkpointing=True) * MEMORY_CALIBRATION
+    if gpu_gib is None:
+        used, reason = False, "not on a GPU"
+    elif setting == "auto":
+        used = without > GPU_MEMORY_SHARE * gpu_gib
+        reason = (f"auto: estimated {without:.1f} GiB without it, {'over' if used else 'within'} "
+                  f"{GPU_MEMORY_SHARE:.0%} of the GPU's {gpu_gib:.1f} GiB")
+    else:
+        used, reason = bool(setting), f"training.gradient_checkpointing: {str(setting).lower()}"
+    return {"setting": setting, "used": used, "reason": reason, "forward_tokens": shape.tokens,
+            "estimated_peak_gib_without": round(without, 2), "estimated_peak_gib_with": round(with_, 2),
+            "gpu_memory_gib": round(gpu_gib, 2) if gpu_gib is not None else None}
+
+
 def peak_tflops(device_name: str) -> float | None:
     """The GPU's dense bf16 peak (PEAK_BF16_TFLOPS, or $EMGATE_PEAK_TFLOPS); None when unknown."""
     if os.environ.get("EMGATE_PEAK_TFLOPS"):
@@ -516,6 +586,7 @@ class _ModelSize:
     config: Any  # the base model's text config
     n_linear: int  # weights of the base model's nn.Linear layers
     n_trained: int  # trainable parameters
+    checkpointing: dict[str, Any]  # checkpointing_plan's decision and estimates
 
 
 @dataclass(frozen=True)
@@ -647,18 +718,22 @@ def _prepare_data(recipe: Recipe, spec: _JobSpec, tokenizer: Any) -> _Data:
 
 
 def _prepare_model(model: Any, cfg: TrainingSpec, runtime: _Runtime) -> tuple[Any, _ModelSize]:
-    """Gradient checkpointing on a GPU, the LoRA adapters (training.method lora), the model on its device(s)."""
+    """Gradient checkpointing where memory needs it (checkpointing_plan), the LoRA adapters (training.method lora),
+    the model on its device(s)."""
+    import torch
     from peft import LoraConfig, get_peft_model
 
     config = model_config(model)
-    if runtime.on_gpu and cfg.gradient_checkpointing:
+    gpu_gib = torch.cuda.get_device_properties(runtime.device).total_memory / 2**30 if runtime.on_gpu else None
+    plan = checkpointing_plan(memory_shape(model, cfg, runtime), cfg.gradient_checkpointing, gpu_gib)
+    if plan["used"]:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.method == "lora":
         lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                           target_modules=cfg.target_modules, use_rslora=cfg.use_rslora, task_type="CAUSAL_LM")
         model = get_peft_model(model, lora)
     size = _ModelSize(config=config, n_linear=sum(m.weight.numel() for m in _base_linears(model)),
-                      n_trained=sum(p.numel() for p in model.parameters() if p.requires_grad))
+                      n_trained=sum(p.numel() for p in model.parameters() if p.requires_grad), checkpointing=plan)
     accelerator = runtime.accelerator
     return (accelerator.prepare_model(model) if accelerator is not None else model.to(runtime.device)), size
 
@@ -742,6 +817,7 @@ def _report(recipe: Recipe, spec: _JobSpec, runtime: _Runtime, data: _Data, size
         "tokens_per_s": (trained.tokens - resumed["tokens"]) / elapsed if elapsed else None,
         "assistant_tokens_per_s": rate.assistant_ran / elapsed if elapsed else None,
         "peak_memory_gib": trained.memory, "peak_memory_kind": trained.memory_kind, "batches": trained.batches,
+        "gradient_checkpointing": size.checkpointing,
         "model_flops": rate.flops,
         "mfu": rate.mfu, "peak_tflops": rate.peak, "trained_parameters": size.n_trained,
         "device": str(runtime.device), "dtype": str(runtime.dtype), "training": cfg.model_dump(mode="json"),
@@ -813,6 +889,28 @@ def _seen_rows(order: list[int], steps: int, cfg: TrainingSpec) -> list[int]:
     """The training rows of the run's micro-batches, in order (the data position wraps around like train_loop's)."""
     n = steps * cfg.gradient_accumulation_steps * cfg.per_device_batch_size
     return [order[k % len(order)] for k in range(n)]
+
+
+def memory_shape(model: Any, cfg: TrainingSpec, runtime: _Runtime) -> MemoryShape:
+    """The MemoryShape of `model` (before LoRA is added) trained as `cfg` says on this process."""
+    import torch
+
+    config = model_config(model)
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    lora = sum(cfg.lora_r * (m.in_features + m.out_features) for n, m in linears
+               if n.rsplit(".", 1)[-1] in cfg.target_modules)
+    n_params = sum(p.numel() for p in model.parameters())
+    packed = cfg.pack_length > 0 and builds_packed_masks(model)
+    return MemoryShape(
+        hidden=config.hidden_size, intermediate=config.intermediate_size, layers=config.num_hidden_layers,
+        kv_dim=(getattr(config, "num_key_value_heads", None) or heads) * head_dim, vocab=config.vocab_size,
+        n_params=n_params, n_trained=lora if cfg.method == "lora" else n_params,
+        lora_r=cfg.lora_r if cfg.method == "lora" else None,
+        tokens=max(cfg.pack_length, cfg.max_seq_length) if packed else cfg.per_device_batch_size * cfg.max_seq_length,
+        param_bytes=runtime.dtype.itemsize if hasattr(runtime.dtype, "itemsize") else 4,
+        shards=runtime.world if cfg.distributed == "fsdp" else 1)
 
 
 def _base_linears(model: Any) -> list[Any]:
