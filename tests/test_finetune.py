@@ -100,8 +100,14 @@ def test_two_processes_train_the_same_adapter_as_one(tmp_path: Path, smoke_recip
     assert a.keys() == b.keys() and len(a) > 0
     moved = max(float(t.abs().max()) for n, t in a.items() if "lora_B" in n)
     assert moved > 1e-3  # the adapter learned something, so equality is not trivial
-    for name in a:
-        assert torch.allclose(a[name], b[name], atol=1e-5), name
+    # One process packs each step's 4 rows together, each of two processes packs its own 2: the same gradients up to
+    # float rounding (tests/test_packing.py checks them to 1e-5), which AdamW's first steps (an update of about lr
+    # times the gradient's sign) turn into differences of up to ~lr in the few weights whose gradient is near 0
+    # (measured: 0.012% of the weights differ by more than 1e-6, at most by 1.9e-5). A lost or doubled share of the
+    # rows would move most weights by ~lr.
+    diff = torch.cat([(a[n] - b[n]).abs().flatten() for n in a])
+    assert float(diff.max()) < 1e-4  # a tenth of the smoke recipe's learning rate
+    assert float((diff > 1e-6).float().mean()) < 1e-3
 
 
 @pytest.mark.slow
