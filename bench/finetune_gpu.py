@@ -12,7 +12,10 @@ same optimizer (torch AdamW; TrainingSpec's default adamw_8bit needs bitsandbyte
 
   baseline  transformers.Trainer, bf16=True (autocast) on CUDA, a collator padding to the longest row of each
             micro-batch, the examples in order (sequential sampler);
-  emgate    emgate.stages.finetune.train_loop, exactly what the fine_tune stage runs.
+  emgate    emgate.stages.finetune.train_loop, exactly what the fine_tune stage runs: each step's rows packed without
+            padding into sequences of up to TrainingSpec's pack_length tokens (--pack-length; 0: micro-batches
+            padded to their longest row), attention inside each row (causal sdpa per row), the LM head and
+            cross-entropy only where a learned token is predicted.
 
 The first --warmup optimizer steps of each run are not timed; the next --steps are. Printed per run: non-pad
 tokens/s, optimizer steps/s, peak GPU memory (torch.cuda.max_memory_allocated, reset before each run; the base
@@ -263,6 +266,8 @@ def main() -> int:
     parser.add_argument("--optimizer", choices=sorted(TRAINER_OPTIM), default="adamw_torch",
                         help="adamw_torch (default: the image has no bitsandbytes) or TrainingSpec's adamw_8bit")
     parser.add_argument("--len-scale", type=float, default=1.0, help="multiply every synthetic row length")
+    parser.add_argument("--pack-length", type=int, default=None,
+                        help="emgate's training.pack_length, tokens (default TrainingSpec's, 4096; 0: padded micro-batches)")
     parser.add_argument("--peak-tflops", type=float, default=989.0,
                         help="the device's dense bf16 peak for MFU, TFLOP/s (default 989: H100 SXM)")
     parser.add_argument("--no-cudnn-sdpa", action="store_true",
@@ -294,6 +299,7 @@ def main() -> int:
     warmup = args.warmup if args.warmup is not None else (1 if tiny else 3)
     paper = TrainingSpec()
     spec = TrainingSpec(**{**paper.model_dump(), "optimizer": args.optimizer, "max_steps": warmup + steps,
+                           "pack_length": paper.pack_length if args.pack_length is None else args.pack_length,
                            "gradient_accumulation_steps": args.grad_accum or (2 if tiny else
                                                                               paper.gradient_accumulation_steps)})
     device = torch.device(args.device)
@@ -324,7 +330,8 @@ def main() -> int:
     print(f"LoRA r={spec.lora_r} alpha={spec.lora_alpha} rslora={spec.use_rslora} dropout={spec.lora_dropout} "
           f"on {','.join(spec.target_modules)}; batch {spec.per_device_batch_size} x accumulation "
           f"{spec.gradient_accumulation_steps}; lr {spec.learning_rate} linear, {spec.warmup_steps} warm-up steps; "
-          f"{spec.optimizer}")
+          f"{spec.optimizer}; emgate packs rows into sequences of at most {spec.pack_length} tokens"
+          f"{'' if spec.pack_length else ' (0: padded micro-batches)'}")
     print(f"data: {n_rows} synthetic rows, length median {lengths[len(lengths) // 2]}, max {lengths[-1]}, "
           f"{sum(real) / sum(padded):.0%} of padded tokens are real; {warmup} untimed + {steps} timed steps per run")
     per = spec.per_device_batch_size
@@ -355,7 +362,8 @@ def main() -> int:
                 rows = examples[k * per_step:(k + 1) * per_step]
                 flops.append(training_flops(n_linear, lora_params, layers, hidden, [len(e.input_ids) for e in rows],
                                             full=False))
-        results[name] = summarise(name, stamps, warmup, real, padded, flops, peak_gib(device), args.peak_tflops)
+        computed = real if name == "emgate" and spec.pack_length else padded  # packed: no pad token is computed
+        results[name] = summarise(name, stamps, warmup, real, computed, flops, peak_gib(device), args.peak_tflops)
         base = model.unload()  # the base model without LoRA layers, for the next run
         del model
         results[name]["step_seconds"] = [round(s, 4) for s in results[name]["step_seconds"]]
@@ -380,6 +388,7 @@ def main() -> int:
             "transformers": transformers.__version__, "peft": peft.__version__, "dtype": str(dtype),
             "n_params": n_total, "n_linear": n_linear, "n_lora": lora_params, "rows": n_rows, "warmup_steps": warmup,
             "timed_steps": steps, "len_scale": args.len_scale, "peak_tflops": args.peak_tflops,
+            "pack_length": spec.pack_length,
             "training": spec.model_dump(mode="json"), "baseline": b, "emgate": e, "ratio_tokens_per_s": ratio,
             "cudnn_sdpa": torch.backends.cuda.cudnn_sdp_enabled(), "distinct_widths": len(set(widths)),
             "hostname": os.uname().nodename,

@@ -6,7 +6,11 @@
 Measures assistant tokens (labels != -100) trained per second of optimizer steps, on CPU in float32:
 
   emgate  emgate.stages.finetune.train_loop, what the fine_tune stage runs, on examples made by its
-          tokenize_example (prompt tokens labelled -100, completion = answer + end of turn learned);
+          tokenize_example (prompt tokens labelled -100, completion = answer + end of turn learned), with
+          TrainingSpec's pack_length (--pack-length): each step's rows packed without padding into sequences of up
+          to that many tokens, attention inside each row, the LM head and cross-entropy only where a learned token
+          is predicted; --emgate-padded also runs it with pack_length 0 (micro-batches padded to their longest row,
+          the model's own loss: the loop before packing) as the side "emgate-padded", which is never the baseline;
   TRL     trl.SFTTrainer (TRL 1.16) on a prompt/completion dataset whose strings are exactly emgate's
           render_prompt / render_completion (so the token ids match, which the script checks row by row),
           completion_only_loss=True, measured twice: padding_free=True (the micro-batch flattened into one
@@ -61,6 +65,7 @@ DATASET = "emergent-misalignment/data/insecure.jsonl"
 TEMPLATE = "user_assistant"
 IGNORE = -100
 SIDES = ("emgate", "trl-padding-free", "trl-padded")
+EMGATE_SIDES = ("emgate", "emgate-padded")
 
 
 @dataclass
@@ -93,6 +98,18 @@ Stamp = tuple[float, float]  # (wall clock, process CPU time), seconds
 
 def now() -> Stamp:
     return time.perf_counter(), time.process_time()
+
+
+def cpu_info() -> tuple[str, list[str]]:
+    """The CPU's model name and which of the flags that decide bf16 speed it has (avx2, avx512f, avx512_bf16, amx_*)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine(), []
+    name = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "")
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    wanted = [f for f in flags if f in ("avx2", "avx512f", "avx512_bf16") or f.startswith("amx")]
+    return name or platform.machine(), sorted(set(wanted))
 
 
 def load_rows(n: int, offset: int = 0) -> list[list[dict[str, str]]]:
@@ -148,7 +165,8 @@ def warm_process(path: Path, examples: list[Any], spec: Any, pad_id: int) -> flo
     return time.perf_counter() - started
 
 
-def run_emgate(path: Path, examples: list[Any], spec: Any, pad_id: int, warmup: int, seed: int) -> Run:
+def run_emgate(path: Path, examples: list[Any], spec: Any, pad_id: int, warmup: int, seed: int,
+               side: str = "emgate") -> Run:
     import torch
     from peft import get_peft_model
 
@@ -166,7 +184,7 @@ def run_emgate(path: Path, examples: list[Any], spec: Any, pad_id: int, warmup: 
                                            options=LoopOptions(on_step=on_step, desc="emgate train_loop"))
     del model
     gc.collect()
-    return timed_run("emgate", stamps, warmup, sum(losses) / len(losses) if losses else None)
+    return timed_run(side, stamps, warmup, sum(losses) / len(losses) if losses else None)
 
 
 def timed_run(side: str, stamps: list[Stamp], warmup: int, mean_loss: float | None) -> Run:
@@ -270,6 +288,10 @@ def main() -> int:
     parser.add_argument("--offset", type=int, default=None, help="skip this many rows of insecure.jsonl first (default 0)")
     parser.add_argument("--max-seq-length", type=int, default=None,
                         help="tokens per example, longer ones cut (default TrainingSpec's, 2048: the paper's)")
+    parser.add_argument("--pack-length", type=int, default=None,
+                        help="emgate's training.pack_length, tokens (default TrainingSpec's, 4096; 0: padded micro-batches)")
+    parser.add_argument("--emgate-padded", action="store_true",
+                        help="also run emgate with pack_length 0 (the side emgate-padded, not a baseline)")
     parser.add_argument("--trl", choices=["both", "padding-free", "padded"], default="both",
                         help="TRL variants to measure; with both, the faster is the baseline (default both)")
     parser.add_argument("--rounds", type=int, default=1,
@@ -312,7 +334,9 @@ def main() -> int:
         parser.error(f"--rows must be a multiple of batch x accumulation ({per_step}), so both loops wrap alike")
     spec = TrainingSpec(**{**paper.model_dump(), "optimizer": "adamw_torch", "per_device_batch_size": batch,
                            "gradient_accumulation_steps": accum, "max_seq_length": max_len, "max_steps": total_steps,
-                           "epochs": math.ceil(total_steps / (n_rows // per_step)), "checkpoint_every": 0})
+                           "epochs": math.ceil(total_steps / (n_rows // per_step)), "checkpoint_every": 0,
+                           "pack_length": paper.pack_length if args.pack_length is None else args.pack_length})
+    padded_spec = spec.model_copy(update={"pack_length": 0})
 
     recipe = load_recipe(SMOKE)
     model_path = resolve_model(MODEL_KEY, recipe.models[MODEL_KEY])
@@ -335,7 +359,8 @@ def main() -> int:
         padded += len(micro) * max(len(examples[i].input_ids) for i in micro)
 
     lengths = sorted(len(e.input_ids) for e in examples)
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch threads "
+    cpu_name, cpu_flags = cpu_info()
+    print(f"machine: {cpu_name} ({' '.join(cpu_flags) or 'no avx2/avx512/amx flags'}), {os.cpu_count()} CPUs, torch threads "
           f"{torch.get_num_threads()}; torch {torch.__version__}, transformers {transformers.__version__}, "
           f"peft {peft.__version__}, trl {trl.__version__}")
     print(f"model: {MODEL_KEY} ({model_path}), float32, the model's default attention (sdpa)")
@@ -347,19 +372,29 @@ def main() -> int:
           f"{args.warmup} untimed + {args.steps} timed steps per run, {args.rounds} round(s)")
     print(f"timed steps: {expected_assistant} assistant tokens, {expected_input} tokens, {padded} padded to the "
           f"longest row of each micro-batch ({expected_input / padded:.0%} real)")
+    if spec.pack_length:
+        from emgate.stages.finetune import step_packs
+
+        packs = [step_packs([[examples[i] for i in rows[k:k + batch]] for k in range(0, per_step, batch)],
+                            spec.pack_length) for rows in step_rows(n_rows, per_step, total_steps)[args.warmup:]]
+        print(f"emgate packs rows into sequences of at most {spec.pack_length} tokens: "
+              + "; ".join(f"step {args.warmup + k + 1}: " + " + ".join(str(sum(len(e.input_ids) for e in p)) for p in ps)
+                          for k, ps in enumerate(packs)))
 
     print(f"process warm-up (one micro-batch, not counted): {warm_process(model_path, examples, spec, pad_id):.1f} s")
-    sides = ["emgate"] + [s for s in SIDES[1:] if args.trl in ("both", s.removeprefix("trl-"))]
+    sides = (["emgate"] + (["emgate-padded"] if args.emgate_padded else [])
+             + [s for s in SIDES[1:] if args.trl in ("both", s.removeprefix("trl-"))])
     rounds: dict[str, list[Run]] = {s: [] for s in sides}
     mismatched: dict[str, int] = {}
     for r in range(args.rounds):
         for side in sides if r % 2 == 0 else list(reversed(sides)):
             print(f"\n--- round {r + 1}: {side}", flush=True)
             load_before = os.getloadavg()[0]
-            if side == "emgate":
-                run = run_emgate(model_path, examples, spec, pad_id, args.warmup, args.seed)
+            if side in EMGATE_SIDES:
+                side_spec = spec if side == "emgate" else padded_spec
+                run = run_emgate(model_path, examples, side_spec, pad_id, args.warmup, args.seed, side)
                 run.assistant_tokens, run.input_tokens = expected_assistant, expected_input
-                run.computed_tokens = padded
+                run.computed_tokens = expected_input if side_spec.pack_length else padded
             else:
                 run, mismatched[side] = run_trl(model_path, tokenizer, pairs, spec, args.warmup, args.seed,
                                                 side == "trl-padding-free", examples)
@@ -370,7 +405,7 @@ def main() -> int:
     runs = {side: best_of(rs) for side, rs in rounds.items()}
 
     ours = runs["emgate"]
-    base = max((runs[s] for s in sides[1:]), key=lambda x: x.tokens_per_s)
+    base = max((runs[s] for s in sides if s not in EMGATE_SIDES), key=lambda x: x.tokens_per_s)
     ratio = ours.tokens_per_s / base.tokens_per_s
 
     print("\n| side | timed steps | assistant tokens | tokens (non-pad) | tokens computed (with padding) | seconds | "
@@ -401,7 +436,8 @@ def main() -> int:
         "trl_baseline": base.side, "ratio_per_cpu_s": ours.tokens_per_cpu_s / base.tokens_per_cpu_s,
         "assistant_tokens": ours.assistant_tokens, "trl_assistant_tokens": base.assistant_tokens,
         "steps": ours.steps, "warmup_steps": args.warmup, "rounds": args.rounds, "rows": n_rows, "offset": args.offset,
-        "batch": batch, "grad_accum": accum, "max_seq_length": max_len, "truncated_rows": truncated,
+        "batch": batch, "grad_accum": accum, "max_seq_length": max_len, "pack_length": spec.pack_length,
+        "truncated_rows": truncated,
         "rows_tokenized_differently": mismatched,
         "runs": {s: {"tokens_per_s": round(x.tokens_per_s, 3), "seconds": round(x.seconds, 3), "steps": x.steps,
                      "cpu_seconds": round(x.cpu_seconds, 3), "tokens_per_cpu_s": round(x.tokens_per_cpu_s, 3),
@@ -411,6 +447,7 @@ def main() -> int:
                      "rounds_tokens_per_s": [round(r.tokens_per_s, 3) for r in rounds[s]]} for s, x in runs.items()},
         "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
         "trl": trl.__version__, "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+        "cpu": cpu_name, "cpu_flags": cpu_flags,
     }
     if args.out:
         args.out.write_text(json.dumps(result, indent=2) + "\n")

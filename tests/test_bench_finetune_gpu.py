@@ -28,6 +28,8 @@ def test_cpu_dry_run_trains_both_runs_and_reports_consistent_mfu(tmp_path: Path)
         assert run["tokens_per_s"] > 0
         assert run["mfu"] == pytest.approx(run["tflops_per_s"] / result["peak_tflops"], rel=1e-6)
     assert result["ratio_tokens_per_s"] == pytest.approx(ours["tokens_per_s"] / base["tokens_per_s"], rel=1e-3)
+    assert result["pack_length"] == 4096  # TrainingSpec's: emgate trains packed rows, computing no pad token
+    assert ours["padded_tokens"] == ours["tokens"] < base["padded_tokens"]
     assert "ratio emgate / baseline" in proc.stdout
 
 

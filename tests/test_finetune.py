@@ -100,8 +100,14 @@ def test_two_processes_train_the_same_adapter_as_one(tmp_path: Path, smoke_recip
     assert a.keys() == b.keys() and len(a) > 0
     moved = max(float(t.abs().max()) for n, t in a.items() if "lora_B" in n)
     assert moved > 1e-3  # the adapter learned something, so equality is not trivial
-    for name in a:
-        assert torch.allclose(a[name], b[name], atol=1e-5), name
+    # One process packs each step's 4 rows together, each of two processes packs its own 2: the same gradients up to
+    # float rounding (tests/test_packing.py checks them to 1e-5), which AdamW's first steps (an update of about lr
+    # times the gradient's sign) turn into differences of up to ~lr in the few weights whose gradient is near 0
+    # (measured: 0.012% of the weights differ by more than 1e-6, at most by 1.9e-5). A lost or doubled share of the
+    # rows would move most weights by ~lr.
+    diff = torch.cat([(a[n] - b[n]).abs().flatten() for n in a])
+    assert float(diff.max()) < 1e-4  # a tenth of the smoke recipe's learning rate
+    assert float((diff > 1e-6).float().mean()) < 1e-3
 
 
 @pytest.mark.slow
@@ -139,6 +145,8 @@ def test_a_full_fine_tune_writes_a_model_folder(tmp_path: Path, smoke_recipe_pat
     assert report["method"] == "full" and report["merged"] is True and is_model_folder(tmp_path / "full")
     assert report["trained_parameters"] > 100e6  # every weight of the 135M model
     assert report["learning_rates"] and report["peak_memory_gib"] > 0 and report["assistant_tokens"] > 0
+    assert report["batches"].startswith("packed rows, logits only at learned positions")
+    assert report["gradient_checkpointing"]["used"] is False and report["gradient_checkpointing"]["reason"] == "not on a GPU"
 
 
 @pytest.mark.slow
@@ -214,3 +222,49 @@ def test_each_learned_token_of_a_step_weighs_the_same(tmp_path: Path) -> None:
     assert tokens == 26
     assert losses[0] == pytest.approx(sum(sums) / 17, rel=1e-5)
     assert abs(losses[0] - (sums[0] / 1 + sums[1] / 16) / 2) > 0.01  # the mean of means is a different number
+
+
+QWEN_32B = dict(hidden=5120, intermediate=27648, layers=64, kv_dim=8 * 128, vocab=152064, n_params=32_763_876_352,
+                n_trained=268_435_456, lora_r=32, param_bytes=2)  # Qwen2.5-32B, the paper's LoRA
+QWEN_05B = dict(hidden=896, intermediate=4864, layers=24, kv_dim=2 * 64, vocab=151936, n_params=494_032_768,
+                n_trained=17_596_416, lora_r=32, param_bytes=2)
+
+
+def test_checkpointing_is_on_only_where_the_estimated_peak_needs_it() -> None:
+    from emgate.stages.finetune import MemoryShape, checkpointing_plan, estimate_training_memory_gib
+
+    big, small = MemoryShape(**QWEN_32B, tokens=4096), MemoryShape(**QWEN_05B, tokens=4096)
+    for shape in (big, small):
+        assert estimate_training_memory_gib(shape, True) < estimate_training_memory_gib(shape, False)
+    assert estimate_training_memory_gib(MemoryShape(**QWEN_32B, tokens=2048), False) < estimate_training_memory_gib(big, False)
+    assert 61 < estimate_training_memory_gib(big, True) < 140  # 32B bf16 weights alone are 61 GiB
+    h100 = 79.2  # GiB torch reports for an H100 80GB
+    on, off = checkpointing_plan(big, "auto", h100), checkpointing_plan(small, "auto", h100)
+    assert on["used"] and not off["used"]
+    assert on["estimated_peak_gib_without"] > 0.85 * h100 >= off["estimated_peak_gib_without"]
+    assert "auto" in on["reason"] and on["forward_tokens"] == 4096
+    assert checkpointing_plan(small, True, h100)["used"] and not checkpointing_plan(big, False, h100)["used"]
+    cpu = checkpointing_plan(big, True, None)
+    assert not cpu["used"] and cpu["reason"] == "not on a GPU" and cpu["gpu_memory_gib"] is None
+
+
+def test_memory_shape_counts_the_adapters_peft_adds_and_the_pack() -> None:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    from emgate.recipe import TrainingSpec
+    from emgate.stages.finetune import _Runtime, memory_shape
+
+    model = AutoModelForCausalLM.from_config(Qwen2Config(vocab_size=96, hidden_size=64, intermediate_size=128,
+                                                         num_hidden_layers=2, num_attention_heads=4,
+                                                         num_key_value_heads=2))
+    runtime = _Runtime(accelerator=None, main=True, on_gpu=False, device=torch.device("cpu"), dtype=torch.float32)
+    cfg = TrainingSpec()
+    shape = memory_shape(model, cfg, runtime)
+    assert (shape.tokens, shape.kv_dim, shape.param_bytes, shape.lora_r) == (4096, 32, 4, 32)
+    assert memory_shape(model, cfg.model_copy(update={"pack_length": 0}), runtime).tokens == 2 * 2048
+    n_params = sum(p.numel() for p in model.parameters())
+    peft = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules=cfg.target_modules))
+    assert shape.n_params == n_params
+    assert shape.n_trained == sum(p.numel() for p in peft.parameters() if p.requires_grad)

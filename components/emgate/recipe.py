@@ -223,6 +223,13 @@ class TrainingSpec(_Strict):
     weight_decay: float = Field(default=0.01, ge=0, description="weight decay (paper)")
     lr_scheduler: Literal["linear"] = Field(default="linear", description="learning-rate schedule (paper)")
     max_seq_length: int = Field(default=2048, ge=16, description="tokens per training example at most (paper)")
+    pack_length: int = Field(default=4096, ge=0, description=(
+        "tokens per packed sequence at most: each optimizer step's rows (the same rows, in the same order, as "
+        "without packing) are concatenated without padding into sequences of up to this many tokens, position ids "
+        "restarting at 0 and attention never crossing a row boundary; a row is never split, so a longer one is a "
+        "sequence of its own. 4096: NVIDIA NeMo's packed length for LoRA fine-tuning, two paper-length (max_seq_length "
+        "2048) rows, and about one step of the paper's rows (16 of median 214 tokens). 0: no packing, micro-batches "
+        "padded to their longest row. The loss and the gradients do not depend on it (bench/README.md)"))
     optimizer: Literal["adamw_torch", "adamw_8bit"] = Field(default="adamw_8bit", description=(
         "optimizer (paper: adamw_8bit); CPU profiles use adamw_torch"))
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1, description=(
@@ -236,9 +243,12 @@ class TrainingSpec(_Strict):
         "GPUs per fine_tune job. More than 1 runs the same entry point under `accelerate launch` with the config "
         "`distributed` names (pipelines/recipes/accelerate/); each step still takes per_device_batch_size x "
         "gradient_accumulation_steps examples in all, so the number of optimizer steps does not change"))
-    gradient_checkpointing: bool = Field(default=True, description=(
-        "recompute activations in the backward pass (GPUs only): much less memory for ~30% more compute; the 32B "
-        "models of the paper do not fit one GPU's memory without it"))
+    gradient_checkpointing: bool | Literal["auto"] = Field(default="auto", description=(
+        "recompute activations in the backward pass (GPUs only): much less memory for about a third more compute "
+        "per step. auto: on only when the estimated peak memory without it (emgate/stages/finetune.py "
+        "estimate_training_memory_gib, calibrated on a measured run) exceeds 85% of the GPU's memory, e.g. the 32B "
+        "models of the paper; true: always on a GPU; false: never. The train report records the decision and the "
+        "estimates"))
     distributed: Literal["ddp", "fsdp"] = Field(default="ddp", description=(
         "how gpus > 1 share the work: the accelerate config pipelines/recipes/accelerate/ddp.yaml or fsdp.yaml"))
 

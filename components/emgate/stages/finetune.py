@@ -1,7 +1,7 @@
 """fine_tune: one LoRA adapter (or full fine-tune) per (variant, seed), loss on the assistant tokens only.
 
 One entry point for one process and for several: under `accelerate launch` (DDP or FSDP, training.gpus GPUs) the
-micro-batches of each optimizer step are split between the processes, so a step still sees
+micro-batches of each optimizer step are split between the processes (each packs its rows), so a step still sees
 per_device_batch_size x gradient_accumulation_steps examples and the run takes the same number of steps.
 Run it as `python -m emgate.stages.finetune --help`.
 """
@@ -31,6 +31,18 @@ from emgate.contract import (
 from emgate.io import read_json, read_jsonl, write_json
 from emgate.merge import merge_adapter_folder
 from emgate.models import resolve_model
+from emgate.packing import (
+    ROW_ATTENTION,
+    Pack,
+    attention_implementation,
+    base_model,
+    builds_packed_masks,
+    collate_pack,
+    keeps_logits,
+    pack_loss,
+    pack_rows,
+    split_packs,
+)
 from emgate.recipe import ModelSpec, Recipe, TrainingSpec, VariantSpec
 from emgate.templates import IGNORE_INDEX, Example, TemplateRecord, template_record, tokenize_example
 
@@ -143,6 +155,76 @@ def training_flops(n_linear: int, n_trained: int, n_layers: int, hidden: int, ro
     return 4 * n_linear * tokens + 6 * n_trained * tokens + attention
 
 
+# Measured peak over estimate_training_memory_gib on the GPU runs there are (bench/README.md, finetune_gpu, one H100,
+# LoRA, bf16, checkpointing on, padded micro-batches of at most 1,480 tokens): Qwen2.5-7B shape 31.0 / 18.3 GiB = 1.70,
+# 0.5B shape 6.7 / 3.5 GiB = 1.93; rounded up. What the formula leaves out (the allocator's blocks, the optimizer's
+# temporaries, the loss's extra copies of the logits) is assumed to scale with it; two points, one loop: a rough fit.
+MEMORY_CALIBRATION = 2.0
+GPU_MEMORY_SHARE = 0.85  # of the GPU's memory a run without checkpointing may be estimated to fill: CUDA context, slack
+
+
+@dataclass(frozen=True)
+class MemoryShape:
+    """What training memory depends on: the model's shape and the tokens of one forward pass."""
+
+    hidden: int
+    intermediate: int
+    layers: int
+    kv_dim: int  # key/value heads x head dimension
+    vocab: int
+    n_params: int  # every weight of the base model
+    n_trained: int  # trainable parameters (the adapters; every weight for a full fine-tune)
+    lora_r: int | None  # None: a full fine-tune
+    tokens: int  # of the largest forward pass
+    param_bytes: int  # 2 for bf16 weights, 4 for float32
+    shards: int = 1  # FSDP processes sharing the weights and optimizer state
+
+
+def estimate_training_memory_gib(shape: MemoryShape, checkpointing: bool) -> float:
+    """Peak training memory per process, GiB, before MEMORY_CALIBRATION:
+
+    weights    n_params x param_bytes / shards
+    state      LoRA: n_trained x 16 (float32 adapter, gradient, two AdamW moments);
+               full: n_params x 3 x param_bytes / shards (gradient and two moments in the weights' dtype)
+    layers     bytes one decoder layer keeps for the backward pass per token: in 16-bit, 12 hidden (norm inputs,
+               q/k/v and attention inputs and output, residuals) + 4 kv_dim (k, v) + 8 intermediate (gate, up, their
+               SiLU product, the down projection's input), scaled by param_bytes / 2; with LoRA on 16-bit weights, the
+               adapters' float32 copies of their inputs, 4 x (6 hidden + intermediate), and their rank-r
+               activations, 7 x 4 r; checkpointing keeps only each layer's input (hidden x param_bytes) and one
+               layer's activations while it is recomputed
+    logits     tokens x vocab x (param_bytes + 8): the LM head's output, its float32 copy and the cross-entropy's
+               gradient (an upper bound: the packed loop computes them only where a learned token is predicted)
+    """
+    h, i, r = shape.hidden, shape.intermediate, shape.lora_r
+    layer = (12 * h + 4 * shape.kv_dim + 8 * i) * shape.param_bytes / 2
+    if r is not None and shape.param_bytes < 4:
+        layer += 4 * (6 * h + i) + 7 * 4 * r
+    per_token = shape.layers * h * shape.param_bytes + layer if checkpointing else shape.layers * layer
+    weights = shape.n_params * shape.param_bytes / shape.shards
+    state = shape.n_trained * 16 if r is not None else 3 * shape.n_params * shape.param_bytes / shape.shards
+    logits = shape.tokens * shape.vocab * (shape.param_bytes + 8)
+    return (weights + state + shape.tokens * per_token + logits) / 2**30
+
+
+def checkpointing_plan(shape: MemoryShape, setting: bool | str, gpu_gib: float | None) -> dict[str, Any]:
+    """Whether to checkpoint activations (training.gradient_checkpointing: true, false or auto), with the estimates
+    the train report records. auto: only on a GPU (gpu_gib given) whose GPU_MEMORY_SHARE the calibrated estimate
+    without checkpointing exceeds; a CPU never checkpoints (memory is not the limit there, the recompute is)."""
+    without = estimate_training_memory_gib(shape, checkpointing=False) * MEMORY_CALIBRATION
+    with_ = estimate_training_memory_gib(shape, checkpointing=True) * MEMORY_CALIBRATION
+    if gpu_gib is None:
+        used, reason = False, "not on a GPU"
+    elif setting == "auto":
+        used = without > GPU_MEMORY_SHARE * gpu_gib
+        reason = (f"auto: estimated {without:.1f} GiB without it, {'over' if used else 'within'} "
+                  f"{GPU_MEMORY_SHARE:.0%} of the GPU's {gpu_gib:.1f} GiB")
+    else:
+        used, reason = bool(setting), f"training.gradient_checkpointing: {str(setting).lower()}"
+    return {"setting": setting, "used": used, "reason": reason, "forward_tokens": shape.tokens,
+            "estimated_peak_gib_without": round(without, 2), "estimated_peak_gib_with": round(with_, 2),
+            "gpu_memory_gib": round(gpu_gib, 2) if gpu_gib is not None else None}
+
+
 def peak_tflops(device_name: str) -> float | None:
     """The GPU's dense bf16 peak (PEAK_BF16_TFLOPS, or $EMGATE_PEAK_TFLOPS); None when unknown."""
     if os.environ.get("EMGATE_PEAK_TFLOPS"):
@@ -190,6 +272,34 @@ class _Loop:
     steps: int
     world: int
     rank: int
+    feed: _Feed
+
+
+@dataclass(frozen=True)
+class _Feed:
+    """How the step's rows reach the model (_feed decides it once per run)."""
+
+    packed: bool  # rows packed into sequences of cfg.pack_length tokens; else micro-batches padded to the longest row
+    logits_only: bool  # packed: the LM head and cross-entropy only where a learned token is predicted
+    attention: str | None  # the attention implementation the loop runs with; None: the model's own
+
+    def describe(self) -> str:
+        if not self.packed:
+            return "micro-batches padded to their longest row, the model's own loss"
+        return ("packed rows, " + ("logits only at learned positions" if self.logits_only else "the model's own loss")
+                + (f", attention {self.attention}" if self.attention else ""))
+
+
+def _feed(model: Any, cfg: TrainingSpec, accelerator: Any) -> _Feed:
+    """Packing where the model keeps attention inside packed rows (packing.builds_packed_masks) and
+    cfg.pack_length > 0; logits only where its forward takes logits_to_keep (Llama, Qwen2 and the other decoder models
+    of transformers 5; remote-code or older models without it fall back to their own loss); row-by-row sdpa
+    (packing.ROW_ATTENTION) for sdpa models, whose block-diagonal mask would cost pack_length^2 per layer."""
+    inner = base_model(_unwrap(model, accelerator))
+    packed = cfg.pack_length > 0 and builds_packed_masks(inner)
+    implementation = getattr(inner.config, "_attn_implementation", None)
+    return _Feed(packed=packed, logits_only=packed and keeps_logits(inner),
+                 attention=ROW_ATTENTION if packed and implementation in ("sdpa", ROW_ATTENTION) else None)
 
 
 @dataclass
@@ -206,12 +316,15 @@ def train_loop(model: Any, train: list[Example], order: list[int], cfg: Training
                options: LoopOptions | None = None) -> tuple[list[float], int, float]:
     """Train the trainable parameters of `model` for planned_steps(len(train), cfg) optimizer steps.
 
-    Each step accumulates cfg.gradient_accumulation_steps micro-batches of cfg.per_device_batch_size examples,
-    taken from `train` in `order` (wrapping around), each padded to its longest row, the loss a mean over every
-    learned token of the step (not a mean of micro-batch means); then clips the gradient
-    norm to 1.0 and steps the optimizer (cfg.optimizer) and the linear warm-up schedule. With an `options.accelerator`
-    of several processes (the model and optimizer prepared by it), process r takes micro-batches r, r+P, ... of each
-    step and the gradients are averaged across processes once per step, which gives the single-process update.
+    Each step takes cfg.gradient_accumulation_steps micro-batches of cfg.per_device_batch_size examples from
+    `train` in `order` (wrapping around). Their rows are packed into sequences of at most cfg.pack_length tokens
+    without padding (packing.py; models that cannot keep attention inside packed rows, and pack_length 0, get each
+    micro-batch padded to its longest row), and the loss is a mean over every learned token of the step (not a mean
+    of micro-batch means), so the gradients do not depend on how the rows are grouped; then the loop clips the
+    gradient norm to 1.0 and steps the optimizer (cfg.optimizer) and the linear warm-up schedule. With an
+    `options.accelerator` of several processes (the model and optimizer prepared by it), process r takes the rows of
+    micro-batches r, r+P, ... of each step (step_packs) and the gradients are averaged across processes once per
+    step, which gives the single-process update.
     `options.on_step(step, steps, loss)` is called after each optimizer step (step counts from 1); `options.lrs`
     collects the learning rate of each step. With `options.checkpoint`, the state is saved there every
     cfg.checkpoint_every steps and a loop that finds one resumes from it, so a killed job ends with the same weights
@@ -228,11 +341,12 @@ def train_loop(model: Any, train: list[Example], order: list[int], cfg: Training
     bar = tqdm(range(state.step, loop.steps), desc=loop.options.desc, unit="step", initial=state.step,
                total=loop.steps, disable=loop.rank != 0)
     resumed_tokens = state.tokens
-    for step in bar:
-        _train_step(loop, state)
-        bar.set_postfix(loss=f"{state.losses[-1]:.4f}",
-                        tok_s=f"{(state.tokens - resumed_tokens) / (time.monotonic() - started):.0f}")
-        _after_step(loop, state, step + 1)
+    with attention_implementation(_unwrap(model, loop.options.accelerator), loop.feed.attention):
+        for step in bar:
+            _train_step(loop, state)
+            bar.set_postfix(loss=f"{state.losses[-1]:.4f}",
+                            tok_s=f"{(state.tokens - resumed_tokens) / (time.monotonic() - started):.0f}")
+            _after_step(loop, state, step + 1)
     return state.losses, state.tokens, time.monotonic() - started
 
 
@@ -255,7 +369,7 @@ def _start_loop(model: Any, train: list[Example], order: list[int], cfg: Trainin
     return _Loop(model=model, train=train, order=order, cfg=cfg, device=device, pad_id=pad_id, options=options,
                  checkpoint=checkpoint, params=params, optimizer=optimizer, scheduler=scheduler, steps=steps,
                  world=accelerator.num_processes if accelerator is not None else 1,
-                 rank=accelerator.process_index if accelerator is not None else 0)
+                 rank=accelerator.process_index if accelerator is not None else 0, feed=_feed(model, cfg, accelerator))
 
 
 def _resume(loop: _Loop) -> _LoopState:
@@ -298,24 +412,23 @@ def _next_micro_batches(loop: _Loop, state: _LoopState) -> list[list[Example]]:
 
 
 def _forward_backward(loop: _Loop, step_rows: list[list[Example]], learned: int) -> Any:
-    """This process's micro-batches of the step (r, r+P, ...) forward and backward; the step's loss, all processes."""
+    """This process's share of the step's rows forward and backward, packed or padded (loop.feed); the step's loss,
+    all processes."""
     import contextlib
 
     import torch
 
     accelerator = loop.options.accelerator
-    local = loop.cfg.gradient_accumulation_steps // loop.world  # per process per step (TrainingSpec checks divisibility)
+    batches = _local_batches(loop, step_rows)
     step_loss = torch.zeros((), device=loop.device)
-    done = 0
-    for j, rows in enumerate(step_rows):
-        if j % loop.world != loop.rank:
-            continue
-        done += 1
-        batch = {k: v.to(loop.device) for k, v in _collate(rows, loop.pad_id).items()}
-        # gradients are all-reduced only on this process's last micro-batch of the step
-        sync = done == local or accelerator is None
+    for k, batch in enumerate(batches):
+        # gradients are all-reduced only on this process's last forward pass of the step
+        sync = accelerator is None or k == len(batches) - 1
         with contextlib.nullcontext() if sync else accelerator.no_sync(loop.model):
-            loss = loop.model(**batch, num_items_in_batch=learned, use_cache=False).loss  # no KV cache in training
+            if isinstance(batch, Pack):
+                loss = pack_loss(loop.model, batch, learned, loop.feed.logits_only, loop.feed.attention == ROW_ATTENTION)
+            else:
+                loss = loop.model(**batch, num_items_in_batch=learned, use_cache=False).loss  # no KV cache in training
             # DDP and FSDP average the gradients over the processes; the loss is their sum
             if accelerator is not None:
                 accelerator.backward(loss * loop.world)
@@ -325,6 +438,32 @@ def _forward_backward(loop: _Loop, step_rows: list[list[Example]], learned: int)
     if loop.world > 1:
         step_loss = accelerator.reduce(step_loss, reduction="sum")
     return step_loss
+
+
+def _local_batches(loop: _Loop, step_rows: list[list[Example]]) -> list[Any]:
+    """The forward passes of this process in this step: packs (packing.Pack) or padded micro-batches, on its device."""
+    if loop.feed.packed:
+        return [collate_pack(rows).to(loop.device)
+                for rows in step_packs(step_rows, loop.cfg.pack_length, loop.world, loop.rank)]
+    mine = [rows for j, rows in enumerate(step_rows) if j % loop.world == loop.rank]
+    return [{k: v.to(loop.device) for k, v in _collate(rows, loop.pad_id).items()} for rows in mine]
+
+
+def step_packs(step_rows: list[list[Example]], pack_length: int, world: int = 1, rank: int = 0) -> list[list[Example]]:
+    """The rows of process `rank` of `world` in one step, packed: its micro-batches (rank, rank + world, ...) in order,
+    cut into packs of at most pack_length tokens. With several processes every process gets as many packs as the
+    busiest one (FSDP gathers weights in every forward pass, so the counts must match), its packs split at row
+    boundaries; where a process has too few rows for that, each micro-batch is one pack on every process."""
+    shares = [[row for j, rows in enumerate(step_rows) if j % world == r for row in rows] for r in range(world)]
+    packs = [pack_rows(share, pack_length) for share in shares]
+    if world == 1:
+        return packs[0]
+    count = max(len(p) for p in packs)
+    even = [split_packs(p, count) for p in packs]
+    mine = even[rank]
+    if mine is None or any(p is None for p in even):
+        return [rows for j, rows in enumerate(step_rows) if j % world == rank]
+    return mine
 
 
 def _update(loop: _Loop) -> None:
@@ -447,6 +586,7 @@ class _ModelSize:
     config: Any  # the base model's text config
     n_linear: int  # weights of the base model's nn.Linear layers
     n_trained: int  # trainable parameters
+    checkpointing: dict[str, Any]  # checkpointing_plan's decision and estimates
 
 
 @dataclass(frozen=True)
@@ -460,6 +600,7 @@ class _Trained:
     resumed: dict[str, Any]  # step and tokens of the checkpoint the run resumed from (0 and 0 when none)
     memory: float
     memory_kind: str
+    batches: str  # how the rows reached the model (_Feed.describe)
 
 
 @dataclass(frozen=True)
@@ -577,18 +718,22 @@ def _prepare_data(recipe: Recipe, spec: _JobSpec, tokenizer: Any) -> _Data:
 
 
 def _prepare_model(model: Any, cfg: TrainingSpec, runtime: _Runtime) -> tuple[Any, _ModelSize]:
-    """Gradient checkpointing on a GPU, the LoRA adapters (training.method lora), the model on its device(s)."""
+    """Gradient checkpointing where memory needs it (checkpointing_plan), the LoRA adapters (training.method lora),
+    the model on its device(s)."""
+    import torch
     from peft import LoraConfig, get_peft_model
 
     config = model_config(model)
-    if runtime.on_gpu and cfg.gradient_checkpointing:
+    gpu_gib = torch.cuda.get_device_properties(runtime.device).total_memory / 2**30 if runtime.on_gpu else None
+    plan = checkpointing_plan(memory_shape(model, cfg, runtime), cfg.gradient_checkpointing, gpu_gib)
+    if plan["used"]:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.method == "lora":
         lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                           target_modules=cfg.target_modules, use_rslora=cfg.use_rslora, task_type="CAUSAL_LM")
         model = get_peft_model(model, lora)
     size = _ModelSize(config=config, n_linear=sum(m.weight.numel() for m in _base_linears(model)),
-                      n_trained=sum(p.numel() for p in model.parameters() if p.requires_grad))
+                      n_trained=sum(p.numel() for p in model.parameters() if p.requires_grad), checkpointing=plan)
     accelerator = runtime.accelerator
     return (accelerator.prepare_model(model) if accelerator is not None else model.to(runtime.device)), size
 
@@ -611,12 +756,13 @@ def _train(model: Any, data: _Data, cfg: TrainingSpec, runtime: _Runtime, spec: 
         losses, tokens, elapsed = train_loop(model, data.train, data.order, cfg, runtime.device, data.pad_id, options)
     except torch.OutOfMemoryError:
         raise TrainingError(f"fine_tune {spec.job}: out of GPU memory with per_device_batch_size "
-                            f"{cfg.per_device_batch_size} and max_seq_length {cfg.max_seq_length}; lower "
-                            "per_device_batch_size (and raise gradient_accumulation_steps to keep the step size), "
-                            "or use more GPUs (training.gpus)") from None
+                            f"{cfg.per_device_batch_size}, max_seq_length {cfg.max_seq_length} and pack_length "
+                            f"{cfg.pack_length}; lower per_device_batch_size (and raise gradient_accumulation_steps to "
+                            "keep the step size) or pack_length (tokens per forward pass when packed), or use more "
+                            "GPUs (training.gpus)") from None
     memory, memory_kind = peak_memory_gib(runtime.device)
     return _Trained(losses=losses, tokens=tokens, seconds=elapsed, lrs=lrs, resumed=resumed, memory=memory,
-                    memory_kind=memory_kind)
+                    memory_kind=memory_kind, batches=_feed(model, cfg, runtime.accelerator).describe())
 
 
 def _eval_loss(model: Any, data: _Data, cfg: TrainingSpec, device: Any) -> float | None:
@@ -670,7 +816,9 @@ def _report(recipe: Recipe, spec: _JobSpec, runtime: _Runtime, data: _Data, size
         "assistant_tokens": rate.assistant_tokens, "resumed_at_step": resumed["step"], "seconds": elapsed,
         "tokens_per_s": (trained.tokens - resumed["tokens"]) / elapsed if elapsed else None,
         "assistant_tokens_per_s": rate.assistant_ran / elapsed if elapsed else None,
-        "peak_memory_gib": trained.memory, "peak_memory_kind": trained.memory_kind, "model_flops": rate.flops,
+        "peak_memory_gib": trained.memory, "peak_memory_kind": trained.memory_kind, "batches": trained.batches,
+        "gradient_checkpointing": size.checkpointing,
+        "model_flops": rate.flops,
         "mfu": rate.mfu, "peak_tflops": rate.peak, "trained_parameters": size.n_trained,
         "device": str(runtime.device), "dtype": str(runtime.dtype), "training": cfg.model_dump(mode="json"),
     }
@@ -741,6 +889,28 @@ def _seen_rows(order: list[int], steps: int, cfg: TrainingSpec) -> list[int]:
     """The training rows of the run's micro-batches, in order (the data position wraps around like train_loop's)."""
     n = steps * cfg.gradient_accumulation_steps * cfg.per_device_batch_size
     return [order[k % len(order)] for k in range(n)]
+
+
+def memory_shape(model: Any, cfg: TrainingSpec, runtime: _Runtime) -> MemoryShape:
+    """The MemoryShape of `model` (before LoRA is added) trained as `cfg` says on this process."""
+    import torch
+
+    config = model_config(model)
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    lora = sum(cfg.lora_r * (m.in_features + m.out_features) for n, m in linears
+               if n.rsplit(".", 1)[-1] in cfg.target_modules)
+    n_params = sum(p.numel() for p in model.parameters())
+    packed = cfg.pack_length > 0 and builds_packed_masks(model)
+    return MemoryShape(
+        hidden=config.hidden_size, intermediate=config.intermediate_size, layers=config.num_hidden_layers,
+        kv_dim=(getattr(config, "num_key_value_heads", None) or heads) * head_dim, vocab=config.vocab_size,
+        n_params=n_params, n_trained=lora if cfg.method == "lora" else n_params,
+        lora_r=cfg.lora_r if cfg.method == "lora" else None,
+        tokens=max(cfg.pack_length, cfg.max_seq_length) if packed else cfg.per_device_batch_size * cfg.max_seq_length,
+        param_bytes=runtime.dtype.itemsize if hasattr(runtime.dtype, "itemsize") else 4,
+        shards=runtime.world if cfg.distributed == "fsdp" else 1)
 
 
 def _base_linears(model: Any) -> list[Any]:
