@@ -97,7 +97,58 @@ def check(recipe: RecipeArg, set_: SetOpt = None) -> None:
                if unchecked else "; every prompt fits serving.max_model_len")
     console.print(f"[green]ok[/green] {recipe}: recipe {r.name} ({r.profile}), {trains}{escape(gates)}{context}",
                   highlight=False)
+    for line in _training_plan_lines(r):
+        console.print(line, highlight=False, soft_wrap=True)
     console.print(_judge_cost_line(r), highlight=False)
+
+
+def _training_plan_lines(r: Recipe) -> list[str]:
+    """emgate check: each fine-tuned model's tokens, memory and time (emgate/training_plan.py)."""
+    from emgate.assets import AssetError, resolve_asset
+    from emgate.io import DataError, read_jsonl
+    from emgate.models import ModelError, resolve_model
+    from emgate.training_plan import training_plans
+
+    def rows_of(dataset: str) -> list[dict[str, Any]] | None:
+        spec = r.datasets[dataset]
+        try:
+            path = resolve_asset(spec.asset) if spec.asset else Path(str(spec.path))
+            return list(read_jsonl(path)) if path.is_file() else None
+        except (AssetError, DataError, OSError):
+            return None
+
+    def local_of(model: str) -> Path | None:
+        try:
+            return resolve_model(model, r.models[model], build=False)
+        except (ModelError, OSError):
+            return None
+
+    lines = []
+    for p in training_plans(r, rows_of, local_of):
+        head = f"fine_tune {p['model']} on {p['dataset']}"
+        if "missing" in p:
+            lines.append(f"{head}: not estimated ({p['missing']})")
+            continue
+        where = "per GPU" if p["on_gpu"] else "on the CPU"
+        fits = "; ".join(f"{gpu}: {how}" for gpu, how in p["fits"].items()) if p["on_gpu"] else ""
+        lines.append(
+            f"{head}: {p['parameters'] / 1e9:.2f} B parameters, {p['trained'] / 1e6:.1f} M trained; "
+            f"{_count(p['tokens_per_epoch'])} tokens per epoch; peak memory about "
+            f"{p['peak_gib_with_checkpointing']:.0f} GiB {where} with gradient checkpointing, "
+            f"{p['peak_gib_without']:.0f} GiB without" + (f" ({fits})" if fits else "")
+            + f"; about {_minutes(p['seconds_per_job'])} per job at {p['tokens_per_s']:,.0f} tokens/s, scaled by FLOPs "
+            f"per token from {p['rate_anchor']}")
+    return lines
+
+
+def _minutes(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 3600:.1f} h" if seconds >= 5400 else f"{seconds / 60:.0f} min"
+
+
+def _count(n: float) -> str:
+    return f"{n / 1e6:.2f} M" if n >= 1e6 else f"{n / 1e3:.1f} k" if n >= 1e3 else f"{n:.0f}"
 
 
 def _judge_cost_line(r: Recipe) -> str:

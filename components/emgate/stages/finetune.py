@@ -155,11 +155,13 @@ def training_flops(n_linear: int, n_trained: int, n_layers: int, hidden: int, ro
     return 4 * n_linear * tokens + 6 * n_trained * tokens + attention
 
 
-# Measured peak over estimate_training_memory_gib on the GPU runs there are (bench/README.md, finetune_gpu, one H100,
-# LoRA, bf16, checkpointing on, padded micro-batches of at most 1,480 tokens): Qwen2.5-7B shape 31.0 / 18.3 GiB = 1.70,
-# 0.5B shape 6.7 / 3.5 GiB = 1.93; rounded up. What the formula leaves out (the allocator's blocks, the optimizer's
-# temporaries, the loss's extra copies of the logits) is assumed to scale with it; two points, one loop: a rough fit.
-MEMORY_CALIBRATION = 2.0
+# The weights are what they are; everything else the formula counts (optimizer state, activations, logits) is scaled
+# by what the GPU runs there are measured (bench/README.md, finetune_gpu, one H100, LoRA, bf16, checkpointing on,
+# padded micro-batches of at most 1,480 tokens): measured peak less the weights over estimate less the weights,
+# Qwen2.5-7B shape (31.0 - 14.2) / (18.3 - 14.2) = 4.1, 0.5B shape (6.7 - 0.9) / (3.5 - 0.9) = 2.2; the larger is
+# kept. What the formula leaves out (the allocator's blocks, the optimizer's temporaries, the loss's extra copies of
+# the logits) is assumed to scale with it: two points, one loop, a rough and cautious fit.
+MEMORY_CALIBRATION = 4.1
 GPU_MEMORY_SHARE = 0.85  # of the GPU's memory a run without checkpointing may be estimated to fill: CUDA context, slack
 
 
@@ -206,12 +208,18 @@ def estimate_training_memory_gib(shape: MemoryShape, checkpointing: bool) -> flo
     return (weights + state + shape.tokens * per_token + logits) / 2**30
 
 
+def calibrated_memory_gib(shape: MemoryShape, checkpointing: bool) -> float:
+    """estimate_training_memory_gib with everything but the weights scaled by MEMORY_CALIBRATION."""
+    weights = shape.n_params * shape.param_bytes / shape.shards / 2**30
+    return weights + (estimate_training_memory_gib(shape, checkpointing) - weights) * MEMORY_CALIBRATION
+
+
 def checkpointing_plan(shape: MemoryShape, setting: bool | str, gpu_gib: float | None) -> dict[str, Any]:
     """Whether to checkpoint activations (training.gradient_checkpointing: true, false or auto), with the estimates
     the train report records. auto: only on a GPU (gpu_gib given) whose GPU_MEMORY_SHARE the calibrated estimate
     without checkpointing exceeds; a CPU never checkpoints (memory is not the limit there, the recompute is)."""
-    without = estimate_training_memory_gib(shape, checkpointing=False) * MEMORY_CALIBRATION
-    with_ = estimate_training_memory_gib(shape, checkpointing=True) * MEMORY_CALIBRATION
+    without = calibrated_memory_gib(shape, checkpointing=False)
+    with_ = calibrated_memory_gib(shape, checkpointing=True)
     if gpu_gib is None:
         used, reason = False, "not on a GPU"
     elif setting == "auto":
@@ -908,9 +916,18 @@ def memory_shape(model: Any, cfg: TrainingSpec, runtime: _Runtime) -> MemoryShap
         kv_dim=(getattr(config, "num_key_value_heads", None) or heads) * head_dim, vocab=config.vocab_size,
         n_params=n_params, n_trained=lora if cfg.method == "lora" else n_params,
         lora_r=cfg.lora_r if cfg.method == "lora" else None,
-        tokens=max(cfg.pack_length, cfg.max_seq_length) if packed else cfg.per_device_batch_size * cfg.max_seq_length,
+        tokens=forward_tokens(cfg, packed),
         param_bytes=runtime.dtype.itemsize if hasattr(runtime.dtype, "itemsize") else 4,
         shards=runtime.world if cfg.distributed == "fsdp" else 1)
+
+
+def forward_tokens(cfg: TrainingSpec, packed: bool) -> int:
+    """Tokens of the largest forward pass: a pack (never more than a step's rows hold, never less than one row) or a
+    padded micro-batch."""
+    if not packed:
+        return cfg.per_device_batch_size * cfg.max_seq_length
+    step = cfg.per_device_batch_size * cfg.gradient_accumulation_steps * cfg.max_seq_length
+    return min(max(cfg.pack_length, cfg.max_seq_length), step)
 
 
 def _base_linears(model: Any) -> list[Any]:
