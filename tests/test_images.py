@@ -200,7 +200,7 @@ def test_stage_specific_packages(repo: Path) -> None:
     assert {"transformers", "peft", "accelerate", "bitsandbytes"} <= pinned("train")
     assert {"openai", "transformers", "mlflow-skinny"} <= pinned("sample") and "mlflow" not in pinned("sample")
     assert {"kfp", "kfp-kubernetes", "mlflow"} <= pinned("gate")
-    assert {"great-expectations", "bandit"} <= pinned("validate")
+    assert {"great-expectations", "bandit", "mlflow-skinny"} <= pinned("validate") and "mlflow" not in pinned("validate")
     assert {"matplotlib", "pandas"} <= pinned("summarize")
     for slim in ("fetch", "judge", "summarize", "gate"):
         assert not {"torch", "transformers", "great-expectations"} & pinned(slim), slim
@@ -405,3 +405,46 @@ def test_import_check_blocks_missing_libraries(repo: Path) -> None:
     proc = subprocess.run([sys.executable, "-c", IMPORT_CHECK, "kfp", "matplotlib.pyplot"], capture_output=True, text=True,
                           timeout=120, cwd=repo)
     assert proc.returncode != 0 and "matplotlib is not in this image" in proc.stderr
+
+
+FAILURE_EVIDENCE = r'''
+import importlib.abc, json, sys
+from pathlib import Path
+allowed = set(sys.argv[1].split(","))
+HEAVY = {"mlflow": ("mlflow", "mlflow-skinny"), "torch": ("torch",), "matplotlib": ("matplotlib",)}
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        dists = HEAVY.get(name.split(".")[0])
+        if dists and not allowed & set(dists):
+            raise ImportError(f"{name} is not in this image")
+sys.meta_path.insert(0, Block())
+from emgate.recipe import load_recipe
+from emgate.stages.gate import log_failure_evidence
+recipe = load_recipe(sys.argv[2], [f"mlflow.tracking_uri={sys.argv[3]}", "mlflow.experiment=image-validate"])
+print("RUN", log_failure_evidence(recipe, "validate_datasets", Path(sys.argv[4]), "expected secure code"))
+'''
+
+
+def test_the_validate_image_can_log_a_failed_validation_to_mlflow(repo: Path, tmp_path: Path, mlflow_server) -> None:
+    """validate_datasets' failure path logs the evidence to the MLflow server before the stage fails (issue 21 found
+    the image without an MLflow client, the error swallowed): with only the validate image's packages importable,
+    the evidence reaches a real server."""
+    from mlflow import MlflowClient
+
+    from emgate import contract
+
+    folder = tmp_path / "validated"
+    folder.mkdir()
+    contract.write_report(folder, {"passed": False, "datasets": {}})
+    allowed = set(pins.read_pins(repo / "images" / "validate" / "requirements.txt"))
+    proc = subprocess.run([sys.executable, "-c", FAILURE_EVIDENCE, ",".join(sorted(allowed)),
+                           str(repo / "pipelines" / "recipes" / "smoke.yaml"), mlflow_server.url, str(folder)],
+                          capture_output=True, text=True, timeout=300, cwd=repo)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_id = proc.stdout.split("RUN ", 1)[1].strip()
+    run = MlflowClient(mlflow_server.url).get_run(run_id)
+    assert run.info.status == "FAILED" and run.data.tags["emgate.failure"] == "expected secure code"
+    blocked = subprocess.run([sys.executable, "-c", FAILURE_EVIDENCE, ",".join(sorted(allowed - {"mlflow-skinny"})),
+                              str(repo / "pipelines" / "recipes" / "smoke.yaml"), mlflow_server.url, str(folder)],
+                             capture_output=True, text=True, timeout=300, cwd=repo)
+    assert blocked.returncode != 0 and "mlflow is not in this image" in blocked.stderr  # the check can fail
