@@ -278,3 +278,24 @@ def test_the_compiled_pipeline_mounts_each_panel_judges_key_on_judge_answers_onl
     assert holders == ["exec-judge-answers"], holders
     keys = {(kv["secretKey"], kv["envVar"]) for s in with_keys["exec-judge-answers"] for kv in s["keyToEnv"]}
     assert keys == {("api-key", "OPENAI_API_KEY"), ("api-key-open-weights", "OTHER_JUDGE_KEY")}
+
+
+@pytest.mark.parametrize(("stage", "field", "change"), [
+    ("judge_answers", "judge.panel", {"panel": []}),  # a run that drops the strict judge
+    ("summarize", "judge.panel", {"panel": []}),
+    ("register_and_gate", "judge.panel", {"panel": []}),
+    ("register_and_gate", "judge.panel_tolerance", {"panel_tolerance": 1.0}),  # a run that lets the judges disagree
+])
+def test_a_run_cannot_drop_a_panel_judge_or_loosen_the_tolerance(repo: Path, stage: str, field: str, change) -> None:
+    """The panel is pinned when the pipeline is compiled (slices.PINNED): a submitter's recipe_json that moves it is
+    refused by the stage before it judges, summarizes or decides anything."""
+    from emgate.slices import WHOLE_RECIPE, pinned_json, recipe_for_stage, slice_json
+
+    recipe = load_recipe(repo / "pipelines" / "recipes" / "single-gpu.yaml")
+    pinned = pinned_json(recipe)
+    moved = recipe.model_copy(update={"judge": recipe.judge.model_copy(update=change)})
+    text = moved.to_json() if stage in WHOLE_RECIPE else slice_json(moved, stage)
+    with pytest.raises(RecipeError, match=rf"recipe field {field} is pinned by the platform"):
+        recipe_for_stage(text, stage, pinned)
+    honest = recipe.to_json() if stage in WHOLE_RECIPE else slice_json(recipe, stage)
+    assert recipe_for_stage(honest, stage, pinned).judge.panel == recipe.judge.panel
