@@ -370,9 +370,10 @@ def test_build_script_defaults_and_errors(repo: Path) -> None:
 
 # --- the image's own smoke import, without the image --------------------------------------------------------------
 
-IMPORT_CHECK = r'''
+# sys.argv[1]: the distributions the image holds, comma-separated; a heavy library outside them cannot be imported
+BLOCK_OTHER_IMAGES = r'''
 import importlib, importlib.abc, sys
-allowed, stage_module = set(sys.argv[1].split(",")), sys.argv[2]
+allowed = set(sys.argv[1].split(","))
 HEAVY = {"torch": ("torch",), "transformers": ("transformers",), "matplotlib": ("matplotlib",), "pandas": ("pandas",),
          "great_expectations": ("great-expectations",), "mlflow": ("mlflow", "mlflow-skinny"), "openai": ("openai",),
          "peft": ("peft",), "bandit": ("bandit",), "boto3": ("boto3",), "huggingface_hub": ("huggingface-hub",),
@@ -383,8 +384,10 @@ class Block(importlib.abc.MetaPathFinder):
         if dists and not allowed & set(dists):
             raise ImportError(f"{name} is not in this image")
 sys.meta_path.insert(0, Block())
+'''
+IMPORT_CHECK = BLOCK_OTHER_IMAGES + r'''
 import emgate.cli, emgate.kfp.components
-importlib.import_module(stage_module)
+importlib.import_module(sys.argv[2])
 '''
 STAGE_MODULES = {"validate": "validate", "fetch": "fetch", "train": "finetune", "sample": "sample", "judge": "judge",
                  "summarize": "summarize", "gate": "gate"}
@@ -407,17 +410,8 @@ def test_import_check_blocks_missing_libraries(repo: Path) -> None:
     assert proc.returncode != 0 and "matplotlib is not in this image" in proc.stderr
 
 
-FAILURE_EVIDENCE = r'''
-import importlib.abc, json, sys
+FAILURE_EVIDENCE = BLOCK_OTHER_IMAGES + r'''
 from pathlib import Path
-allowed = set(sys.argv[1].split(","))
-HEAVY = {"mlflow": ("mlflow", "mlflow-skinny"), "torch": ("torch",), "matplotlib": ("matplotlib",)}
-class Block(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path, target=None):
-        dists = HEAVY.get(name.split(".")[0])
-        if dists and not allowed & set(dists):
-            raise ImportError(f"{name} is not in this image")
-sys.meta_path.insert(0, Block())
 from emgate.recipe import load_recipe
 from emgate.stages.gate import log_failure_evidence
 recipe = load_recipe(sys.argv[2], [f"mlflow.tracking_uri={sys.argv[3]}", "mlflow.experiment=image-validate"])
