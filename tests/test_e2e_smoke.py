@@ -1,7 +1,10 @@
 """The smoke recipe through the whole pipeline: KFP local runner, real vLLM servers, real MLflow store.
 
 One run (about 10 minutes on 2 cores) is shared by every test here; a second run, with one summarize setting
-changed, checks the KFP cache and the recipe slices together.
+changed, checks the KFP cache and the recipe slices together. The shared run goes through the stage images
+(`--runner docker`, images built here by scripts/build-images.sh --local): every image runs its component's
+whole call path as the non-root user with a read-only root file system. The same run without containers is
+kept for running by hand: EMGATE_E2E_RUNNER=subprocess pytest tests/test_e2e_smoke.py
 """
 
 from __future__ import annotations
@@ -25,18 +28,27 @@ pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 STAGES = ["validate_datasets", "fine_tune", "sample_answers", "judge_answers", "summarize", "register_and_gate"]
 
 
-def run_cli(workdir: Path, db: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+RUNNER = os.environ.get("EMGATE_E2E_RUNNER", "docker")  # the shared run's --runner
+
+
+def run_cli(workdir: Path, db: Path, *extra: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     cmd = [str(Path(sys.executable).parent / "emgate"), "run", "pipelines/recipes/smoke.yaml", "--workdir", str(workdir),
            "--set", f"mlflow.tracking_uri=sqlite:///{db}", *extra]
     return subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
-                          env={**os.environ, "COLUMNS": "200"}, timeout=1800)
+                          env={**os.environ, "COLUMNS": "200", **(env or {})}, timeout=1800)
 
 
 @pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory: pytest.TempPathFactory, smol_model: Path):
+def runner_env(request: pytest.FixtureRequest) -> dict[str, str]:
+    """The environment of the shared run: the locally built images' registry for --runner docker."""
+    return request.getfixturevalue("local_images") if RUNNER == "docker" else {}
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory: pytest.TempPathFactory, smol_model: Path, runner_env: dict[str, str]):
     root = tmp_path_factory.mktemp("smoke")
     db = root / "mlflow.db"
-    proc = run_cli(root / "runs", db)
+    proc = run_cli(root / "runs", db, "--runner", RUNNER, env=runner_env)
     print(proc.stdout[-6000:], proc.stderr[-6000:])
     return root, db, proc
 
@@ -124,12 +136,12 @@ def test_the_adapter_changes_greedy_output(smoke_run, smol_model: Path, smol_tok
     assert before.tolist() != after.tolist()
 
 
-def test_a_rerun_with_a_changed_summarize_setting_reruns_only_summarize_and_the_gate(smoke_run) -> None:
+def test_a_rerun_with_a_changed_summarize_setting_reruns_only_summarize_and_the_gate(smoke_run, runner_env) -> None:
     """The KFP cache and recipe slices (emgate.slices) in one rerun: summarize's cache key changes, sampling's and the
     judge's do not, so validation, fine-tuning, sampling and judging all come from the cache."""
     root, db, first = smoke_run
     timings_before = set((root / "runs").glob("timings-*.jsonl"))
-    proc = run_cli(root / "runs", db, "--set", "summarize.bootstrap_seed=7")
+    proc = run_cli(root / "runs", db, "--runner", RUNNER, "--set", "summarize.bootstrap_seed=7", env=runner_env)
     assert proc.returncode in (0, 3), proc.stderr[-3000:]
     new = set((root / "runs").glob("timings-*.jsonl")) - timings_before
     assert len(new) == 1

@@ -504,7 +504,7 @@ def _judge_server(r: Recipe, containers: Any = None) -> Iterator[Recipe]:
         console.print(f"[yellow]judge port {serve.port} is taken; using a free port[/yellow]")
     server = VllmServer(model_path=judge_path, served_name=r.judge.model,
                         serving=r.serving, port=port, max_logprobs=r.judge.top_logprobs)
-    status_root = containers.writable[0] if containers is not None else None
+    status_root = containers.workdir if containers is not None else None
     status = Path(tempfile.mkdtemp(prefix="emgate-judge-", dir=status_root)) / "status"
     if containers is not None:
         status.parent.chmod(0o775)
@@ -602,12 +602,14 @@ def _container_plan(r: Recipe, workdir: Path) -> Any:
     """Images, environment and mounts for `--runner docker`; a missing engine or image is one line, exit 2."""
     from emgate.assets import cache_dir
     from emgate.containers import (
+        MODEL_CACHE_MOUNT,
         ContainerError,
         check_images,
         docker_client,
         forwarded_environment,
         host_paths,
         plan_containers,
+        project_secrets,
         stage_images,
     )
 
@@ -616,13 +618,19 @@ def _container_plan(r: Recipe, workdir: Path) -> Any:
         check_images(docker_client(), images)
     keys = {m.api_key_env for m in (r.judge, *r.judge.panel) if m.api_key_env}
     environment = forwarded_environment(os.environ, keys)
+    environment["EMGATE_CACHE_DIR"] = MODEL_CACHE_MOUNT  # the host's model cache, mounted where the PVC would be
+    for sub in ("kfp", "kfp-cache"):  # kfp.local.init would make them 0755: make them first, for the group
+        (workdir / sub).mkdir(parents=True, exist_ok=True)
     writable = [workdir, cache_dir()]
     if r.mlflow.tracking_uri.startswith("sqlite:///"):
         writable.append(Path(r.mlflow.tracking_uri.removeprefix("sqlite:///")).parent)
     elif r.mlflow.tracking_uri.startswith(("file:", "/")):
         writable.append(Path(r.mlflow.tracking_uri.removeprefix("file://").removeprefix("file:")))
+    run_id = uuid.uuid4().hex[:12]
+    project_secrets(environment, workdir / f".secrets-{run_id}")
     readonly = [p for p in host_paths(environment) if not any(p == w or w in p.parents for w in writable)]
-    return plan_containers(images, environment, writable, readonly)
+    return plan_containers(images, environment, writable, readonly, run_id, workdir,
+                           targets={cache_dir(): MODEL_CACHE_MOUNT})
 
 
 def _docker_runner(plan: Any) -> Any:
@@ -688,6 +696,7 @@ def _run_pipeline(r: Recipe, workdir: Path, cache: bool, verbose: bool, started:
             from emgate.containers import remove_run_containers
 
             remove_run_containers(containers.run_id)
+            shutil.rmtree(workdir / f".secrets-{containers.run_id}", ignore_errors=True)
     _print_timings(timings)
     _print_outcome(workdir, started, started_at)
 

@@ -19,6 +19,7 @@ from emgate.images import STAGE_IMAGES, image_for
 
 IMAGE_USER = "10001:0"  # the images' `useradd --uid 10001 --gid 0`; group 0 writes the run's folders
 RUN_LABEL = "emgate.run"  # every container of one `emgate run` carries it, so the run can remove them all
+MODEL_CACHE_MOUNT = "/mnt/models/emgate"  # where the chart's model-cache PVC is mounted (kubernetes.model_cache_mount)
 SHM_SIZE = "2g"  # vLLM's CPU workers share tensors through /dev/shm; Docker's default is 64 MiB
 # Host settings a stage reads; paths among them are mounted. Host-only ones (the vLLM interpreter, the run's
 # pid, which another pid namespace cannot see) stay out.
@@ -39,6 +40,8 @@ class ContainerPlan:
     writable: list[Path] = field(default_factory=list)
     readonly: list[Path] = field(default_factory=list)
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    workdir: Path | None = None  # the run's folder (mounted writable): files the host hands the tasks go here
+    targets: dict[Path, str] = field(default_factory=dict)  # host folder -> its path inside (default: the same)
 
 
 def stage_images(overrides: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -69,12 +72,15 @@ def _outermost(paths: Iterable[Path]) -> list[Path]:
 
 
 def plan_containers(images: dict[str, str], environment: dict[str, str], writable: Iterable[Path],
-                    readonly: Iterable[Path]) -> ContainerPlan:
+                    readonly: Iterable[Path], run_id: str | None = None, workdir: Path | None = None,
+                    targets: dict[Path, str] | None = None) -> ContainerPlan:
     """Writable folders are made group-writable (the images' user is in group 0); a read-only folder inside a
     writable one is covered by it."""
     rw = _outermost(writable)
     ro = [p for p in _outermost(readonly) if not any(p == w or w in p.parents for w in rw)]
-    return ContainerPlan(images=images, environment=environment, writable=rw, readonly=ro)
+    return ContainerPlan(images=images, environment=environment, writable=rw, readonly=ro,
+                         run_id=run_id or uuid.uuid4().hex[:12], workdir=workdir,
+                         targets={k.resolve(): v for k, v in (targets or {}).items()})
 
 
 def host_paths(env: Mapping[str, str]) -> list[Path]:
@@ -88,8 +94,9 @@ def host_paths(env: Mapping[str, str]) -> list[Path]:
     return found
 
 
-def open_for_group(folder: Path) -> None:
-    """The containers run as uid 10001, gid 0: the host's folders they write must be writable by group 0."""
+def open_for_group(folder: Path, every_file: bool = False) -> None:
+    """The containers run as uid 10001, gid 0: the host's folders they write must be writable by group 0.
+    Files the group cannot read (a private key) stay so unless `every_file` (the model cache: no secrets)."""
     folder.mkdir(parents=True, exist_ok=True)
     for root, dirs, files in os.walk(folder):
         for name in dirs:
@@ -97,8 +104,30 @@ def open_for_group(folder: Path) -> None:
             p.chmod(p.stat().st_mode | 0o070)
         for name in files:
             p = Path(root) / name
-            p.chmod(p.stat().st_mode | 0o060)
+            mode = p.stat().st_mode
+            if (every_file or mode & 0o040) and not p.is_symlink():
+                p.chmod(mode | 0o060)
     folder.chmod(folder.stat().st_mode | 0o070)
+
+
+def project_secrets(environment: dict[str, str], folder: Path) -> list[Path]:
+    """Files named by the environment that the images' group cannot read (private keys, 0600) are copied into
+    `folder` as 0640 and the variable points at the copy, as a Kubernetes Secret volume projects them for the
+    pod's group. The caller removes the folder when the run ends."""
+    copies: list[Path] = []
+    for name, value in sorted(environment.items()):
+        path = Path(value)
+        if not (path.is_absolute() and path.is_file()) or path.stat().st_mode & 0o040:
+            continue
+        folder.mkdir(mode=0o750, parents=True, exist_ok=True)
+        copy = folder / f"{name.lower()}-{path.name}"
+        fd = os.open(copy, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(path.read_bytes())
+        os.chmod(copy, 0o640)
+        environment[name] = str(copy)
+        copies.append(copy)
+    return copies
 
 
 def docker_client() -> Any:
@@ -142,9 +171,11 @@ def docker_runner(plan: ContainerPlan) -> Any:
     from kfp import local
 
     for folder in plan.writable:
-        open_for_group(folder)
-    mounts = [Mount(target=str(p), source=str(p), type="bind", read_only=False) for p in plan.writable]
-    mounts += [Mount(target=str(p), source=str(p), type="bind", read_only=True) for p in plan.readonly]
+        open_for_group(folder, every_file=str(folder) in plan.targets or folder in plan.targets)
+    mounts = [Mount(target=plan.targets.get(p, str(p)), source=str(p), type="bind", read_only=False)
+              for p in plan.writable]
+    mounts += [Mount(target=plan.targets.get(p, str(p)), source=str(p), type="bind", read_only=True)
+               for p in plan.readonly]
     return local.DockerRunner(
         network_mode="host", user=IMAGE_USER, read_only=True, tmpfs={"/tmp": "rw,exec,mode=1777"},
         shm_size=SHM_SIZE, environment=plan.environment, mounts=mounts, labels={RUN_LABEL: plan.run_id},

