@@ -202,6 +202,9 @@ build_local() {
         fi
     done
     if [ "$DRY_RUN" -eq 0 ]; then
+        # the images these tags replaced (emgate's own, by label), not anything else in the engine
+        "$docker" image prune --force --filter "label=org.opencontainers.image.source=https://github.com/emgate/emgate" \
+            >/dev/null || true
         echo "built on $base:"
         printf '  %s\n' "${summary[@]}"
         echo "run the pipeline through them: EMGATE_IMAGE_REGISTRY=$REGISTRY EMGATE_IMAGE_TAG=$TAG emgate run RECIPE --runner docker"

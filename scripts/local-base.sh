@@ -2,6 +2,7 @@
 # Bootstrap the local base image that `scripts/build-images.sh --local` builds every stage image on, where image
 # registries are unreachable: Debian bookworm (minbase) with its Python 3.11 in a venv on PATH, so `pip` and
 # `python3 -m pip` behave as in the pinned python:3.11-slim base. Needs root, debootstrap and a running dockerd.
+# libnuma1: vLLM's CPU build loads it (vLLM's own image carries it); nothing else is added.
 #
 #   scripts/local-base.sh [--tag IMAGE] [--force]
 #
@@ -29,7 +30,10 @@ while [ $# -gt 0 ]; do
 done
 
 "$DOCKER" info >/dev/null 2>&1 || die "no Docker engine answers (start one: scripts/start-docker.sh)"
-if [ "$FORCE" -eq 0 ] && "$DOCKER" image inspect "$TAG" >/dev/null 2>&1; then
+# The base records the sha256 of this script: a changed recipe (another package, another step) rebuilds it.
+RECIPE="$(sha256sum "${BASH_SOURCE[0]}" | cut -c1-16)"
+if [ "$FORCE" -eq 0 ] && [ "$("$DOCKER" image inspect --format '{{index .Config.Labels "emgate.local-base.recipe"}}' \
+        "$TAG" 2>/dev/null)" = "$RECIPE" ]; then
     echo "local base $TAG: present, reused"
     exit 0
 fi
@@ -40,7 +44,7 @@ ROOTFS="$(mktemp -d)"
 trap 'rm -rf "$ROOTFS"' EXIT
 started=$SECONDS
 echo "local base $TAG: debootstrap bookworm (minbase, python3) into $ROOTFS"
-debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates bookworm "$ROOTFS" "$MIRROR" \
+debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates,libnuma1 bookworm "$ROOTFS" "$MIRROR" \
     >"$ROOTFS.log" 2>&1 || { tail -n 20 "$ROOTFS.log" >&2; die "debootstrap failed (full log: $ROOTFS.log)"; }
 rm -f "$ROOTFS.log"
 # A venv owned by root, on PATH: pip installs there as in python:slim (Debian's own Python refuses, PEP 668).
@@ -51,6 +55,7 @@ tar -C "$ROOTFS" -c . | "$DOCKER" import \
     --change 'ENV PATH=/opt/python/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
     --change 'ENV LANG=C.UTF-8' \
     --change 'CMD ["python3"]' \
+    --change "LABEL emgate.local-base.recipe=$RECIPE" \
     --message "emgate local base: debootstrap bookworm minbase + python3 venv" \
     - "$TAG" >/dev/null
 python_version="$("$DOCKER" run --rm --network none "$TAG" python3 -c 'import sys; print(sys.version.split()[0])')"

