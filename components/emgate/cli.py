@@ -519,6 +519,7 @@ def _judge_server(r: Recipe, containers: Any = None) -> Iterator[Recipe]:
             outcome = f"failed: {exc}"
         with contextlib.suppress(OSError):  # the run may have ended (and removed the folder) before the server was up
             write_text_atomic(status, outcome)
+            status.chmod(0o644)  # read by the judge task, which may run as another user (--runner docker)
 
     threading.Thread(target=watch, name="judge-server-ready", daemon=True).start()
     console.print(f"judge {r.judge.model} starting in vLLM at {s.base_url} (in the background)")
