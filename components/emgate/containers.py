@@ -171,7 +171,7 @@ def docker_runner(plan: ContainerPlan) -> Any:
     from kfp import local
 
     for folder in plan.writable:
-        open_for_group(folder, every_file=str(folder) in plan.targets or folder in plan.targets)
+        open_for_group(folder, every_file=folder in plan.targets)  # the model cache holds no secrets
     mounts = [Mount(target=plan.targets.get(p, str(p)), source=str(p), type="bind", read_only=False)
               for p in plan.writable]
     mounts += [Mount(target=plan.targets.get(p, str(p)), source=str(p), type="bind", read_only=True)
