@@ -222,3 +222,37 @@ def test_the_fetch_image_names_what_it_cannot_build(local_images: dict[str, str]
                                "EMGATE_CACHE_DIR=/cache"))
     assert proc.returncode == 3, proc.stdout + proc.stderr
     assert "lacks (torch)" in proc.stdout and "emgate models build" in proc.stdout, proc.stdout
+
+
+@pytest.mark.slow
+def test_a_stopped_docker_run_leaves_no_container(local_images: dict[str, str], tmp_path: Path) -> None:
+    """SIGTERM while a task runs in its container: exit 143, the MLflow run KILLED, no container of the run left."""
+    import signal
+    import time
+
+    import docker
+
+    env = {**os.environ, **local_images, "COLUMNS": "200"}
+    cmd = [str(Path(sys.executable).parent / "emgate"), "run", "pipelines/recipes/smoke.yaml", "--runner", "docker",
+           "--workdir", str(tmp_path / "runs"), "--set", f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"]
+    client = docker.from_env()
+    before = {c.id for c in client.containers.list(all=True, filters={"label": containers.RUN_LABEL})}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and proc.poll() is None:
+            running = [c for c in client.containers.list(filters={"label": containers.RUN_LABEL}) if c.id not in before]
+            if any("emgate-validate" in (c.image.tags or [""])[0] for c in running):
+                break
+            time.sleep(0.5)
+        else:
+            pytest.fail(f"no validate container appeared (exit {proc.poll()})")
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, out[-2000:] + err[-2000:]
+    assert "interrupted by SIGTERM" in err and "marked KILLED" in err, err[-2000:]
+    left = [c for c in client.containers.list(all=True, filters={"label": containers.RUN_LABEL}) if c.id not in before]
+    assert not left, [c.image.tags for c in left]
