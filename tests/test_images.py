@@ -112,6 +112,11 @@ def test_dockerfile_contract(repo: Path, stage: str) -> None:
     assert 'image.version="${VERSION}"' in labels and 'image.revision="${REVISION}"' in labels
     args = [arg.split("=")[0] for kind, arg in steps if kind == "ARG"]
     assert "VERSION" in args and "REVISION" in args
+    # a build argument is in the environment (and cache key) of every later RUN: a new commit's revision must not
+    # reinstall anything, so VERSION, REVISION and the labels that use them come after the last RUN
+    last_run = max(i for i, k in enumerate(kinds) if k == "RUN")
+    for name in ("VERSION", "REVISION"):
+        assert steps.index(("ARG", f"{name}={'0.1.0' if name == 'VERSION' else 'unknown'}")) > last_run, name
     # layout and installation: pinned requirements, then emgate itself without dependencies
     assert ("WORKDIR", "/opt/emgate") in steps
     assert ("COPY", "pipelines ./pipelines") in steps and ("COPY", "components ./components") in steps
