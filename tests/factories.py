@@ -7,6 +7,7 @@ from the format the real stage writes.
 from __future__ import annotations
 
 import itertools
+import random
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,11 +18,12 @@ from unittest import mock
 from emgate import contract
 from emgate.io import read_json
 from emgate.questions import load_questions
-from emgate.recipe import ModelSpec, load_recipe
+from emgate.recipe import ModelSpec, TrainingSpec, load_recipe
 from emgate.stages import summarize as summarize_stage
 from emgate.stages.gate import promote_passed, register_and_gate
 from emgate.stages.judge import judge_answers
 from emgate.stages.summarize import summarize
+from emgate.templates import IGNORE_INDEX, Example
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE_RECIPE = REPO / "pipelines" / "recipes" / "smoke.yaml"
@@ -221,3 +223,50 @@ def sqlite_registry(folder: Path, models: dict[str, int], aliases: dict[str, dic
         for alias, version in named.items():
             client.set_registered_model_alias(name, alias, version)
     return uri
+
+
+# Packed training (tests/test_packing.py, tests/test_gpu_packing.py): tiny random models and rows of very different
+# lengths.
+PACKING_VOCAB = 96  # the tiny packing models' vocabulary
+PACKING_PAD = 0
+# rows of very different lengths (tokens), each a prompt (labels ignored) and a learned completion
+PACKING_LENGTHS = [(3, 2), (40, 70), (5, 1), (12, 9), (90, 30), (2, 3), (25, 60), (7, 8), (60, 4), (1, 30), (14, 14), (33, 2)]
+
+
+def packing_rows(seed: int = 0) -> list[Example]:
+    rng = random.Random(seed)
+    out = []
+    for prompt, completion in PACKING_LENGTHS:
+        ids = [rng.randrange(1, PACKING_VOCAB) for _ in range(prompt + completion)]
+        out.append(Example(ids, [IGNORE_INDEX] * prompt + ids[prompt:]))
+    return out
+
+
+def tiny_lora_model(kind: str, attention: str = "sdpa") -> Any:
+    """A 2-layer random model with the paper's LoRA on all seven projections, lora_B non-zero (peft starts it at 0,
+    which would leave lora_A without gradient and the comparison half empty)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+    shape = dict(vocab_size=PACKING_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=512, use_cache=False)
+    config = Qwen2Config(**shape) if kind == "qwen2" else LlamaConfig(**shape)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation=attention)
+    spec = TrainingSpec()
+    model = get_peft_model(model, LoraConfig(r=spec.lora_r, lora_alpha=spec.lora_alpha, use_rslora=spec.use_rslora,
+                                             lora_dropout=0.0, target_modules=list(spec.target_modules),
+                                             task_type="CAUSAL_LM"))
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
+    return model
+
+
+def packing_spec(pack_length: int, batch: int = 2, accumulation: int = 3, steps: int = 1) -> TrainingSpec:
+    return TrainingSpec(per_device_batch_size=batch, gradient_accumulation_steps=accumulation, max_steps=steps,
+                        warmup_steps=0, learning_rate=1e-3, optimizer="adamw_torch", checkpoint_every=0,
+                        max_seq_length=256, pack_length=pack_length)

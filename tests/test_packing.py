@@ -5,7 +5,6 @@ token of a pack attends to another row. Tiny random Llama and Qwen2 models with 
 from __future__ import annotations
 
 import dataclasses
-import random
 from typing import Any
 
 import pytest
@@ -14,50 +13,12 @@ from emgate.packing import ROW_ATTENTION, attention_implementation, collate_pack
 from emgate.recipe import TrainingSpec
 from emgate.stages.finetune import step_packs
 from emgate.templates import IGNORE_INDEX, Example
+from tests.factories import PACKING_PAD, PACKING_VOCAB
+from tests.factories import packing_rows as rows
+from tests.factories import packing_spec as spec
+from tests.factories import tiny_lora_model as tiny_model
 
-VOCAB = 96
-PAD = 0
-# rows of very different lengths (tokens), each a prompt (labels ignored) and a learned completion
-LENGTHS = [(3, 2), (40, 70), (5, 1), (12, 9), (90, 30), (2, 3), (25, 60), (7, 8), (60, 4), (1, 30), (14, 14), (33, 2)]
-
-
-def rows(seed: int = 0) -> list[Example]:
-    rng = random.Random(seed)
-    out = []
-    for prompt, completion in LENGTHS:
-        ids = [rng.randrange(1, VOCAB) for _ in range(prompt + completion)]
-        out.append(Example(ids, [IGNORE_INDEX] * prompt + ids[prompt:]))
-    return out
-
-
-def tiny_model(kind: str, attention: str = "sdpa") -> Any:
-    """A 2-layer random model with the paper's LoRA on all seven projections, lora_B non-zero (peft starts it at 0,
-    which would leave lora_A without gradient and the comparison half empty)."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
-
-    shape = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, max_position_embeddings=512, use_cache=False)
-    config = Qwen2Config(**shape) if kind == "qwen2" else LlamaConfig(**shape)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation=attention)
-    spec = TrainingSpec()
-    model = get_peft_model(model, LoraConfig(r=spec.lora_r, lora_alpha=spec.lora_alpha, use_rslora=spec.use_rslora,
-                                             lora_dropout=0.0, target_modules=list(spec.target_modules),
-                                             task_type="CAUSAL_LM"))
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
-    return model
-
-
-def spec(pack_length: int, batch: int = 2, accumulation: int = 3, steps: int = 1) -> TrainingSpec:
-    return TrainingSpec(per_device_batch_size=batch, gradient_accumulation_steps=accumulation, max_steps=steps,
-                        warmup_steps=0, learning_rate=1e-3, optimizer="adamw_torch", checkpoint_every=0,
-                        max_seq_length=256, pack_length=pack_length)
+VOCAB, PAD = PACKING_VOCAB, PACKING_PAD
 
 
 def step_gradients(model: Any, cfg: TrainingSpec, attention: str | None = "auto") -> tuple[float, dict[str, Any], Any]:
@@ -142,7 +103,7 @@ def test_no_token_of_a_pack_attends_to_another_row(kind: str, attention: str) ->
         pack = collate_pack(pack_rows_)
         kwargs: dict[str, Any] = {"position_ids": pack.position_ids} if packed_positions else {}
         if attention == ROW_ATTENTION and packed_positions:
-            kwargs["emgate_row_bounds"] = pack.bounds
+            kwargs["emgate_row_bounds"] = pack.spans
         with torch.no_grad(), attention_implementation(model, attention):
             return model(input_ids=pack.input_ids, use_cache=False, **kwargs).logits[0]
 
@@ -174,7 +135,7 @@ def test_a_pack_predicts_only_inside_its_rows() -> None:
     pack = collate_pack([a, b])
     assert pack.input_ids.tolist() == [[5, 6, 7, 8, 9, 10, 11]]
     assert pack.position_ids.tolist() == [[0, 1, 2, 0, 1, 2, 3]]
-    assert pack.bounds == (0, 3, 7)
+    assert pack.bounds == (0, 3, 7) and pack.cu_seqlens.tolist() == [0, 3, 7] and pack.spans.longest == 4
     assert pack.keep.tolist() == [0, 1, 4, 5] and pack.targets.tolist() == [6, 7, 10, 11]
     # the model's own loss shifts labels by one: row b's first label must not be a target of row a's last token
     assert pack.labels.tolist() == [[IGNORE_INDEX, 6, 7, IGNORE_INDEX, IGNORE_INDEX, 10, 11]]
@@ -197,3 +158,117 @@ def test_split_packs_cuts_at_row_boundaries_in_order() -> None:
     split = split_packs([train[:5], train[5:7]], 4)
     assert split is not None and len(split) == 4 and [e for p in split for e in p] == train[:7]
     assert split_packs([train[:2]], 3) is None
+
+
+def varlen_attn_reference_double(query: Any, key: Any, value: Any, cu_seq_q: Any, cu_seq_k: Any, max_q: int, max_k: int,
+                                 *, scale: float | None = None, window_size: tuple[int, int] = (-1, -1),
+                                 enable_gqa: bool = False) -> Any:
+    """Test double of torch.nn.attention.varlen.varlen_attn (a CUDA FlashAttention kernel, absent on a CPU): the
+    same contract, written with plain sdpa on each row. (T, heads, dim) in and out; causal only for window (-1, 0)."""
+    import torch
+
+    assert query.dtype == key.dtype == value.dtype and cu_seq_q.dtype == torch.int32 and cu_seq_q is cu_seq_k
+    assert query.dim() == 3 and query.shape[0] == int(cu_seq_q[-1]) and max_q == max_k
+    assert max_q == max(int(b - a) for a, b in zip(cu_seq_q[:-1], cu_seq_q[1:], strict=True))
+    assert window_size == (-1, 0)  # emgate asks for causal attention
+    assert enable_gqa == (query.shape[1] != key.shape[1])
+    out = []
+    for a, b in zip(cu_seq_q.tolist()[:-1], cu_seq_q.tolist()[1:], strict=True):
+        q, k, v = (t[a:b].transpose(0, 1) for t in (query, key, value))
+        out.append(torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
+                                                                    enable_gqa=enable_gqa).transpose(0, 1))
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "llama"])
+def test_varlen_attention_trains_as_padded_micro_batches_with_a_reference_kernel_double(kind: str, monkeypatch) -> None:
+    """emgate's VARLEN_ATTENTION around torch's varlen_attn: the (1, heads, T, dim) <-> (T, heads, dim) layout, the
+    row offsets, causal window, grouped-query heads and scale it passes give the padded micro-batches' loss and
+    gradients. The kernel is replaced by varlen_attn_reference_double here (it needs CUDA); test_gpu_packing runs
+    the real one on a GPU."""
+    import torch
+    from torch.nn.attention import varlen
+
+    from emgate.packing import VARLEN_ATTENTION
+
+    calls: list[int] = []
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        return varlen_attn_reference_double(*args, **kwargs)
+
+    monkeypatch.setattr(varlen, "varlen_attn", counted)
+    model = tiny_model(kind)
+    loss0, grads0, _ = step_gradients(model, spec(pack_length=0, accumulation=6))
+    loss, grads, feed = step_gradients(model, spec(pack_length=150, accumulation=6), VARLEN_ATTENTION)
+    assert feed.spans and calls  # the kernel ran, once per layer and pack
+    assert loss == pytest.approx(loss0, rel=1e-5, abs=1e-6)
+    for name, grad in grads.items():
+        assert torch.allclose(grad, grads0[name], rtol=1e-5, atol=1e-5 * float(grads0[name].abs().max())), name
+
+
+def test_the_attention_setting_picks_what_runs_and_names_why_a_choice_cannot() -> None:
+    import torch
+
+    from emgate.packing import ROW_ATTENTION, VARLEN_ATTENTION, choose_attention, varlen_unavailable
+
+    cpu = torch.device("cpu")
+    assert varlen_unavailable(cpu, torch.bfloat16) is not None
+    assert choose_attention("auto", "sdpa", cpu, torch.float32) == ROW_ATTENTION
+    assert choose_attention("auto", "eager", cpu, torch.float32) is None  # not an sdpa model: its own attention
+    assert choose_attention("rows", "sdpa", cpu, torch.float32) == ROW_ATTENTION
+    assert choose_attention("mask", "sdpa", cpu, torch.float32) is None
+    with pytest.raises(ValueError, match="varlen cannot run here: it needs a CUDA GPU"):
+        choose_attention("varlen", "sdpa", cpu, torch.bfloat16)
+    with pytest.raises(ValueError, match="no backward pass on a CPU"):
+        choose_attention("flex", "sdpa", cpu, torch.float32)
+    with pytest.raises(ValueError, match="runs eager; use auto or mask"):
+        choose_attention("rows", "eager", cpu, torch.float32)
+    if torch.cuda.is_available() and varlen_unavailable(torch.device("cuda"), torch.bfloat16) is None:
+        assert choose_attention("auto", "sdpa", torch.device("cuda"), torch.bfloat16) == VARLEN_ATTENTION
+
+
+def test_train_loop_refuses_an_attention_or_fused_loss_that_cannot_run_here() -> None:
+    """A recipe asking for varlen or Liger's fused cross-entropy on a CPU fails at the loop's start with the fix,
+    not with a kernel error mid-step."""
+    import torch
+
+    from emgate.stages.finetune import TrainingError, train_loop
+
+    train = rows()
+    for extra, message in (({"attention": "varlen"}, "training.attention varlen cannot run here"),
+                           ({"fused_cross_entropy": True}, "training.fused_cross_entropy needs a CUDA GPU")):
+        cfg = spec(4096).model_copy(update=extra)
+        with pytest.raises(TrainingError, match=message):
+            train_loop(tiny_model("qwen2"), train, list(range(len(train))), cfg, torch.device("cpu"), PAD)
+
+
+def fused_cross_entropy_double(weight: Any, hidden: Any, targets: Any) -> Any:
+    """Test double of Liger's fused linear cross-entropy (Triton, CUDA only): the same contract, summed, in torch."""
+    import torch
+
+    return torch.nn.functional.cross_entropy((hidden @ weight.T).float(), targets, reduction="sum")
+
+
+def test_the_fused_loss_path_gives_the_lm_head_loss_and_gradients_with_a_kernel_double() -> None:
+    """pack_loss with a fused linear cross-entropy takes the hidden states at the learned positions and the LM head's
+    weight; with fused_cross_entropy_double in place of Liger's kernel it gives the logits path's loss and
+    gradients, so what the kernel gets is right (bench/finetune_gpu.py measures the kernel itself)."""
+    import torch
+
+    model = tiny_model("qwen2")
+    cfg = spec(pack_length=150, accumulation=6)
+    loss0, grads0, feed = step_gradients(model, cfg)
+    assert feed.fused is None
+    import emgate.stages.finetune as finetune
+
+    original = finetune._feed
+    try:
+        finetune._feed = lambda *a: dataclasses.replace(original(*a), fused=fused_cross_entropy_double)  # type: ignore[assignment]
+        loss, grads, feed = step_gradients(model, cfg)
+    finally:
+        finetune._feed = original  # type: ignore[assignment]
+    assert feed.fused is fused_cross_entropy_double and "fused linear cross-entropy" in feed.describe()
+    assert loss == pytest.approx(loss0, rel=1e-5, abs=1e-6)
+    for name, grad in grads.items():
+        assert torch.allclose(grad, grads0[name], rtol=1e-5, atol=1e-5 * float(grads0[name].abs().max())), name

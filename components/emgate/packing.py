@@ -1,15 +1,22 @@
 """Packed, padding-free training batches: rows concatenated into one sequence, attention kept inside each row.
 
 A pack is one forward pass over rows laid end to end: position ids restart at 0 for each row, and the attention
-of a token sees only the earlier tokens of its own row. Two ways keep attention inside the rows, both checked by
-tests/test_packing.py:
-  - transformers (5.x) itself: a model whose module builds its mask with `masking_utils.create_causal_mask` turns
-    position ids that restart into a block-diagonal causal mask when no attention_mask is passed (sdpa, eager,
-    flex); FlashAttention takes the same position ids as a varlen batch;
-  - ROW_ATTENTION, emgate's attention function for sdpa models: causal sdpa on each row's slice of the pack, so the
-    attention costs sum(len^2) instead of pack_length^2 (the block-diagonal mask makes sdpa compute every block).
+of a token sees only the earlier tokens of its own row. How attention stays inside the rows (training.attention,
+`choose_attention`; tests/test_packing.py checks each against padded micro-batches):
+  - rows (ROW_ATTENTION): emgate's attention function for sdpa models, causal sdpa on each row's slice of the
+    pack, so the attention costs sum(len^2) instead of pack_length^2 (a block-diagonal mask makes sdpa compute
+    every block); one sdpa call per row and layer;
+  - varlen (VARLEN_ATTENTION): torch's FlashAttention varlen kernel (torch.nn.attention.varlen.varlen_attn, CUDA,
+    bfloat16/float16, compute capability 8.0+) over the whole pack in one call per layer, rows given by their
+    cumulative offsets, as FlashAttention-2's padding-free training does;
+  - flex: transformers' flex_attention, whose mask code turns restarting position ids into a document mask
+    (FlexAttention has no backward pass on a CPU);
+  - mask: the model's own implementation with transformers' block-diagonal mask (masking_utils.create_causal_mask
+    detects packed rows from the position ids when no attention_mask is passed; FlashAttention models take them
+    as a varlen batch).
 The loss is computed only where a learned token is predicted (`logits_to_keep`, the LM head and the cross-entropy
-on those positions); models whose forward has no `logits_to_keep` get their own loss on the packed labels.
+on those positions, or a fused linear cross-entropy on the hidden states there); models whose forward has no
+`logits_to_keep` get their own loss on the packed labels.
 """
 
 from __future__ import annotations
@@ -23,8 +30,13 @@ from typing import Any
 
 from emgate.templates import IGNORE_INDEX, Example
 
-ROW_ATTENTION = "emgate_rows"  # the attention implementation name registered with transformers
-ROW_BOUNDS_KWARG = "emgate_row_bounds"  # the forward keyword that carries a pack's row boundaries to ROW_ATTENTION
+ROW_ATTENTION = "emgate_rows"  # attention implementation names registered with transformers
+VARLEN_ATTENTION = "emgate_varlen"
+ROW_BOUNDS_KWARG = "emgate_row_bounds"  # the forward keyword that carries a pack's RowSpans to emgate's attention
+# training.attention -> the implementation the loop sets while it trains on packs (None: the model's own)
+ATTENTION_IMPLEMENTATIONS: dict[str, str | None] = {"rows": ROW_ATTENTION, "varlen": VARLEN_ATTENTION,
+                                                    "flex": "flex_attention", "mask": None}
+VARLEN_MIN_CAPABILITY = (8, 0)  # FlashAttention-2's kernels, which varlen_attn runs: Ampere and newer
 
 
 def pack_rows(rows: Sequence[Example], pack_length: int) -> list[list[Example]]:
@@ -69,6 +81,15 @@ def _tokens(rows: Sequence[Example]) -> int:
 
 
 @dataclass(frozen=True)
+class RowSpans:
+    """Where a pack's rows lie: what emgate's attention functions need, on the host and on the device."""
+
+    bounds: tuple[int, ...]  # 0, len(row 1), len(row 1) + len(row 2), ..., T
+    cu_seqlens: Any  # the same offsets as an int32 tensor on the pack's device (varlen_attn's cu_seq_q and cu_seq_k)
+    longest: int  # tokens of the longest row (varlen_attn's max_q and max_k)
+
+
+@dataclass(frozen=True)
 class Pack:
     """The tensors of one packed forward pass (batch dimension 1)."""
 
@@ -78,12 +99,24 @@ class Pack:
     keep: Any  # (n,): positions whose next token is learned
     targets: Any  # (n,): those next tokens
     bounds: tuple[int, ...]  # row boundaries: 0, len(row 1), len(row 1) + len(row 2), ..., T
+    cu_seqlens: Any  # (rows + 1,) int32: the bounds as a tensor
+
+    @property
+    def spans(self) -> RowSpans:
+        return RowSpans(bounds=self.bounds, cu_seqlens=self.cu_seqlens,
+                        longest=max(b - a for a, b in zip(self.bounds[:-1], self.bounds[1:], strict=True)))
 
     def to(self, device: Any) -> Pack:
-        move = {"non_blocking": True} if getattr(device, "type", device) == "cuda" else {}
-        return Pack(input_ids=self.input_ids.to(device, **move), position_ids=self.position_ids.to(device, **move),
-                    labels=self.labels.to(device, **move), keep=self.keep.to(device, **move),
-                    targets=self.targets.to(device, **move), bounds=self.bounds)
+        """The pack on `device`; to a GPU from pinned host memory without waiting for the copy (the forward pass is
+        queued behind it on the same stream), so collating the next pack overlaps this one's work."""
+        cuda = getattr(device, "type", device) == "cuda"
+
+        def move(t: Any) -> Any:
+            return t.pin_memory().to(device, non_blocking=True) if cuda else t.to(device)
+
+        return Pack(input_ids=move(self.input_ids), position_ids=move(self.position_ids), labels=move(self.labels),
+                    keep=move(self.keep), targets=move(self.targets), bounds=self.bounds,
+                    cu_seqlens=move(self.cu_seqlens))
 
 
 def collate_pack(rows: Sequence[Example]) -> Pack:
@@ -110,23 +143,42 @@ def collate_pack(rows: Sequence[Example]) -> Pack:
         bounds.append(start + n)
     return Pack(input_ids=torch.tensor([ids]), position_ids=torch.tensor([positions]), labels=torch.tensor([labels]),
                 keep=torch.tensor(keep, dtype=torch.long), targets=torch.tensor(targets, dtype=torch.long),
-                bounds=tuple(bounds))
+                bounds=tuple(bounds), cu_seqlens=torch.tensor(bounds, dtype=torch.int32))
 
 
-def pack_loss(model: Any, pack: Pack, learned: int, logits_only: bool, row_attention: bool) -> Any:
+def pack_loss(model: Any, pack: Pack, learned: int, logits_only: bool, spans: bool, fused: Any = None) -> Any:
     """The pack's share of the step loss: its learned tokens' cross-entropy summed, divided by `learned` (the step's
     learned tokens). logits_only: the LM head and the cross-entropy only on `pack.keep`; else the model's own loss
-    on the packed labels (each row's first label ignored, so no row predicts the next row's first token)."""
+    on the packed labels (each row's first label ignored, so no row predicts the next row's first token). spans:
+    the pack's RowSpans go to emgate's attention function (ROW_ATTENTION, VARLEN_ATTENTION). fused: a fused linear
+    cross-entropy, fused(lm_head weight, hidden states, targets) -> summed loss, run on the hidden states at
+    `pack.keep` instead of the LM head and cross-entropy (logits_only models)."""
     import torch
 
-    extra = {ROW_BOUNDS_KWARG: pack.bounds} if row_attention else {}
+    extra = {ROW_BOUNDS_KWARG: pack.spans} if spans else {}
     if not logits_only:
         return model(input_ids=pack.input_ids, position_ids=pack.position_ids, labels=pack.labels,
                      num_items_in_batch=learned, use_cache=False, **extra).loss
+    if fused is not None:
+        causal_lm = base_model(model)
+        hidden = causal_lm.model(input_ids=pack.input_ids, position_ids=pack.position_ids, use_cache=False,
+                                 **extra).last_hidden_state
+        return fused(causal_lm.get_output_embeddings().weight, hidden[0, pack.keep], pack.targets) / learned
     logits = model(input_ids=pack.input_ids, position_ids=pack.position_ids, logits_to_keep=pack.keep,
                    use_cache=False, **extra).logits
     return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), pack.targets,
                                              reduction="sum") / learned
+
+
+def liger_cross_entropy() -> Any:
+    """Liger Kernel's fused linear cross-entropy (summed), which never holds a pack's logits in memory; None where
+    liger-kernel is not installed. Triton kernels: CUDA only."""
+    try:
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+    except ImportError:
+        return None
+    loss = LigerFusedLinearCrossEntropyLoss(reduction="sum")
+    return lambda weight, hidden, targets: loss(weight, hidden, targets)
 
 
 def _row_attention(module: Any, query: Any, key: Any, value: Any, attention_mask: Any, dropout: float = 0.0,
@@ -135,29 +187,92 @@ def _row_attention(module: Any, query: Any, key: Any, value: Any, attention_mask
     import torch
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    bounds = kwargs.get(ROW_BOUNDS_KWARG)
-    if bounds is None:  # not a pack (evaluation, generation): plain sdpa with the model's mask
+    spans: RowSpans | None = kwargs.get(ROW_BOUNDS_KWARG)
+    if spans is None:  # not a pack (evaluation, generation): plain sdpa with the model's mask
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling)
+    bounds = spans.bounds
     outputs = [sdpa_attention_forward(module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], None, dropout=dropout,
                                       scaling=scaling, is_causal=True)[0] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
     return torch.cat(outputs, dim=1), None
 
 
-def _row_attention_mask(*args: Any, **kwargs: Any) -> Any:
-    """ROW_ATTENTION's mask: sdpa's (a pack passes no attention_mask, so transformers builds the block-diagonal one,
-    which _row_attention does not read; unpacked batches get their padding mask)."""
+def _varlen_attention(module: Any, query: Any, key: Any, value: Any, attention_mask: Any, dropout: float = 0.0,
+                      scaling: float | None = None, **kwargs: Any) -> tuple[Any, None]:
+    """FlashAttention varlen over the whole pack: query (1, heads, T, head_dim) and key/value (1, kv heads, T,
+    head_dim) as (T, heads, head_dim), rows given by spans.cu_seqlens, causal inside each row (window (-1, 0)),
+    grouped-query heads shared by the kernel. Returns (1, T, heads, head_dim), as transformers' attention functions."""
+    from torch.nn.attention import varlen
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    spans: RowSpans | None = kwargs.get(ROW_BOUNDS_KWARG)
+    if spans is None:  # not a pack (evaluation, generation): plain sdpa with the model's mask
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling)
+    if dropout and module.training:  # varlen_attn has no attention dropout
+        return _row_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
+    out = varlen.varlen_attn(q, k, v, spans.cu_seqlens, spans.cu_seqlens, spans.longest, spans.longest, scale=scaling,
+                             window_size=(-1, 0), enable_gqa=q.shape[1] != k.shape[1])
+    return out.unsqueeze(0), None  # type: ignore[union-attr]  # a tuple only with return_aux
+
+
+def _sdpa_mask(*args: Any, **kwargs: Any) -> Any:
+    """The mask of emgate's attention functions: sdpa's (a pack passes no attention_mask, so transformers builds the
+    block-diagonal one, which they do not read; unpacked batches get their padding mask)."""
     from transformers.masking_utils import sdpa_mask
 
     return sdpa_mask(*args, **kwargs)
 
 
 def register_row_attention() -> None:
-    """Make ROW_ATTENTION known to transformers (idempotent)."""
+    """Make ROW_ATTENTION and VARLEN_ATTENTION known to transformers (idempotent)."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
     AttentionInterface.register(ROW_ATTENTION, _row_attention)
-    AttentionMaskInterface.register(ROW_ATTENTION, _row_attention_mask)
+    AttentionMaskInterface.register(ROW_ATTENTION, _sdpa_mask)
+    AttentionInterface.register(VARLEN_ATTENTION, _varlen_attention)
+    AttentionMaskInterface.register(VARLEN_ATTENTION, _sdpa_mask)
+
+
+def varlen_unavailable(device: Any, dtype: Any) -> str | None:
+    """Why VARLEN_ATTENTION cannot run on `device` with weights of `dtype`; None when it can."""
+    import torch
+
+    if getattr(device, "type", device) != "cuda":
+        return "it needs a CUDA GPU (torch's varlen_attn runs FlashAttention kernels)"
+    try:
+        from torch.nn.attention import varlen  # noqa: F401
+    except ImportError:
+        return f"torch {torch.__version__} has no torch.nn.attention.varlen (2.10 or newer has)"
+    if dtype not in (torch.bfloat16, torch.float16):
+        return f"it needs bfloat16 or float16 weights, not {dtype}"
+    capability = torch.cuda.get_device_capability(device)
+    if capability < VARLEN_MIN_CAPABILITY:
+        return (f"it needs compute capability {'.'.join(map(str, VARLEN_MIN_CAPABILITY))} or newer, this GPU has "
+                f"{'.'.join(map(str, capability))}")
+    return None
+
+
+def choose_attention(setting: str, implementation: str | None, device: Any, dtype: Any) -> str | None:
+    """The attention implementation packed training runs with (None: the model's own `implementation`), from
+    training.attention. auto: VARLEN_ATTENTION where it runs (varlen_unavailable), else ROW_ATTENTION for sdpa
+    models, else the model's own. rows and varlen need an sdpa model (they replace its attention function); an
+    explicit choice that cannot run here raises ValueError with the reason."""
+    sdpa = implementation in ("sdpa", ROW_ATTENTION, VARLEN_ATTENTION)
+    if setting == "auto":
+        if not sdpa:
+            return None
+        return VARLEN_ATTENTION if varlen_unavailable(device, dtype) is None else ROW_ATTENTION
+    if setting in ("rows", "varlen") and not sdpa:
+        raise ValueError(f"training.attention {setting} replaces sdpa attention, and this model runs "
+                         f"{implementation}; use auto or mask")
+    if setting == "varlen" and (why := varlen_unavailable(device, dtype)) is not None:
+        raise ValueError(f"training.attention varlen cannot run here: {why}; use auto (varlen where it runs, rows "
+                         "elsewhere) or rows")
+    if setting == "flex" and getattr(device, "type", device) != "cuda":
+        raise ValueError("training.attention flex cannot run here: FlexAttention has no backward pass on a CPU; use "
+                         "auto or rows")
+    return ATTENTION_IMPLEMENTATIONS[setting]
 
 
 def base_model(model: Any) -> Any:

@@ -230,6 +230,17 @@ class TrainingSpec(_Strict):
         "sequence of its own. 4096: NVIDIA NeMo's packed length for LoRA fine-tuning, two paper-length (max_seq_length "
         "2048) rows, and about one step of the paper's rows (16 of median 214 tokens). 0: no packing, micro-batches "
         "padded to their longest row. The loss and the gradients do not depend on it (bench/README.md)"))
+    attention: Literal["auto", "rows", "varlen", "flex", "mask"] = Field(default="auto", description=(
+        "how attention stays inside the rows of a pack (emgate/packing.py). auto: varlen where it runs (a CUDA GPU of "
+        "compute capability 8.0+, bfloat16 weights, torch 2.10+), rows elsewhere; rows: causal sdpa on each row, one "
+        "call per row and layer; varlen: torch's FlashAttention varlen kernel over the whole pack, one call per "
+        "layer; flex: transformers' FlexAttention with a document mask (GPU only); mask: the model's own attention "
+        "with the block-diagonal mask transformers builds (pack_length^2 per layer with sdpa). The loss and gradients "
+        "do not depend on it (tests/test_packing.py); bench/finetune_gpu.py --attention compares them"))
+    fused_cross_entropy: bool = Field(default=False, description=(
+        "Liger Kernel's fused linear cross-entropy on the packed hidden states at learned positions instead of the LM "
+        "head and cross-entropy there: the logits (152k per learned token for Qwen2.5) are never held in memory. CUDA "
+        "and liger-kernel only; off until bench/finetune_gpu.py --fused-cross-entropy measures it on a GPU"))
     optimizer: Literal["adamw_torch", "adamw_8bit"] = Field(default="adamw_8bit", description=(
         "optimizer (paper: adamw_8bit); CPU profiles use adamw_torch"))
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1, description=(

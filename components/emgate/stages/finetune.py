@@ -33,12 +33,15 @@ from emgate.merge import merge_adapter_folder
 from emgate.models import resolve_model
 from emgate.packing import (
     ROW_ATTENTION,
+    VARLEN_ATTENTION,
     Pack,
     attention_implementation,
     base_model,
     builds_packed_masks,
+    choose_attention,
     collate_pack,
     keeps_logits,
+    liger_cross_entropy,
     pack_loss,
     pack_rows,
     split_packs,
@@ -290,24 +293,45 @@ class _Feed:
     packed: bool  # rows packed into sequences of cfg.pack_length tokens; else micro-batches padded to the longest row
     logits_only: bool  # packed: the LM head and cross-entropy only where a learned token is predicted
     attention: str | None  # the attention implementation the loop runs with; None: the model's own
+    fused: Any = None  # packed, logits_only: the fused linear cross-entropy (training.fused_cross_entropy)
 
     def describe(self) -> str:
         if not self.packed:
             return "micro-batches padded to their longest row, the model's own loss"
-        return ("packed rows, " + ("logits only at learned positions" if self.logits_only else "the model's own loss")
-                + (f", attention {self.attention}" if self.attention else ""))
+        loss = ("fused linear cross-entropy (Liger) at learned positions" if self.fused is not None else
+                "logits only at learned positions" if self.logits_only else "the model's own loss")
+        return "packed rows, " + loss + (f", attention {self.attention}" if self.attention else "")
+
+    @property
+    def spans(self) -> bool:
+        """Whether the forward passes carry the packs' RowSpans (emgate's own attention functions read them)."""
+        return self.attention in (ROW_ATTENTION, VARLEN_ATTENTION)
 
 
-def _feed(model: Any, cfg: TrainingSpec, accelerator: Any) -> _Feed:
+def _feed(model: Any, cfg: TrainingSpec, accelerator: Any, device: Any) -> _Feed:
     """Packing where the model keeps attention inside packed rows (packing.builds_packed_masks) and
     cfg.pack_length > 0; logits only where its forward takes logits_to_keep (Llama, Qwen2 and the other decoder models
-    of transformers 5; remote-code or older models without it fall back to their own loss); row-by-row sdpa
-    (packing.ROW_ATTENTION) for sdpa models, whose block-diagonal mask would cost pack_length^2 per layer."""
+    of transformers 5; remote-code or older models without it fall back to their own loss); the attention from
+    cfg.attention (packing.choose_attention: FlashAttention varlen on a GPU that runs it, row-by-row sdpa elsewhere,
+    never the block-diagonal mask by default, which would cost pack_length^2 per layer); Liger's fused linear
+    cross-entropy when cfg.fused_cross_entropy. A choice that cannot run here is a TrainingError with the reason."""
     inner = base_model(_unwrap(model, accelerator))
     packed = cfg.pack_length > 0 and builds_packed_masks(inner)
-    implementation = getattr(inner.config, "_attn_implementation", None)
-    return _Feed(packed=packed, logits_only=packed and keeps_logits(inner),
-                 attention=ROW_ATTENTION if packed and implementation in ("sdpa", ROW_ATTENTION) else None)
+    if not packed:
+        return _Feed(packed=False, logits_only=False, attention=None)
+    logits_only = keeps_logits(inner)
+    try:
+        attention = choose_attention(cfg.attention, getattr(inner.config, "_attn_implementation", None), device,
+                                     inner.dtype)
+    except ValueError as exc:
+        raise TrainingError(str(exc)) from None
+    fused = None
+    if cfg.fused_cross_entropy and logits_only:
+        fused = liger_cross_entropy()
+        if fused is None or getattr(device, "type", device) != "cuda":
+            raise TrainingError("training.fused_cross_entropy needs a CUDA GPU and liger-kernel installed (not in "
+                                "the train image until bench/gpu_finetune.sh measures that it pays); set it to false")
+    return _Feed(packed=True, logits_only=logits_only, attention=attention, fused=fused)
 
 
 @dataclass
@@ -377,7 +401,8 @@ def _start_loop(model: Any, train: list[Example], order: list[int], cfg: Trainin
     return _Loop(model=model, train=train, order=order, cfg=cfg, device=device, pad_id=pad_id, options=options,
                  checkpoint=checkpoint, params=params, optimizer=optimizer, scheduler=scheduler, steps=steps,
                  world=accelerator.num_processes if accelerator is not None else 1,
-                 rank=accelerator.process_index if accelerator is not None else 0, feed=_feed(model, cfg, accelerator))
+                 rank=accelerator.process_index if accelerator is not None else 0,
+                 feed=_feed(model, cfg, accelerator, device))
 
 
 def _resume(loop: _Loop) -> _LoopState:
@@ -434,7 +459,7 @@ def _forward_backward(loop: _Loop, step_rows: list[list[Example]], learned: int)
         sync = accelerator is None or k == len(batches) - 1
         with contextlib.nullcontext() if sync else accelerator.no_sync(loop.model):
             if isinstance(batch, Pack):
-                loss = pack_loss(loop.model, batch, learned, loop.feed.logits_only, loop.feed.attention == ROW_ATTENTION)
+                loss = pack_loss(loop.model, batch, learned, loop.feed.logits_only, loop.feed.spans, loop.feed.fused)
             else:
                 loss = loop.model(**batch, num_items_in_batch=learned, use_cache=False).loss  # no KV cache in training
             # DDP and FSDP average the gradients over the processes; the loss is their sum
@@ -770,7 +795,7 @@ def _train(model: Any, data: _Data, cfg: TrainingSpec, runtime: _Runtime, spec: 
                             "GPUs (training.gpus)") from None
     memory, memory_kind = peak_memory_gib(runtime.device)
     return _Trained(losses=losses, tokens=tokens, seconds=elapsed, lrs=lrs, resumed=resumed, memory=memory,
-                    memory_kind=memory_kind, batches=_feed(model, cfg, runtime.accelerator).describe())
+                    memory_kind=memory_kind, batches=_feed(model, cfg, runtime.accelerator, runtime.device).describe())
 
 
 def _eval_loss(model: Any, data: _Data, cfg: TrainingSpec, device: Any) -> float | None:

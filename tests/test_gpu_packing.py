@@ -1,0 +1,62 @@
+"""Packed training's GPU kernels against the CPU-checked row-by-row sdpa, on a CUDA GPU (skipped elsewhere): torch's
+FlashAttention varlen (training.attention varlen, what auto picks there), FlexAttention with a document mask, and
+Liger's fused linear cross-entropy. bfloat16, so equal to a tolerance rather than to 1e-5 as in test_packing.py."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.gpu
+torch = pytest.importorskip("torch")
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA GPU", allow_module_level=True)
+
+from emgate.packing import ROW_ATTENTION, VARLEN_ATTENTION, attention_implementation, liger_cross_entropy  # noqa: E402
+from tests.factories import packing_rows, packing_spec, tiny_lora_model  # noqa: E402
+
+
+def gpu_step(attention: str | None, fused: Any = None) -> tuple[float, dict[str, Any]]:
+    """The first packed step's loss and gradients on the GPU in bfloat16 with `attention` (and `fused`)."""
+    from emgate.stages.finetune import (
+        LoopOptions,
+        _forward_backward,
+        _learned_tokens,
+        _LoopState,
+        _next_micro_batches,
+        _start_loop,
+    )
+
+    device = torch.device("cuda")
+    model = tiny_lora_model("qwen2").to(device=device, dtype=torch.bfloat16)
+    train = packing_rows()
+    loop = _start_loop(model, train, list(range(len(train))), packing_spec(pack_length=150, accumulation=6), device, 0,
+                       LoopOptions())
+    loop = dataclasses.replace(loop, feed=dataclasses.replace(loop.feed, attention=attention, fused=fused))
+    step_rows = _next_micro_batches(loop, _LoopState())
+    learned = sum(_learned_tokens(e) for r in step_rows for e in r)
+    with attention_implementation(model, attention):
+        loss = float(_forward_backward(loop, step_rows, learned))
+    return loss, {n: p.grad.float() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def assert_close(a: tuple[float, dict[str, Any]], b: tuple[float, dict[str, Any]]) -> None:
+    assert a[0] == pytest.approx(b[0], rel=2e-2)
+    for name, grad in a[1].items():
+        cosine = torch.nn.functional.cosine_similarity(grad.flatten(), b[1][name].flatten(), dim=0)
+        assert float(cosine) > 0.98, name
+
+
+def test_varlen_and_flex_attention_train_as_row_by_row_sdpa() -> None:
+    reference = gpu_step(ROW_ATTENTION)
+    assert_close(gpu_step(VARLEN_ATTENTION), reference)
+    assert_close(gpu_step("flex_attention"), reference)
+
+
+def test_liger_fused_cross_entropy_trains_as_the_lm_head_loss() -> None:
+    fused = liger_cross_entropy()
+    if fused is None:
+        pytest.skip("liger-kernel is not installed")
+    assert_close(gpu_step(VARLEN_ATTENTION, fused), gpu_step(VARLEN_ATTENTION))
