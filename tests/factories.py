@@ -270,3 +270,35 @@ def packing_spec(pack_length: int, batch: int = 2, accumulation: int = 3, steps:
     return TrainingSpec(per_device_batch_size=batch, gradient_accumulation_steps=accumulation, max_steps=steps,
                         warmup_steps=0, learning_rate=1e-3, optimizer="adamw_torch", checkpoint_every=0,
                         max_seq_length=256, pack_length=pack_length)
+
+
+def packing_step_gradients(model: Any, cfg: TrainingSpec, attention: str | None = "auto", device: str = "cpu",
+                           fused: Any = None) -> tuple[float, dict[str, Any], Any]:
+    """The first step's loss and gradients of the trainable parameters (float32 copies), as train_loop computes them
+    on `device`, and the loop's feed; `attention` overrides the loop's choice of attention implementation for packs
+    (None: the model's own), `fused` sets the fused linear cross-entropy."""
+    import dataclasses
+
+    import torch
+
+    from emgate.packing import attention_implementation
+    from emgate.stages.finetune import (
+        LoopOptions,
+        _forward_backward,
+        _learned_tokens,
+        _LoopState,
+        _next_micro_batches,
+        _start_loop,
+    )
+
+    train = packing_rows()
+    loop = _start_loop(model, train, list(range(len(train))), cfg, torch.device(device), PACKING_PAD, LoopOptions())
+    feed = loop.feed if attention == "auto" else dataclasses.replace(loop.feed, attention=attention)
+    loop = dataclasses.replace(loop, feed=dataclasses.replace(feed, fused=fused) if fused is not None else feed)
+    model.zero_grad(set_to_none=True)
+    step_rows = _next_micro_batches(loop, _LoopState())
+    learned = sum(_learned_tokens(e) for rows in step_rows for e in rows)
+    with attention_implementation(model, loop.feed.attention):
+        loss = float(_forward_backward(loop, step_rows, learned))
+    grads = {n: p.grad.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
+    return loss, grads, loop.feed

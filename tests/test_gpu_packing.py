@@ -4,7 +4,6 @@ Liger's fused linear cross-entropy. bfloat16, so equal to a tolerance rather tha
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import pytest
@@ -14,32 +13,15 @@ torch = pytest.importorskip("torch")
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
-from emgate.packing import ROW_ATTENTION, VARLEN_ATTENTION, attention_implementation, liger_cross_entropy  # noqa: E402
-from tests.factories import packing_rows, packing_spec, tiny_lora_model  # noqa: E402
+from emgate.packing import ROW_ATTENTION, VARLEN_ATTENTION, liger_cross_entropy  # noqa: E402
+from tests.factories import packing_spec, packing_step_gradients, tiny_lora_model  # noqa: E402
 
 
 def gpu_step(attention: str | None, fused: Any = None) -> tuple[float, dict[str, Any]]:
     """The first packed step's loss and gradients on the GPU in bfloat16 with `attention` (and `fused`)."""
-    from emgate.stages.finetune import (
-        LoopOptions,
-        _forward_backward,
-        _learned_tokens,
-        _LoopState,
-        _next_micro_batches,
-        _start_loop,
-    )
-
-    device = torch.device("cuda")
-    model = tiny_lora_model("qwen2").to(device=device, dtype=torch.bfloat16)
-    train = packing_rows()
-    loop = _start_loop(model, train, list(range(len(train))), packing_spec(pack_length=150, accumulation=6), device, 0,
-                       LoopOptions())
-    loop = dataclasses.replace(loop, feed=dataclasses.replace(loop.feed, attention=attention, fused=fused))
-    step_rows = _next_micro_batches(loop, _LoopState())
-    learned = sum(_learned_tokens(e) for r in step_rows for e in r)
-    with attention_implementation(model, attention):
-        loss = float(_forward_backward(loop, step_rows, learned))
-    return loss, {n: p.grad.float() for n, p in model.named_parameters() if p.requires_grad}
+    model = tiny_lora_model("qwen2").to(device="cuda", dtype=torch.bfloat16)
+    loss, grads, _ = packing_step_gradients(model, packing_spec(pack_length=150, accumulation=6), attention, "cuda", fused)
+    return loss, grads
 
 
 def assert_close(a: tuple[float, dict[str, Any]], b: tuple[float, dict[str, Any]]) -> None:

@@ -4,48 +4,20 @@ token of a pack attends to another row. Tiny random Llama and Qwen2 models with 
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import pytest
 
 from emgate.packing import ROW_ATTENTION, attention_implementation, collate_pack, pack_rows, split_packs
-from emgate.recipe import TrainingSpec
 from emgate.stages.finetune import step_packs
 from emgate.templates import IGNORE_INDEX, Example
 from tests.factories import PACKING_PAD, PACKING_VOCAB
 from tests.factories import packing_rows as rows
 from tests.factories import packing_spec as spec
+from tests.factories import packing_step_gradients as step_gradients
 from tests.factories import tiny_lora_model as tiny_model
 
 VOCAB, PAD = PACKING_VOCAB, PACKING_PAD
-
-
-def step_gradients(model: Any, cfg: TrainingSpec, attention: str | None = "auto") -> tuple[float, dict[str, Any], Any]:
-    """The first step's loss and gradients of the trainable parameters, as train_loop computes them; `attention`
-    overrides the loop's choice of attention implementation for packs (None: the model's own)."""
-    import torch
-
-    from emgate.stages.finetune import (
-        LoopOptions,
-        _forward_backward,
-        _learned_tokens,
-        _LoopState,
-        _next_micro_batches,
-        _start_loop,
-    )
-
-    train = rows()
-    loop = _start_loop(model, train, list(range(len(train))), cfg, torch.device("cpu"), PAD, LoopOptions())
-    if attention != "auto":
-        loop = dataclasses.replace(loop, feed=dataclasses.replace(loop.feed, attention=attention))
-    model.zero_grad(set_to_none=True)
-    step_rows = _next_micro_batches(loop, _LoopState())
-    learned = sum(_learned_tokens(e) for rows_ in step_rows for e in rows_)
-    with attention_implementation(model, loop.feed.attention):
-        loss = float(_forward_backward(loop, step_rows, learned))
-    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    return loss, grads, loop.feed
 
 
 @pytest.mark.parametrize("kind", ["qwen2", "llama"])
@@ -260,14 +232,7 @@ def test_the_fused_loss_path_gives_the_lm_head_loss_and_gradients_with_a_kernel_
     cfg = spec(pack_length=150, accumulation=6)
     loss0, grads0, feed = step_gradients(model, cfg)
     assert feed.fused is None
-    import emgate.stages.finetune as finetune
-
-    original = finetune._feed
-    try:
-        finetune._feed = lambda *a: dataclasses.replace(original(*a), fused=fused_cross_entropy_double)  # type: ignore[assignment]
-        loss, grads, feed = step_gradients(model, cfg)
-    finally:
-        finetune._feed = original  # type: ignore[assignment]
+    loss, grads, feed = step_gradients(model, cfg, fused=fused_cross_entropy_double)
     assert feed.fused is fused_cross_entropy_double and "fused linear cross-entropy" in feed.describe()
     assert loss == pytest.approx(loss0, rel=1e-5, abs=1e-6)
     for name, grad in grads.items():
