@@ -182,7 +182,7 @@ def test_varlen_attention_trains_as_padded_micro_batches_with_a_reference_kernel
 def test_the_attention_setting_picks_what_runs_and_names_why_a_choice_cannot() -> None:
     import torch
 
-    from emgate.packing import ROW_ATTENTION, VARLEN_ATTENTION, choose_attention, varlen_unavailable
+    from emgate.packing import ROW_ATTENTION, VARLEN_ATTENTION, choose_attention, varlen_probe, varlen_unavailable
 
     cpu = torch.device("cpu")
     assert varlen_unavailable(cpu, torch.bfloat16) is not None
@@ -196,6 +196,8 @@ def test_the_attention_setting_picks_what_runs_and_names_why_a_choice_cannot() -
         choose_attention("flex", "sdpa", cpu, torch.float32)
     with pytest.raises(ValueError, match="runs eager; use auto or mask"):
         choose_attention("rows", "eager", cpu, torch.float32)
+    # the probe that keeps auto off a kernel this torch build lacks: here the real kernel fails (no CPU version)
+    assert "varlen_attn failed a test call here (NotImplementedError" in str(varlen_probe("cpu", torch.bfloat16))
     if torch.cuda.is_available() and varlen_unavailable(torch.device("cuda"), torch.bfloat16) is None:
         assert choose_attention("auto", "sdpa", torch.device("cuda"), torch.bfloat16) == VARLEN_ATTENTION
 

@@ -21,6 +21,7 @@ on those positions, or a fused linear cross-entropy on the hidden states there);
 
 from __future__ import annotations
 
+import functools
 import inspect
 import sys
 from collections.abc import Iterator, Sequence
@@ -250,6 +251,23 @@ def varlen_unavailable(device: Any, dtype: Any) -> str | None:
     if capability < VARLEN_MIN_CAPABILITY:
         return (f"it needs compute capability {'.'.join(map(str, VARLEN_MIN_CAPABILITY))} or newer, this GPU has "
                 f"{'.'.join(map(str, capability))}")
+    return varlen_probe(str(device), dtype)
+
+
+@functools.cache
+def varlen_probe(device: str, dtype: Any) -> str | None:
+    """Why torch's varlen_attn fails a forward and backward pass on two tiny rows on `device`; None when it passes.
+    A torch build without the kernel for this GPU then costs auto its choice, not the job."""
+    import torch
+    from torch.nn.attention import varlen
+
+    try:
+        q = torch.randn(8, 2, 64, device=device, dtype=dtype, requires_grad=True)
+        cu = torch.tensor([0, 3, 8], device=device, dtype=torch.int32)
+        out = varlen.varlen_attn(q, q, q, cu, cu, 5, 5, window_size=(-1, 0))
+        out.sum().backward()  # type: ignore[union-attr]
+    except (RuntimeError, NotImplementedError) as exc:
+        return f"torch's varlen_attn failed a test call here ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
     return None
 
 
