@@ -210,7 +210,7 @@ def _varlen_attention(module: Any, query: Any, key: Any, value: Any, attention_m
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling)
     if dropout and module.training:  # varlen_attn has no attention dropout
         return _row_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
+    q, k, v = (t[0].transpose(0, 1).contiguous() for t in (query, key, value))  # no copy: transformers' (1, T, heads, dim) views
     out = varlen.varlen_attn(q, k, v, spans.cu_seqlens, spans.cu_seqlens, spans.longest, spans.longest, scale=scaling,
                              window_size=(-1, 0), enable_gqa=q.shape[1] != k.shape[1])
     return out.unsqueeze(0), None  # type: ignore[union-attr]  # a tuple only with return_aux
