@@ -496,6 +496,8 @@ def main() -> int:
         result["step_seconds"] = [round(x, 4) for x in result["step_seconds"]]
         result["feed"] = feed
         results.append(result)
+        mem = f", peak {result['peak_memory_gib']:.1f} GiB" if result["peak_memory_gib"] is not None else ""
+        print(f"{name}: {result['tokens_per_s']:,.0f} tokens/s, MFU {result['mfu']:.1%}{mem}", flush=True)
         base = model.unload()  # the base model without LoRA layers, for the next run
         del model
 

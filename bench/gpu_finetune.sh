@@ -6,7 +6,9 @@
 #      and a torch.profiler trace of emgate's first run (the per-micro-batch host work);
 #   3. the 32B shape, emgate only, gradient checkpointing on and packs of 2048 tokens, as paper.yaml trains it (its
 #      bf16 weights alone are 61 GiB; README: the paper-scale memory plan).
-# Results (JSON, logs, the trace) go to $OUT (default bench/out). --dry-run: the same steps on a CPU with the tiny shape.
+# Results (JSON, logs, the trace) go to $OUT (default bench/out); each run's line is logged as it ends, and each
+# benchmark has a time limit (transformers compiles FlexAttention per new pack length, which may run long), so a
+# slow part still leaves the others' numbers. --dry-run: the same steps on a CPU with the tiny shape.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/out}
@@ -27,9 +29,9 @@ rc=0
 tested=${PIPESTATUS[0]}
 # 5: the module skipped itself (no CUDA GPU), which only a dry run expects
 [ "$tested" -eq 0 ] || { [ "$tested" -eq 5 ] && [ "${1:-}" = "--dry-run" ]; } || rc=1
-"$PY" bench/finetune_gpu.py "${device[@]}" --shape "$shape7" "${steps[@]}" --attention "$attention" "${fused[@]}" \
+timeout 330 "$PY" bench/finetune_gpu.py "${device[@]}" --shape "$shape7" "${steps[@]}" --attention "$attention" "${fused[@]}" \
   --profile "$OUT/profile" --out "$OUT/finetune_$shape7.json" 2>&1 | tee "$OUT/finetune_$shape7.log" || rc=1
-"$PY" bench/finetune_gpu.py "${device[@]}" --shape "$shape32" "${steps[@]}" --baselines '' --attention auto \
+timeout 180 "$PY" bench/finetune_gpu.py "${device[@]}" --shape "$shape32" "${steps[@]}" --baselines '' --attention auto \
   --gradient-checkpointing --pack-length 2048 --out "$OUT/finetune_${shape32}_checkpointed.json" 2>&1 \
   | tee "$OUT/finetune_${shape32}_checkpointed.log" || rc=1
 exit $rc
