@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Issue 20's GPU measurements as one prepared run for a lent GPU machine (device `run`), at most 9.5 minutes on one H100 (the parts' time limits add up to 560 s):
+# Issue 20's GPU measurements as one prepared run for a lent GPU machine (device `run`); the parts' time limits add
+# up to 560 s, within one device call:
 #   1. tests/test_gpu_packing.py: varlen, FlexAttention and (where installed) Liger against row-by-row sdpa;
 #   2. bench/finetune_gpu.py on the Qwen2.5-7B shape: transformers.Trainer, TRL padding-free and emgate with each
 #      attention (auto = varlen on the GPU, rows), with Liger's fused cross-entropy when liger-kernel imports,
