@@ -468,8 +468,11 @@ def main() -> int:
         feed = ""
         try:
             if variant is None:
-                model, stamps = BASELINES[name](base, examples, spec, device, pad_id, args.seed, on_gpu,
-                                                args.gradient_checkpointing)
+                try:
+                    model, stamps = BASELINES[name](base, examples, spec, device, pad_id, args.seed, on_gpu,
+                                                    args.gradient_checkpointing)
+                except ImportError as exc:  # a baseline's package missing here (trl, datasets): the others still run
+                    raise TrainingError(f"{type(exc).__name__}: {exc}") from None
             else:
                 run_spec = spec.model_copy(update={"attention": variant[0], "fused_cross_entropy": variant[1]})
                 model, stamps, tokens, feed = run_emgate(base, examples, run_spec, device, pad_id, args.seed,
@@ -477,7 +480,7 @@ def main() -> int:
                 profile = None  # the first emgate run only
                 if tokens != sum(real):
                     raise SystemExit(f"token count mismatch: train_loop saw {tokens}, expected {sum(real)}")
-        except TrainingError as exc:  # an attention or fused loss that cannot run on this device
+        except TrainingError as exc:  # an attention or fused loss that cannot run on this device, a missing baseline
             skipped[name] = str(exc)
             print(f"{name}: not run: {exc}")
             continue

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 20's GPU measurements as one prepared run for a lent GPU machine (device `run`); the parts' time limits add
-# up to 560 s, within one device call:
+# up to 510 s, within one device call:
 #   1. tests/test_gpu_packing.py: varlen, FlexAttention and (where installed) Liger against row-by-row sdpa;
 #   2. bench/finetune_gpu.py on the Qwen2.5-7B shape: transformers.Trainer, TRL padding-free and emgate with each
 #      attention (auto = varlen on the GPU, rows), with Liger's fused cross-entropy when liger-kernel imports,
@@ -26,16 +26,16 @@ fused=()
 "$PY" -c "import liger_kernel" 2>/dev/null && [ "${1:-}" != "--dry-run" ] && fused=(--fused-cross-entropy)
 "$PY" -c "import torch, transformers, peft, trl; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'trl', trl.__version__)" | tee "$OUT/versions.txt" || exit 2
 rc=0
-timeout 100 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu_packing.py 2>&1 | tee "$OUT/test_gpu_packing.log"
+timeout 90 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu_packing.py 2>&1 | tee "$OUT/test_gpu_packing.log"
 tested=${PIPESTATUS[0]}
 # 5: the module skipped itself (no CUDA GPU), which only a dry run expects
 [ "$tested" -eq 0 ] || { [ "$tested" -eq 5 ] && [ "${1:-}" = "--dry-run" ]; } || rc=1
-timeout 250 "$PY" bench/finetune_gpu.py "${device[@]}" --shape "$shape7" "${steps[@]}" --attention "$attention" "${fused[@]}" \
+timeout 230 "$PY" bench/finetune_gpu.py "${device[@]}" --shape "$shape7" "${steps[@]}" --attention "$attention" "${fused[@]}" \
   --profile "$OUT/profile" --out "$OUT/finetune_$shape7.json" 2>&1 | tee "$OUT/finetune_$shape7.log" || rc=1
 # FlexAttention on its own: transformers compiles it per new pack length (max-autotune), which may not finish in time
-[ "${1:-}" = "--dry-run" ] || timeout 90 "$PY" bench/finetune_gpu.py --shape 7b "${steps[@]}" --baselines '' \
+[ "${1:-}" = "--dry-run" ] || timeout 80 "$PY" bench/finetune_gpu.py --shape 7b "${steps[@]}" --baselines '' \
   --attention flex --out "$OUT/finetune_7b_flex.json" 2>&1 | tee "$OUT/finetune_7b_flex.log" || rc=1
-timeout 120 "$PY" bench/finetune_gpu.py "${device[@]}" --shape "$shape32" "${steps[@]}" --baselines '' --attention auto \
+timeout 110 "$PY" bench/finetune_gpu.py "${device[@]}" --shape "$shape32" "${steps[@]}" --baselines '' --attention auto \
   --gradient-checkpointing --pack-length 2048 --out "$OUT/finetune_${shape32}_checkpointed.json" 2>&1 \
   | tee "$OUT/finetune_${shape32}_checkpointed.log" || rc=1
 exit $rc

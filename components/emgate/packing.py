@@ -266,7 +266,7 @@ def varlen_probe(device: str, dtype: Any) -> str | None:
         cu = torch.tensor([0, 3, 8], device=device, dtype=torch.int32)
         out = varlen.varlen_attn(q, q, q, cu, cu, 5, 5, window_size=(-1, 0))
         out.sum().backward()  # type: ignore[union-attr]
-    except (RuntimeError, NotImplementedError) as exc:
+    except Exception as exc:  # any failure (a missing kernel, another signature in this torch): not this kernel
         return f"torch's varlen_attn failed a test call here ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
     return None
 
