@@ -173,11 +173,14 @@ def pack_loss(model: Any, pack: Pack, learned: int, logits_only: bool, spans: bo
 
 def liger_cross_entropy() -> Any:
     """Liger Kernel's fused linear cross-entropy (summed), which never holds a pack's logits in memory; None where
-    liger-kernel is not installed. Triton kernels: CUDA only."""
-    try:
-        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
-    except ImportError:
+    liger-kernel is not installed (an installed one that fails to import raises its ImportError). Triton kernels:
+    CUDA only."""
+    import importlib.util
+
+    if importlib.util.find_spec("liger_kernel") is None:
         return None
+    from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
+
     loss = LigerFusedLinearCrossEntropyLoss(reduction="sum")
     return lambda weight, hidden, targets: loss(weight, hidden, targets)
 

@@ -327,10 +327,17 @@ def _feed(model: Any, cfg: TrainingSpec, accelerator: Any, device: Any) -> _Feed
         raise TrainingError(str(exc)) from None
     fused = None
     if cfg.fused_cross_entropy and logits_only:
-        fused = liger_cross_entropy()
-        if fused is None or getattr(device, "type", device) != "cuda":
-            raise TrainingError("training.fused_cross_entropy needs a CUDA GPU and liger-kernel installed (not in "
-                                "the train image until bench/gpu_finetune.sh measures that it pays); set it to false")
+        fix = "set training.fused_cross_entropy to false"
+        if getattr(device, "type", device) != "cuda":
+            raise TrainingError(f"training.fused_cross_entropy needs a CUDA GPU (Liger's kernels are Triton); {fix}")
+        try:
+            fused = liger_cross_entropy()
+        except ImportError as exc:
+            raise TrainingError(f"training.fused_cross_entropy: liger-kernel is installed but does not import here "
+                                f"({exc}); {fix} or install a liger-kernel that matches this torch") from None
+        if fused is None:
+            raise TrainingError("training.fused_cross_entropy needs liger-kernel, which is not installed (not in the "
+                                f"train image until bench/gpu_finetune.sh measures that it pays); {fix}")
     return _Feed(packed=True, logits_only=logits_only, attention=attention, fused=fused)
 
 
