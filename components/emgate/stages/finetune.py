@@ -330,6 +330,9 @@ def _feed(model: Any, cfg: TrainingSpec, accelerator: Any, device: Any) -> _Feed
         fix = "set training.fused_cross_entropy to false"
         if getattr(device, "type", device) != "cuda":
             raise TrainingError(f"training.fused_cross_entropy needs a CUDA GPU (Liger's kernels are Triton); {fix}")
+        if accelerator is not None and accelerator.num_processes > 1:
+            # the fused loss runs the decoder without the model's wrapper, which DDP and FSDP need for their hooks
+            raise TrainingError(f"training.fused_cross_entropy runs on one GPU only (training.gpus 1); {fix}")
         try:
             fused = liger_cross_entropy()
         except ImportError as exc:
