@@ -293,25 +293,24 @@ def run_emgate(base: Any, examples: list[Any], spec: Any, device: Any, pad_id: i
     import torch
     from peft import get_peft_model
 
-    from emgate.stages.finetune import LoopOptions, _feed, train_loop
+    from emgate.stages.finetune import LoopOptions, train_loop
 
     clock = StepClock(device)
     torch.manual_seed(seed)
     if checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = get_peft_model(base, lora_config(spec))
-    feed = _feed(model, spec, None, device).describe()
     clock.tick()
     with profiled(profile, device, spec.max_steps) as step:
         def on_step(k: int, of: int, loss: float) -> None:
             clock.tick()
             step()
 
-        _losses, tokens, _seconds = train_loop(model, examples, list(range(len(examples))), spec, device, pad_id,
-                                               LoopOptions(on_step=on_step, desc="emgate train_loop"))
+        result = train_loop(model, examples, list(range(len(examples))), spec, device, pad_id,
+                            LoopOptions(on_step=on_step, desc="emgate train_loop"))
     if checkpointing:
         base.gradient_checkpointing_disable()
-    return model, clock.stamps, tokens, feed
+    return model, clock.stamps, result.tokens, result.feed
 
 
 @contextmanager

@@ -179,9 +179,9 @@ def run_emgate(path: Path, examples: list[Any], spec: Any, pad_id: int, warmup: 
     def on_step(step: int, of: int, loss: float) -> None:
         stamps.append(now())
 
-    losses, _tokens, _seconds = train_loop(model=model, train=examples, order=list(range(len(examples))), cfg=spec,
-                                           device=torch.device("cpu"), pad_id=pad_id,
-                                           options=LoopOptions(on_step=on_step, desc="emgate train_loop"))
+    losses = train_loop(model=model, train=examples, order=list(range(len(examples))), cfg=spec,
+                        device=torch.device("cpu"), pad_id=pad_id,
+                        options=LoopOptions(on_step=on_step, desc="emgate train_loop")).losses
     del model
     gc.collect()
     return timed_run(side, stamps, warmup, sum(losses) / len(losses) if losses else None)

@@ -285,9 +285,7 @@ def packing_step_gradients(model: Any, cfg: TrainingSpec, attention: str | None 
     from emgate.stages.finetune import (
         LoopOptions,
         _forward_backward,
-        _learned_tokens,
-        _LoopState,
-        _next_micro_batches,
+        _prepare_step,
         _start_loop,
     )
 
@@ -296,9 +294,8 @@ def packing_step_gradients(model: Any, cfg: TrainingSpec, attention: str | None 
     feed = loop.feed if attention == "auto" else dataclasses.replace(loop.feed, attention=attention)
     loop = dataclasses.replace(loop, feed=dataclasses.replace(feed, fused=fused) if fused is not None else feed)
     model.zero_grad(set_to_none=True)
-    step_rows = _next_micro_batches(loop, _LoopState())
-    learned = sum(_learned_tokens(e) for rows in step_rows for e in rows)
+    step = _prepare_step(loop, cursor=0)
     with attention_implementation(model, loop.feed.attention):
-        loss = float(_forward_backward(loop, step_rows, learned))
+        loss = float(_forward_backward(loop, step.batches, step.learned))
     grads = {n: p.grad.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
     return loss, grads, loop.feed

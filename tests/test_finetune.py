@@ -218,8 +218,9 @@ def test_each_learned_token_of_a_step_weighs_the_same(tmp_path: Path) -> None:
     with torch.no_grad():
         sums = [float(model(input_ids=torch.tensor([e.input_ids]), labels=torch.tensor([e.labels]),
                             num_items_in_batch=1).loss) for e in (short, long)]
-    losses, tokens, _ = train_loop(model, [short, long], [0, 1], cfg, torch.device("cpu"), pad_id=0)
-    assert tokens == 26
+    result = train_loop(model, [short, long], [0, 1], cfg, torch.device("cpu"), pad_id=0)
+    assert result.tokens == 26
+    losses = result.losses
     assert losses[0] == pytest.approx(sum(sums) / 17, rel=1e-5)
     assert abs(losses[0] - (sums[0] / 1 + sums[1] / 16) / 2) > 0.01  # the mean of means is a different number
 

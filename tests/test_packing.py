@@ -51,13 +51,41 @@ def test_packed_training_runs_the_same_steps_as_padded_training() -> None:
     for pack_length in (0, 4096):
         model = tiny_model("qwen2")
         train = rows()
-        losses, tokens, _ = train_loop(model, train, list(range(len(train))), spec(pack_length, accumulation=2, steps=3),
-                                       torch.device("cpu"), PAD)
+        result = train_loop(model, train, list(range(len(train))), spec(pack_length, accumulation=2, steps=3),
+                            torch.device("cpu"), PAD)
         assert model.get_base_model().config._attn_implementation == "sdpa"
-        runs[pack_length] = losses, tokens
+        assert result.feed.startswith("packed rows" if pack_length else "micro-batches padded")
+        runs[pack_length] = result.losses, result.tokens
     assert runs[4096][1] == runs[0][1] == sum(len(e.input_ids) for e in rows()[:12])
     assert runs[4096][0] == pytest.approx(runs[0][0], rel=1e-5)
     assert len(set(runs[0][0])) == 3  # the steps differ: the comparison covers updated weights
+
+
+def test_the_next_steps_rows_are_prepared_before_the_loop_waits_for_this_steps_loss(monkeypatch) -> None:
+    """The loop collates step k+1 (and queues its copy to the device) before it reads step k's loss, the one point
+    where it waits for the device; each step starts where the one before ended in the order, wrapping around, and
+    nothing is prepared after the last step."""
+    import torch
+
+    import emgate.stages.finetune as finetune
+
+    events: list[tuple[str, int]] = []
+    prepare = finetune._prepare_step
+
+    def recording_prepare(loop: Any, cursor: int) -> Any:
+        events.append(("prepare", cursor))
+        return prepare(loop, cursor)
+
+    monkeypatch.setattr(finetune, "_prepare_step", recording_prepare)
+    train = rows()
+    cfg = spec(4096, batch=2, accumulation=3, steps=4).model_copy(update={"epochs": 2})  # 6 rows a step, 12 rows
+    options = finetune.LoopOptions(on_step=lambda step, of, loss: events.append(("loss", step)))
+    result = finetune.train_loop(tiny_model("qwen2"), train, list(range(len(train))), cfg, torch.device("cpu"),
+                                 PACKING_PAD, options)
+    assert events == [("prepare", 0), ("prepare", 6), ("loss", 1), ("prepare", 12), ("loss", 2), ("prepare", 18),
+                      ("loss", 3), ("loss", 4)]
+    seen = [train[i % len(train)] for i in range(24)]
+    assert len(train) < 24 and result.tokens == sum(len(e.input_ids) for e in seen)
 
 
 @pytest.mark.parametrize("kind", ["qwen2", "llama"])

@@ -110,14 +110,17 @@ class Pack:
     def to(self, device: Any) -> Pack:
         """The pack on `device`; to a GPU from pinned host memory without waiting for the copy (the forward pass is
         queued behind it on the same stream), so collating the next pack overlaps this one's work."""
-        cuda = getattr(device, "type", device) == "cuda"
+        return Pack(input_ids=to_device(self.input_ids, device), position_ids=to_device(self.position_ids, device),
+                    labels=to_device(self.labels, device), keep=to_device(self.keep, device),
+                    targets=to_device(self.targets, device), bounds=self.bounds,
+                    cu_seqlens=to_device(self.cu_seqlens, device))
 
-        def move(t: Any) -> Any:
-            return t.pin_memory().to(device, non_blocking=True) if cuda else t.to(device)
 
-        return Pack(input_ids=move(self.input_ids), position_ids=move(self.position_ids), labels=move(self.labels),
-                    keep=move(self.keep), targets=move(self.targets), bounds=self.bounds,
-                    cu_seqlens=move(self.cu_seqlens))
+def to_device(tensor: Any, device: Any) -> Any:
+    """`tensor` on `device`; to a GPU from pinned host memory without waiting for the copy."""
+    if getattr(device, "type", device) == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 def collate_pack(rows: Sequence[Example]) -> Pack:

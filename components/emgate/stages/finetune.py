@@ -45,6 +45,7 @@ from emgate.packing import (
     pack_loss,
     pack_rows,
     split_packs,
+    to_device,
 )
 from emgate.recipe import ModelSpec, Recipe, TrainingSpec, VariantSpec
 from emgate.templates import IGNORE_INDEX, Example, TemplateRecord, template_record, tokenize_example
@@ -266,6 +267,16 @@ class LoopOptions:
 
 
 @dataclass(frozen=True)
+class LoopResult:
+    """What a train_loop run did."""
+
+    losses: list[float]  # the loss of each optimizer step (a resumed run: the saved ones first)
+    tokens: int  # non-pad tokens seen, all processes
+    seconds: float  # the loop's wall time (this process's share when resumed)
+    feed: str  # how the rows reached the model (_Feed.describe)
+
+
+@dataclass(frozen=True)
 class _Loop:
     """What stays fixed during one train_loop run."""
 
@@ -355,7 +366,7 @@ class _LoopState:
 
 
 def train_loop(model: Any, train: list[Example], order: list[int], cfg: TrainingSpec, device: Any, pad_id: int,
-               options: LoopOptions | None = None) -> tuple[list[float], int, float]:
+               options: LoopOptions | None = None) -> LoopResult:
     """Train the trainable parameters of `model` for planned_steps(len(train), cfg) optimizer steps.
 
     Each step takes cfg.gradient_accumulation_steps micro-batches of cfg.per_device_batch_size examples from
@@ -363,16 +374,15 @@ def train_loop(model: Any, train: list[Example], order: list[int], cfg: Training
     without padding (packing.py; models that cannot keep attention inside packed rows, and pack_length 0, get each
     micro-batch padded to its longest row), and the loss is a mean over every learned token of the step (not a mean
     of micro-batch means), so the gradients do not depend on how the rows are grouped; then the loop clips the
-    gradient norm to 1.0 and steps the optimizer (cfg.optimizer) and the linear warm-up schedule. With an
-    `options.accelerator` of several processes (the model and optimizer prepared by it), process r takes the rows of
-    micro-batches r, r+P, ... of each step (step_packs) and the gradients are averaged across processes once per
-    step, which gives the single-process update.
+    gradient norm to 1.0 and steps the optimizer (cfg.optimizer) and the linear warm-up schedule. The next step's
+    rows are collated and sent to the device while the GPU still runs this one (the loop waits for the device once
+    per step, for the step's loss). With an `options.accelerator` of several processes (the model and optimizer
+    prepared by it), process r takes the rows of micro-batches r, r+P, ... of each step (step_packs) and the
+    gradients are averaged across processes once per step, which gives the single-process update.
     `options.on_step(step, steps, loss)` is called after each optimizer step (step counts from 1); `options.lrs`
     collects the learning rate of each step. With `options.checkpoint`, the state is saved there every
     cfg.checkpoint_every steps and a loop that finds one resumes from it, so a killed job ends with the same weights
     as an uninterrupted one.
-    Returns the loss of each step, the number of non-pad tokens seen (all processes) and the seconds the loop took
-    (this process's share when resumed).
     """
     from tqdm import tqdm
 
@@ -384,12 +394,19 @@ def train_loop(model: Any, train: list[Example], order: list[int], cfg: Training
                total=loop.steps, disable=loop.rank != 0)
     resumed_tokens = state.tokens
     with attention_implementation(_unwrap(model, loop.options.accelerator), loop.feed.attention):
+        upcoming = _prepare_step(loop, state.cursor) if state.step < loop.steps else None
         for step in bar:
-            _train_step(loop, state)
+            assert upcoming is not None
+            step_loss = _train_step(loop, upcoming)
+            state.cursor, state.tokens = upcoming.cursor, state.tokens + upcoming.tokens
+            # host work for the next step while the device runs this one; float() below waits for it
+            upcoming = _prepare_step(loop, state.cursor) if step + 1 < loop.steps else None
+            state.losses.append(float(step_loss))
             bar.set_postfix(loss=f"{state.losses[-1]:.4f}",
                             tok_s=f"{(state.tokens - resumed_tokens) / (time.monotonic() - started):.0f}")
             _after_step(loop, state, step + 1)
-    return state.losses, state.tokens, time.monotonic() - started
+    return LoopResult(losses=state.losses, tokens=state.tokens, seconds=time.monotonic() - started,
+                      feed=loop.feed.describe())
 
 
 def _start_loop(model: Any, train: list[Example], order: list[int], cfg: TrainingSpec, device: Any, pad_id: int,
@@ -429,40 +446,50 @@ def _resume(loop: _Loop) -> _LoopState:
     return state
 
 
-def _train_step(loop: _Loop, state: _LoopState) -> None:
-    """One optimizer step: the step's micro-batches forward and backward, then the clipped update."""
-    loop.optimizer.zero_grad(set_to_none=True)
-    step_rows = _next_micro_batches(loop, state)
-    state.tokens += sum(len(e.input_ids) for rows in step_rows for e in rows)
-    # Every learned token of the step weighs the same, however the rows fall into micro-batches and processes
-    # (transformers' num_items_in_batch, as Trainer, TRL and Unsloth normalise since their accumulation fix).
-    learned = max(1, sum(_learned_tokens(e) for rows in step_rows for e in rows))
-    step_loss = _forward_backward(loop, step_rows, learned)
-    _update(loop)
-    state.losses.append(float(step_loss))
+@dataclass(frozen=True)
+class _StepInput:
+    """One optimizer step's rows, collated and on their way to the device."""
+
+    batches: list[Any]  # this process's forward passes: packs (packing.Pack) or padded micro-batches
+    learned: int  # learned tokens of the step, all processes
+    tokens: int  # non-pad tokens of the step, all processes
+    cursor: int  # the position in the order after the step
 
 
-def _next_micro_batches(loop: _Loop, state: _LoopState) -> list[list[Example]]:
-    """The rows of the step's micro-batches, every process's, from the order at the cursor (wrapping around)."""
+def _prepare_step(loop: _Loop, cursor: int) -> _StepInput:
+    """The step whose rows start at `cursor` in the order: cfg.gradient_accumulation_steps micro-batches of
+    cfg.per_device_batch_size rows (every process's, wrapping around), this process's share collated."""
     micro = loop.cfg.per_device_batch_size
     order = loop.order
     step_rows = []
     for _ in range(loop.cfg.gradient_accumulation_steps):
-        idx = order[state.cursor % len(order):state.cursor % len(order) + micro] or order[:micro]
-        state.cursor += micro
+        idx = order[cursor % len(order):cursor % len(order) + micro] or order[:micro]
+        cursor += micro
         step_rows.append([loop.train[i] for i in idx])
-    return step_rows
+    # Every learned token of the step weighs the same, however the rows fall into micro-batches and processes
+    # (transformers' num_items_in_batch, as Trainer, TRL and Unsloth normalise since their accumulation fix).
+    learned = max(1, sum(_learned_tokens(e) for rows in step_rows for e in rows))
+    return _StepInput(batches=_local_batches(loop, step_rows), learned=learned, cursor=cursor,
+                      tokens=sum(len(e.input_ids) for rows in step_rows for e in rows))
 
 
-def _forward_backward(loop: _Loop, step_rows: list[list[Example]], learned: int) -> Any:
-    """This process's share of the step's rows forward and backward, packed or padded (loop.feed); the step's loss,
-    all processes."""
+def _train_step(loop: _Loop, step: _StepInput) -> Any:
+    """One optimizer step: the step's micro-batches forward and backward, then the clipped update; the step's loss
+    (a device tensor, all processes)."""
+    loop.optimizer.zero_grad(set_to_none=True)
+    step_loss = _forward_backward(loop, step.batches, step.learned)
+    _update(loop)
+    return step_loss
+
+
+def _forward_backward(loop: _Loop, batches: list[Any], learned: int) -> Any:
+    """This process's forward passes of the step, packed or padded (loop.feed), forward and backward; the step's
+    loss, all processes."""
     import contextlib
 
     import torch
 
     accelerator = loop.options.accelerator
-    batches = _local_batches(loop, step_rows)
     step_loss = torch.zeros((), device=loop.device)
     for k, batch in enumerate(batches):
         # gradients are all-reduced only on this process's last forward pass of the step
@@ -489,7 +516,7 @@ def _local_batches(loop: _Loop, step_rows: list[list[Example]]) -> list[Any]:
         return [collate_pack(rows).to(loop.device)
                 for rows in step_packs(step_rows, loop.cfg.pack_length, loop.world, loop.rank)]
     mine = [rows for j, rows in enumerate(step_rows) if j % loop.world == loop.rank]
-    return [{k: v.to(loop.device) for k, v in _collate(rows, loop.pad_id).items()} for rows in mine]
+    return [{k: to_device(v, loop.device) for k, v in _collate(rows, loop.pad_id).items()} for rows in mine]
 
 
 def step_packs(step_rows: list[list[Example]], pack_length: int, world: int = 1, rank: int = 0) -> list[list[Example]]:
@@ -796,7 +823,7 @@ def _train(model: Any, data: _Data, cfg: TrainingSpec, runtime: _Runtime, spec: 
     options = LoopOptions(on_step=progress, desc=f"fine_tune {spec.job}", checkpoint=checkpoint,
                           accelerator=runtime.accelerator, lrs=lrs)
     try:
-        losses, tokens, elapsed = train_loop(model, data.train, data.order, cfg, runtime.device, data.pad_id, options)
+        result = train_loop(model, data.train, data.order, cfg, runtime.device, data.pad_id, options)
     except torch.OutOfMemoryError:
         raise TrainingError(f"fine_tune {spec.job}: out of GPU memory with per_device_batch_size "
                             f"{cfg.per_device_batch_size}, max_seq_length {cfg.max_seq_length} and pack_length "
@@ -804,8 +831,8 @@ def _train(model: Any, data: _Data, cfg: TrainingSpec, runtime: _Runtime, spec: 
                             "keep the step size) or pack_length (tokens per forward pass when packed), or use more "
                             "GPUs (training.gpus)") from None
     memory, memory_kind = peak_memory_gib(runtime.device)
-    return _Trained(losses=losses, tokens=tokens, seconds=elapsed, lrs=lrs, resumed=resumed, memory=memory,
-                    memory_kind=memory_kind, batches=_feed(model, cfg, runtime.accelerator, runtime.device).describe())
+    return _Trained(losses=result.losses, tokens=result.tokens, seconds=result.seconds, lrs=lrs, resumed=resumed,
+                    memory=memory, memory_kind=memory_kind, batches=result.feed)
 
 
 def _eval_loss(model: Any, data: _Data, cfg: TrainingSpec, device: Any) -> float | None:
