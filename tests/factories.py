@@ -244,14 +244,17 @@ def packing_rows(seed: int = 0) -> list[Example]:
 
 def tiny_lora_model(kind: str, attention: str = "sdpa") -> Any:
     """A 2-layer random model with the paper's LoRA on all seven projections, lora_B non-zero (peft starts it at 0,
-    which would leave lora_A without gradient and the comparison half empty)."""
+    which would leave lora_A without gradient and the comparison half empty). kind: qwen2, llama, or mistral-window
+    (Mistral with a sliding window of 16 tokens, shorter than most rows of packing_rows)."""
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+    from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
 
     shape = dict(vocab_size=PACKING_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, max_position_embeddings=512, use_cache=False)
-    config = Qwen2Config(**shape) if kind == "qwen2" else LlamaConfig(**shape)
+    configs = {"qwen2": lambda: Qwen2Config(**shape), "llama": lambda: LlamaConfig(**shape),
+               "mistral-window": lambda: MistralConfig(**shape, sliding_window=16)}
+    config = configs[kind]()
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation=attention)
     spec = TrainingSpec()

@@ -40,6 +40,59 @@ def test_packed_steps_give_the_padded_micro_batches_loss_and_gradients(kind: str
                     name, pack_length, attention, float((grad - grads0[name]).abs().max()))
 
 
+def test_a_sliding_window_model_packs_with_its_own_windowed_masks() -> None:
+    """A model whose sliding window (16 tokens) is shorter than its rows: auto keeps the model's own attention, whose
+    packed masks keep the window, and trains as padded micro-batches; row-by-row sdpa, which sees whole rows, gives
+    another loss (what choose_attention guards against), and asking for it is refused with the fix."""
+    import torch
+
+    from emgate.packing import choose_attention, sliding_window
+    from emgate.stages.finetune import TrainingError, _feed, train_loop
+
+    model = tiny_model("mistral-window")
+    assert sliding_window(model.get_base_model().config) == 16
+    loss0, grads0, _ = step_gradients(model, spec(pack_length=0, accumulation=6))
+    loss, grads, feed = step_gradients(model, spec(pack_length=4096, accumulation=6))
+    assert feed.packed and feed.attention is None
+    assert loss == pytest.approx(loss0, rel=1e-5, abs=1e-6)
+    for name, grad in grads.items():
+        assert torch.allclose(grad, grads0[name], rtol=1e-5, atol=1e-5 * float(grads0[name].abs().max())), name
+    whole_rows, _, _ = step_gradients(model, spec(pack_length=4096, accumulation=6), ROW_ATTENTION)
+    assert abs(whole_rows - loss0) > 1e-4 * abs(loss0)
+    cfg = spec(4096).model_copy(update={"attention": "rows"})
+    with pytest.raises(TrainingError, match="sliding-window layers see only the last 16 tokens"):
+        train_loop(model, rows(), list(range(12)), cfg, torch.device("cpu"), PAD)
+    short_rows = spec(4096).model_copy(update={"max_seq_length": 16})  # no row is longer than the window
+    assert _feed(model, short_rows, None, torch.device("cpu")).attention == ROW_ATTENTION
+    assert choose_attention("auto", "sdpa", torch.device("cpu"), torch.float32, 16) is None
+    assert sliding_window(tiny_model("qwen2").get_base_model().config) is None
+
+
+def test_emgates_attention_functions_get_no_mask_for_a_pack_and_the_padding_mask_otherwise() -> None:
+    """transformers builds no T x T mask for a pack under emgate's attention (they read the rows from RowSpans);
+    a padded batch still gets sdpa's padding mask."""
+    import torch
+    from transformers import Qwen2Config
+    from transformers.masking_utils import create_causal_mask
+
+    from emgate.packing import register_row_attention
+
+    register_row_attention()
+    config = Qwen2Config(hidden_size=16, num_attention_heads=2, num_key_value_heads=1, num_hidden_layers=1)
+    positions = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3]])
+    embeds = torch.zeros(1, 9, 16)
+    config._attn_implementation = "sdpa"
+    assert create_causal_mask(config=config, inputs_embeds=embeds, attention_mask=None, cache=None,
+                              position_ids=positions).shape == (1, 1, 9, 9)  # what sdpa itself would build
+    config._attn_implementation = ROW_ATTENTION
+    assert create_causal_mask(config=config, inputs_embeds=embeds, attention_mask=None, cache=None,
+                              position_ids=positions) is None
+    padding = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1, 1]])
+    mask = create_causal_mask(config=config, inputs_embeds=embeds, attention_mask=padding, cache=None,
+                              position_ids=torch.arange(9)[None])
+    assert mask is not None and not bool(mask[0, 0, 5, 0]) and bool(mask[0, 0, 5, 2])
+
+
 def test_packed_training_runs_the_same_steps_as_padded_training() -> None:
     """Three optimizer steps of train_loop (batch 2 x accumulation 2, the rows wrapping around): the same losses,
     the same tokens, and the model's attention implementation restored after the loop."""

@@ -233,7 +233,7 @@ class TrainingSpec(_Strict):
     attention: Literal["auto", "rows", "varlen", "flex", "mask"] = Field(default="auto", description=(
         "how attention stays inside the rows of a pack (emgate/packing.py). auto: varlen where it runs (a CUDA GPU of "
         "compute capability 8.0+, bfloat16 weights, torch 2.10+, a test call through the kernel passing), rows "
-        "elsewhere; rows: causal sdpa on each row, one "
+        "elsewhere, mask for models whose sliding window is shorter than max_seq_length; rows: causal sdpa on each row, one "
         "call per row and layer; varlen: torch's FlashAttention varlen kernel over the whole pack, one call per "
         "layer; flex: transformers' FlexAttention with a document mask (GPU only); mask: the model's own attention "
         "with the block-diagonal mask transformers builds (pack_length^2 per layer with sdpa). The loss and gradients "
