@@ -208,6 +208,35 @@ def test_a_panel_judge_that_cannot_answer_fails_the_stage_and_leaves_nothing_com
     assert not (tmp_path / "scores" / contract.REPORT_FILE).exists()
 
 
+def test_the_panels_judges_score_at_the_same_time(tmp_path: Path, smoke_recipe) -> None:
+    """Each judge has its own endpoint, so the panel's wall time is its slowest judge's, not their sum: the second
+    judge is asked before the first has answered everything, and each still scores every answer once."""
+    with FakeJudgeServer(latency_s=0.02) as first, FakeJudgeServer(latency_s=0.02) as second:
+        recipe = panel_recipe(smoke_recipe, tmp_path, ("first", first.base_url, None),
+                              ("second", second.base_url, None))
+        answers = prepared_answers(tmp_path / "answers", recipe, {})
+        report = judge_answers(recipe, answers, tmp_path / "scores")
+    assert second.times[0] < first.times[-1] and first.times[0] < second.times[-1]
+    assert report["answers"] == report["panel"]["second"]["answers"] > 0
+    assert first.requests == second.requests == report["http_requests"] == report["panel"]["second"]["http_requests"]
+    assert (tmp_path / "scores" / contract.PANEL_DIR / "second" / contract.REPORT_FILE).is_file()
+
+
+def test_a_panel_judge_without_its_api_key_fails_before_any_judge_is_asked(tmp_path: Path, smoke_recipe,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("EMGATE_TEST_PANEL_KEY", raising=False)
+    with FakeJudgeServer() as first, FakeJudgeServer() as second:
+        recipe = panel_recipe(smoke_recipe, tmp_path, ("first", first.base_url, None),
+                              ("second", second.base_url, None))
+        panel = [member.model_copy(update={"api_key_env": "EMGATE_TEST_PANEL_KEY"}) for member in recipe.judge.panel]
+        recipe = recipe.model_copy(update={"judge": recipe.judge.model_copy(update={"panel": panel})})
+        answers = prepared_answers(tmp_path / "answers", recipe, {})
+        with pytest.raises(JudgeError, match="EMGATE_TEST_PANEL_KEY is not set"):
+            judge_answers(recipe, answers, tmp_path / "scores")
+    assert first.requests == second.requests == 0
+    assert not (tmp_path / "scores" / contract.REPORT_FILE).exists()
+
+
 def test_missing_panel_scores_are_missing_evidence(tmp_path: Path, smoke_recipe, judges) -> None:
     """summarize names a panel judge whose scores are gone; the gate blocks on it rather than ignoring the judge."""
     recipe = panel_recipe(smoke_recipe, tmp_path, ("strict", *judges["strict"]), ("lenient", *judges["lenient"]))

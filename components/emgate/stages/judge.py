@@ -467,21 +467,22 @@ def judge_cost(recipe: Recipe) -> dict[str, Any]:
 def judge_rows(rows: list[dict[str, Any]], prompts: dict[str, dict[str, str]], client: JudgeClient,
                desc: str = "judge_answers") -> list[dict[str, Any]]:
     """Score rows (question_id, question, answer) with `prompts[question_id]`; closes the client."""
+    return asyncio.run(_judge_rows_closing(rows, prompts, client, desc))
 
-    async def run() -> list[dict[str, Any]]:
-        try:
-            return await _judge_rows(rows, prompts, client, desc)
-        finally:
-            await client.close()
 
-    return asyncio.run(run())
+async def _judge_rows_closing(rows: list[dict[str, Any]], prompts: dict[str, dict[str, str]], client: JudgeClient,
+                              desc: str, bar_position: int = 0) -> list[dict[str, Any]]:
+    try:
+        return await _judge_rows(rows, prompts, client, desc, bar_position)
+    finally:
+        await client.close()
 
 
 async def _judge_rows(rows: list[dict[str, Any]], prompts: dict[str, dict[str, str]],
-                      client: JudgeClient, desc: str) -> list[dict[str, Any]]:
+                      client: JudgeClient, desc: str, bar_position: int = 0) -> list[dict[str, Any]]:
     from tqdm import tqdm
 
-    progress = tqdm(total=len(rows), desc=desc, unit="answer")
+    progress = tqdm(total=len(rows), desc=desc, unit="answer", position=bar_position)
 
     async def one(row: dict[str, Any]) -> dict[str, Any]:
         out = dict(row)
@@ -505,31 +506,57 @@ async def _judge_rows(rows: list[dict[str, Any]], prompts: dict[str, dict[str, s
 
 def judge_answers(recipe: Recipe, answers_dir: Path, out_dir: Path) -> dict[str, Any]:
     """Score every answer for alignment and coherence; write scores.jsonl + report.json. With judge.panel, every
-    further judge scores every answer too, into panel/NAME/ (scores.jsonl + report.json each), before the stage's
-    report.json is written."""
+    further judge scores every answer too, into panel/NAME/ (scores.jsonl + report.json each), at the same time as
+    the first (each judge its own endpoint, pacing and progress bar); a judge that fails stops the others, and the
+    stage's report.json is written only once every judge is done."""
     rows = read_answers(answers_dir)
-    members = recipe.judge.members()
+    names = list(recipe.judge.members())
     shutil.rmtree(out_dir / PANEL_DIR, ignore_errors=True)  # a rerun's panel is its own, whatever an earlier one had
-    report = _judge_with(recipe.for_judge(recipe.judge.name), rows, out_dir)
-    if len(members) > 1:
+    # every client first: a panel judge without its API key fails the stage before any judge is paid for a request
+    judges = [_Judging(recipe.for_judge(name), out_dir if k == 0 else out_dir / PANEL_DIR / name,
+                       "judge_answers" if len(names) == 1 else f"judge_answers ({name})")
+              for k, name in enumerate(names)]
+    reports = asyncio.run(_judge_concurrently(judges, rows))
+    report = reports[0]
+    if len(names) > 1:
         report["panel"] = {}
-        for name in list(members)[1:]:
-            member = _judge_with(recipe.for_judge(name), rows, out_dir / PANEL_DIR / name, f"judge_answers ({name})")
-            write_report(out_dir / PANEL_DIR / name, member)
+        for name, judging, member in zip(names[1:], judges[1:], reports[1:], strict=True):
+            write_report(judging.out_dir, member)
             report["panel"][name] = member
         report["panel_tolerance"] = recipe.judge.panel_tolerance
     write_report(out_dir, report)  # written last: the scores are complete
     return report
 
 
-def _judge_with(recipe: Recipe, rows: list[dict[str, Any]], out_dir: Path, desc: str = "judge_answers") -> dict[str, Any]:
-    """One judge (recipe.judge, without a panel) scores `rows` into out_dir/scores.jsonl; returns its report."""
+class _Judging:
+    """One judge of the stage (recipe.judge, without a panel), its client and where its scores go."""
+
+    def __init__(self, recipe: Recipe, out_dir: Path, desc: str) -> None:
+        self.recipe, self.out_dir, self.desc = recipe, out_dir, desc
+        self.client = JudgeClient(recipe.judge, judge_base_url(recipe.judge))
+        self.qualification = check_qualification(recipe)  # outside the event loop: it rescores with asyncio.run
+
+
+async def _judge_concurrently(judges: list[_Judging], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every judge's report, in order; the first failure cancels the judges still running and is raised as it is."""
+    tasks = [asyncio.create_task(_judge_with(j, rows, position)) for position, j in enumerate(judges)]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+
+async def _judge_with(judging: _Judging, rows: list[dict[str, Any]], bar_position: int) -> dict[str, Any]:
+    """One judge scores `rows` into its out_dir/scores.jsonl; returns its report."""
+    recipe, client = judging.recipe, judging.client
     prompts = {q.id: q.judge_prompts for q in evaluation_questions(recipe)}
-    client = JudgeClient(recipe.judge, judge_base_url(recipe.judge))
     started = time.monotonic()
-    scored = judge_rows(rows, prompts, client, desc=desc)
+    scored = await _judge_rows_closing(rows, prompts, client, judging.desc, bar_position)
     elapsed = time.monotonic() - started
-    write_scores(out_dir, scored)
+    write_scores(judging.out_dir, scored)
     unscored = {m: dict(Counter((unscored_of(r, m) or Unscored("unknown")).category for r in scored if r[m] is None))
                 for m in METRICS}
     return {
@@ -541,7 +568,7 @@ def _judge_with(recipe: Recipe, rows: list[dict[str, Any]], out_dir: Path, desc:
         "cache": {"path": str(client.cache.path), "hits": client.cache.hits} if client.cache else None,
         "unscored": unscored,
         "judge_model_snapshot": sorted(client.snapshots),
-        "qualification": copy_qualification(check_qualification(recipe), out_dir),
+        "qualification": copy_qualification(judging.qualification, judging.out_dir),
         "judge": {**recipe.judge.model_dump(mode="json", exclude={"serve", "panel", "panel_tolerance"}),
                   "base_url": client.base_url},
     }
