@@ -513,9 +513,14 @@ def judge_answers(recipe: Recipe, answers_dir: Path, out_dir: Path) -> dict[str,
     names = list(recipe.judge.members())
     shutil.rmtree(out_dir / PANEL_DIR, ignore_errors=True)  # a rerun's panel is its own, whatever an earlier one had
     # every client first: a panel judge without its API key fails the stage before any judge is paid for a request
-    judges = [_Judging(recipe.for_judge(name), out_dir if k == 0 else out_dir / PANEL_DIR / name,
-                       "judge_answers" if len(names) == 1 else f"judge_answers ({name})")
-              for k, name in enumerate(names)]
+    judges: list[_Judging] = []
+    try:
+        for k, name in enumerate(names):
+            judges.append(_Judging(recipe.for_judge(name), out_dir if k == 0 else out_dir / PANEL_DIR / name,
+                                   "judge_answers" if len(names) == 1 else f"judge_answers ({name})"))
+    except BaseException:
+        asyncio.run(_close_clients(judges))
+        raise
     reports = asyncio.run(_judge_concurrently(judges, rows))
     report = reports[0]
     if len(names) > 1:
@@ -535,6 +540,10 @@ class _Judging:
         self.recipe, self.out_dir, self.desc = recipe, out_dir, desc
         self.client = JudgeClient(recipe.judge, judge_base_url(recipe.judge))
         self.qualification = check_qualification(recipe)  # outside the event loop: it rescores with asyncio.run
+
+
+async def _close_clients(judges: list[_Judging]) -> None:
+    await asyncio.gather(*(j.client.close() for j in judges))
 
 
 async def _judge_concurrently(judges: list[_Judging], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
