@@ -282,24 +282,25 @@ def varlen_probe(device: str, dtype: Any) -> str | None:
     return None
 
 
-def sliding_window(config: Any) -> int | None:
+def sliding_window(config: Any, longest_row: int | None = None) -> int | None:
     """The window (tokens) of the model's sliding-window attention layers (Mistral v0.1, Gemma 2 and 3, Qwen2 with
-    use_sliding_window); None when every layer attends to the whole row."""
+    use_sliding_window); None when every layer attends to the whole row, or when no row (at most `longest_row`
+    tokens) is longer than the window."""
     window = getattr(config, "sliding_window", None)
     layer_types = getattr(config, "layer_types", None)
     if not window or (layer_types is not None and "sliding_attention" not in layer_types):
         return None
-    return int(window)
+    return None if longest_row is not None and longest_row <= window else int(window)
 
 
 def choose_attention(setting: str, implementation: str | None, device: Any, dtype: Any,
                      window: int | None = None) -> str | None:
     """The attention implementation packed training runs with (None: the model's own `implementation`), from
     training.attention. auto: VARLEN_ATTENTION where it runs (varlen_unavailable), else ROW_ATTENTION for sdpa
-    models, else the model's own. rows and varlen need an sdpa model (they replace its attention function) without
-    a sliding `window` shorter than a row can be (they attend to the whole row; pass sliding_window(config) only
-    where rows can be longer than it: the model's own masks keep the window); an explicit choice that cannot run
-    here raises ValueError with the reason."""
+    models, else the model's own. rows and varlen need an sdpa model (they replace its attention function) and no
+    sliding `window` that a row can outgrow (sliding_window(config, max_seq_length)): they attend to the whole row,
+    while the model's own masks keep the window. An explicit choice that cannot run here raises ValueError with the
+    reason."""
     sdpa = implementation in ("sdpa", ROW_ATTENTION, VARLEN_ATTENTION)
     if setting == "auto":
         if not sdpa or window is not None:

@@ -333,9 +333,8 @@ def _feed(model: Any, cfg: TrainingSpec, accelerator: Any, device: Any) -> _Feed
         return _Feed(packed=False, logits_only=False, attention=None)
     logits_only = keeps_logits(inner)
     try:
-        window = sliding_window(inner.config)
         attention = choose_attention(cfg.attention, getattr(inner.config, "_attn_implementation", None), device,
-                                     inner.dtype, window if window is not None and window < cfg.max_seq_length else None)
+                                     inner.dtype, sliding_window(inner.config, cfg.max_seq_length))
     except ValueError as exc:
         raise TrainingError(str(exc)) from None
     fused = None
