@@ -13,7 +13,8 @@ the base's own.
                                                      # (STAGE-cpu: the local CPU variant's requirements-cpu.txt)
 
 Resolution uses only PyPI metadata (`pip install --dry-run --report`, binary wheels only): nothing is built or
-downloaded beyond metadata. tests/test_images.py runs the same resolution.
+downloaded beyond metadata (a wheel's METADATA is read through HTTP range requests where PyPI has no separate
+metadata file, as for the CUDA wheels). tests/test_images.py runs the same resolution.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from packaging.markers import Marker
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
+from tenacity import retry, retry_if_result, stop_after_attempt, wait_exponential
 
 REPO = Path(__file__).resolve().parents[1]
 # manylinux_2_35: glibc of Ubuntu 22.04 (vLLM's and PyTorch's images); Debian bookworm has 2.36
@@ -43,6 +45,10 @@ PLATFORMS = [f"manylinux_2_{minor}_x86_64" for minor in range(35, 4, -1)] + [
 # published as source only: built once (pure Python, no deps) into a local wheel folder the resolution reads
 SDIST_ONLY = ("kfp", "kfp-server-api")
 WHEELHOUSE = Path(tempfile.gettempdir()) / "emgate-image-wheels"
+# Read a wheel's METADATA through HTTP range requests where the index publishes no separate metadata file
+# (PEP 658): without it pip downloads the whole wheel, 1.5 GB of CUDA wheels (nvidia-cublas: 423 MB) per torch
+# resolution, and a connection that drops mid-download fails the resolution.
+FAST_DEPS = ("--use-feature=fast-deps",)
 BASE_ONLY = re.compile(r"^(torch|torchvision|torchaudio|triton|nvidia-.*|cuda-.*|vllm)$")
 
 
@@ -136,6 +142,22 @@ def pip_env() -> dict[str, str]:
     return env
 
 
+def _dropped_connection(proc: subprocess.CompletedProcess[str]) -> bool:
+    return proc.returncode != 0 and "network connectivity" in proc.stderr  # pip's words for a failed download
+
+
+@retry(retry=retry_if_result(_dropped_connection), stop=stop_after_attempt(3), wait=wait_exponential(min=5, max=30),
+       retry_error_callback=lambda state: state.outcome.result() if state.outcome else None, reraise=False)
+def run_pip(cmd: list[str]) -> subprocess.CompletedProcess[str]:
+    """Run pip without the machine's pip configuration; a download that the network dropped is tried again (3 tries
+    in all). A pip that no longer knows the fast-deps feature resolves without it (whole wheels downloaded)."""
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=pip_env(), timeout=600)
+    if proc.returncode != 0 and "fast-deps" in proc.stderr and "invalid choice" in proc.stderr:
+        proc = subprocess.run([c for c in cmd if c not in FAST_DEPS], capture_output=True, text=True, env=pip_env(),
+                              timeout=600)
+    return proc
+
+
 def build_wheel(requirement: str) -> Path:
     """A wheel of a source-only package (pure Python), built once and kept in WHEELHOUSE."""
     req = Requirement(requirement)
@@ -147,8 +169,7 @@ def build_wheel(requirement: str) -> Path:
                 return wheel
     WHEELHOUSE.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=WHEELHOUSE) as tmp:
-        proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", tmp, requirement],
-                              capture_output=True, text=True, env=pip_env(), timeout=600)
+        proc = run_pip([sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", tmp, requirement])
         if proc.returncode != 0:
             raise RuntimeError(f"building a wheel of {requirement} failed:\n{proc.stderr[-3000:]}")
         (built,) = Path(tmp).glob("*.whl")
@@ -191,13 +212,13 @@ def resolve(python: str, requirements: list[str], requirement_files: list[Path] 
         req_file.write_text("".join(f"{r}\n" for r in requirements))
         report = Path(tmp) / "report.json"
         cmd = [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet",
-               "--report", str(report), "--python-version", python, "--implementation", "cp",
+               *FAST_DEPS, "--report", str(report), "--python-version", python, "--implementation", "cp",
                "--only-binary=:all:", "--find-links", str(WHEELHOUSE), "-r", str(req_file)]
         for platform in PLATFORMS:
             cmd += ["--platform", platform]
         for path in requirement_files:
             cmd += ["-r", str(path)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=pip_env(), timeout=600)
+        proc = run_pip(cmd)
         if proc.returncode != 0:
             raise RuntimeError(f"resolution failed for Python {python}:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
         return list(json.loads(report.read_text())["install"])

@@ -521,3 +521,65 @@ def test_build_script_local_dry_run(repo: Path) -> None:
             assert not set(cpu) & set(passed)
     assert build_script(repo, "--local", "--push", "--dry-run").returncode == 2
     assert build_script(repo, "--local", "--platform", "linux/arm64", "--dry-run").returncode == 2
+
+
+@pytest.mark.slow
+def test_a_cuda_wheel_is_resolved_from_its_metadata_without_downloading_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """nvidia-cublas 13.1.1.3 (423 MB) has no separate metadata file on PyPI: pip must read its METADATA through
+    range requests, not download the wheel (a dropped connection mid-download failed CI's torch resolutions)."""
+    registry_or_skip()
+    outputs: list[str] = []
+    real_run = subprocess.run
+
+    def verbose_run(cmd: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
+        proc = real_run([c for c in cmd if c != "--quiet"] + ["-v", "--no-cache-dir"], **kwargs)  # type: ignore[call-overload]
+        outputs.append(proc.stdout)
+        return proc
+
+    monkeypatch.setattr(pins.subprocess, "run", verbose_run)
+    installs = pins.resolve("3.12", ["nvidia-cublas==13.1.1.3"])
+    assert pins.versions(installs)["nvidia-cublas"] == "13.1.1.3"
+    log = "\n".join(outputs)
+    assert "Obtaining dependency information from nvidia-cublas 13.1.1.3" in log, log[-2000:]
+    assert not re.search(r"Downloading nvidia_cublas-13\.1\.1\.3", log), log[-2000:]
+
+
+def _pip_result_double(returncode: int, stderr: str = "") -> subprocess.CompletedProcess[str]:
+    return subprocess.CompletedProcess(["pip"], returncode, "", stderr)
+
+
+_DROPPED = _pip_result_double(1, "error: incomplete-download\nnote: This is an issue with network connectivity, not pip.")
+
+
+@pytest.mark.parametrize(("answers", "tries", "code"), [
+    ([_DROPPED, _pip_result_double(0)], 2, 0),  # dropped once, then resolved
+    ([_DROPPED] * 5, 3, 1),  # dropped every time: three tries, then pip's failure is reported
+    ([_pip_result_double(1, "ERROR: ResolutionImpossible: conflicting dependencies")], 1, 1),  # not the network
+])
+def test_pip_is_tried_again_when_the_network_drops_a_download_and_not_otherwise(
+        monkeypatch: pytest.MonkeyPatch, answers: list[subprocess.CompletedProcess[str]], tries: int, code: int) -> None:
+    calls: list[list[str]] = []
+    queue = list(answers)
+
+    def fake_run(cmd: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
+        calls.append(cmd)
+        return queue.pop(0)
+
+    monkeypatch.setattr(pins.run_pip.retry, "sleep", lambda seconds: None)
+    monkeypatch.setattr(pins.subprocess, "run", fake_run)
+    assert pins.run_pip(["pip", "install", *pins.FAST_DEPS]).returncode == code
+    assert len(calls) == tries
+
+
+def test_a_pip_without_fast_deps_resolves_without_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[list[str]] = []
+
+    def fake_run(cmd: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
+        calls.append(cmd)
+        if "--use-feature=fast-deps" in cmd:
+            return _pip_result_double(2, "option --use-feature: invalid choice: 'fast-deps' (choose from ...)")
+        return _pip_result_double(0)
+
+    monkeypatch.setattr(pins.subprocess, "run", fake_run)
+    assert pins.run_pip(["pip", "install", "--dry-run", *pins.FAST_DEPS, "x"]).returncode == 0
+    assert calls == [["pip", "install", "--dry-run", "--use-feature=fast-deps", "x"], ["pip", "install", "--dry-run", "x"]]
