@@ -73,6 +73,26 @@ def test_compile_and_run_refuse_a_gate_below_the_floor(tmp_path: Path, monkeypat
     assert not (tmp_path / "p.yaml").exists() and not (tmp_path / "runs").exists()
 
 
+def test_check_says_which_floor_and_points_a_local_user_at_the_floor_their_run_uses(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A new user's `emgate check` of the smoke recipe (no EMGATE_POLICY_FILE): refused under the paper floor with
+    the way to check it as `emgate run` here sees it; `--local` passes under the development floor and says so;
+    a floor the platform set is kept by --local and gets no hint (the hint is for a floor nobody chose)."""
+    smoke = "pipelines/recipes/smoke.yaml"
+    monkeypatch.delenv("EMGATE_POLICY_FILE")
+    res = CliRunner().invoke(app, ["check", smoke])
+    assert res.exit_code == 2 and "weaker than the platform's floor" in res.output, res.output
+    assert f"`emgate check --local {smoke}`" in res.output and "Traceback" not in res.output
+    monkeypatch.delenv("EMGATE_POLICY_FILE", raising=False)
+    res = CliRunner().invoke(app, ["check", "--local", smoke])
+    assert res.exit_code == 0, res.output
+    assert f"gate: at or above the floor {packaged(DEV_FLOOR)}" in " ".join(res.output.split())
+    monkeypatch.setenv("EMGATE_POLICY_FILE", str(PAPER_FLOOR))
+    res = CliRunner().invoke(app, ["check", "--local", smoke])
+    assert res.exit_code == 2 and "weaker than the platform's floor" in res.output, res.output
+    assert "--local" not in res.output
+
+
 def prepared_run(tmp: Path, recipe) -> dict:
     validated, adapters = prepared_training(tmp)
     for stage in ("answers", "scores"):

@@ -78,16 +78,48 @@ def _load(path: Path, overrides: list[str] | None) -> Recipe:
 
     with _exit_on(RecipeError, PolicyBelowFloor):
         r = load_recipe(path, overrides)
-        recipe_policy(load_floor(read_private=False), r)  # a gate below the platform floor stops here
+        try:
+            recipe_policy(load_floor(read_private=False), r)  # a gate below the platform floor stops here
+        except PolicyBelowFloor as exc:
+            raise PolicyBelowFloor(f"{exc}{_floor_hint(path)}") from None
         for note in r.notes():
             err.print(f"[yellow]note:[/yellow] {escape(note)}", highlight=False)
         return r
     raise AssertionError("unreachable")
 
 
+def _floor_hint(recipe: Path) -> str:
+    """What to do about a refusal under the paper floor that nobody chose ($EMGATE_POLICY_FILE unset)."""
+    from emgate.floor import DEV_FLOOR, POLICY_FILE_ENV
+
+    if os.environ.get(POLICY_FILE_ENV):
+        return ""
+    return (f". This is the paper floor, which a cluster enforces (${POLICY_FILE_ENV} is unset); `emgate run` on this "
+            f"machine uses the development floor ({DEV_FLOOR}) instead: check the recipe as a local run sees it with "
+            f"`emgate check --local {recipe}`")
+
+
+def _use_local_floor() -> bool:
+    """A local run's floor: the development one unless $EMGATE_POLICY_FILE names another. True when it was set here."""
+    from emgate.floor import DEV_FLOOR, POLICY_FILE_ENV, packaged
+
+    if os.environ.get(POLICY_FILE_ENV):
+        return False
+    os.environ[POLICY_FILE_ENV] = str(packaged(DEV_FLOOR))
+    return True
+
+
 @app.command()
-def check(recipe: RecipeArg, set_: SetOpt = None) -> None:
+def check(recipe: RecipeArg, set_: SetOpt = None,
+          local: Annotated[bool, typer.Option(
+              "--local", help="Check as `emgate run` on this machine sees the recipe: against the development floor "
+                              "(policies/dev.yaml) unless EMGATE_POLICY_FILE names another. Without it: "
+                              "EMGATE_POLICY_FILE, else the paper floor a cluster enforces")] = False) -> None:
     """Validate a recipe and print what it will run."""
+    from emgate.floor import floor_path
+
+    if local:
+        _use_local_floor()
     r = _load(recipe, set_)
     jobs = r.training_jobs()
     trains = f"{len(jobs)} fine-tuning job(s): {', '.join(jobs)}" if jobs else "nothing is fine-tuned"
@@ -98,6 +130,7 @@ def check(recipe: RecipeArg, set_: SetOpt = None) -> None:
                if unchecked else "; every prompt fits serving.max_model_len")
     console.print(f"[green]ok[/green] {recipe}: recipe {r.name} ({r.profile}), {trains}{escape(gates)}{context}",
                   highlight=False)
+    console.print(f"gate: at or above the floor {escape(str(floor_path()))}", highlight=False, soft_wrap=True)
     for line in _training_plan_lines(r):
         console.print(line, highlight=False, soft_wrap=True)
     console.print(_judge_cost_line(r), highlight=False)
@@ -554,11 +587,10 @@ def run(recipe: RecipeArg, set_: SetOpt = None,
     Ctrl-C or SIGTERM stops the running stage and every vLLM server the run started (exit 130 or 143); finished
     stages stay in the KFP cache and sampling resumes where it stopped, so rerunning the same command goes on."""
     from emgate.assets import AssetError, resolve_asset
-    from emgate.floor import DEV_FLOOR, POLICY_FILE_ENV, packaged
+    from emgate.floor import DEV_FLOOR, POLICY_FILE_ENV
     from emgate.interrupt import Interrupted, stop_everything_on_signal
 
-    if not os.environ.get(POLICY_FILE_ENV):  # a local run: the development floor, recorded with every decision
-        os.environ[POLICY_FILE_ENV] = str(packaged(DEV_FLOOR))
+    if _use_local_floor():  # the development floor, recorded with every decision
         err.print(f"[yellow]note:[/yellow] local run: the gate's floor is the development one ({DEV_FLOOR}; set "
                   f"{POLICY_FILE_ENV} for another); its decisions fail `emgate gate verify` against the paper floor",
                   highlight=False)
