@@ -93,6 +93,26 @@ def test_check_says_which_floor_and_points_a_local_user_at_the_floor_their_run_u
     assert "--local" not in res.output
 
 
+@pytest.mark.parametrize("command", [
+    ["models", "build", "pipelines/recipes/smoke.yaml"],
+    ["validate", "--recipe", "pipelines/recipes/smoke.yaml", "missing.jsonl"],
+    ["judge", "rescore", "--recipe", "pipelines/recipes/smoke.yaml", "missing.jsonl"],
+    ["judge", "calibrate", "--recipe", "pipelines/recipes/smoke.yaml", "missing.jsonl"],
+], ids=lambda c: " ".join(c[:2]))
+def test_commands_that_decide_nothing_take_a_recipe_below_the_paper_floor(command: list[str],
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """`emgate models build smoke.yaml` on a fresh shell (the paper floor in force) was refused for the smoke gate's
+    thresholds, as were validate, judge rescore and judge calibrate with --recipe: they take models, questions or
+    judge settings from the recipe and gate nothing. They go on to their own work (here: the missing input file)."""
+    monkeypatch.delenv("EMGATE_POLICY_FILE")
+    res = CliRunner().invoke(app, command)
+    assert "floor" not in res.output and "Traceback" not in res.output, res.output
+    if command[0] == "models":
+        assert res.exit_code == 0 and "model smollm2-135m-instruct: " in res.output, res.output
+    else:
+        assert res.exit_code == 2 and "missing.jsonl: no such file" in res.output, res.output
+
+
 def prepared_run(tmp: Path, recipe) -> dict:
     validated, adapters = prepared_training(tmp)
     for stage in ("answers", "scores"):

