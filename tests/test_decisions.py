@@ -133,6 +133,24 @@ def test_a_local_run_reuses_its_development_key(tmp_path: Path) -> None:
         dev_keypair(tmp_path / "keys")
 
 
+def test_a_local_run_tells_a_later_shell_the_key_and_floor_to_check_its_decisions(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`emgate run` without keys or floor in the environment signs with a development key and gates under dev.yaml;
+    its last line must carry both (--public-key, --policy), or `gate explain` in a new shell trusts nothing. Keys the
+    user set are theirs to pass: the line then adds no --public-key."""
+    from emgate import cli
+
+    for var in ("EMGATE_GATE_SIGNING_KEY_FILE", "EMGATE_GATE_PUBLIC_KEY", "EMGATE_POLICY_FILE"):
+        monkeypatch.delenv(var)
+    assert cli._use_local_floor() is True and cli._use_dev_keys(tmp_path / "keys") == dev_keypair(tmp_path / "keys").public
+    decisions = {"candidates": {}, "tracking_uri": "sqlite:///x.db", "parent_run_id": "r1"}
+    with cli.console.capture() as captured:
+        cli._print_decisions(decisions, 1.0, [], f" --public-key {tmp_path / 'keys'} --policy dev.yaml")
+    assert f"emgate gate explain MODEL@candidate --tracking-uri sqlite:///x.db --public-key {tmp_path / 'keys'} " \
+           "--policy dev.yaml" in captured.get()
+    assert cli._use_local_floor() is False and cli._use_dev_keys(tmp_path / "keys") is None  # now set: not chosen here
+
+
 def test_the_gate_without_its_signing_key_decides_nothing(tmp_path: Path, smoke_recipe,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     from emgate.contract import write_report

@@ -8,6 +8,7 @@ import hashlib
 import itertools
 import json
 import math
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -187,6 +188,28 @@ def test_explain_prints_rules_and_links(gated) -> None:
         assert text in res.output, text
     res = CliRunner().invoke(app, ["gate", "explain", "no-such-model@champion", "--tracking-uri", recipe.mlflow.tracking_uri])
     assert res.exit_code == 2 and "no-such-model" in res.output
+
+
+def test_explain_in_a_fresh_shell_takes_the_key_and_floor_the_run_used(gated, monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a local run, a new shell has neither the run's development key nor its floor in the environment: explain
+    said "no signed decision record" and showed every figure as missing. --public-key and --policy (what the run's
+    last line now prints) show the signed decision; without them it still trusts nothing."""
+    recipe, _, _, _ = gated
+    name = f"{recipe.mlflow.registered_model_prefix}-instruct-insecure"
+    key, floor = os.environ["EMGATE_GATE_PUBLIC_KEY"], os.environ["EMGATE_POLICY_FILE"]
+    monkeypatch.delenv("EMGATE_GATE_PUBLIC_KEY")
+    monkeypatch.delenv("EMGATE_POLICY_FILE")
+    uri = ["--tracking-uri", recipe.mlflow.tracking_uri]
+    bare = CliRunner().invoke(app, ["gate", "explain", name, *uri], env={"COLUMNS": "200"})
+    assert bare.exit_code == 0 and "no trusted public key" in bare.output and "refuses it" in bare.output, bare.output
+    res = CliRunner().invoke(app, ["gate", "explain", name, *uri, "--public-key", key, "--policy", floor],
+                             env={"COLUMNS": "200"})
+    assert res.exit_code == 0, res.output
+    assert "PASSED" in res.output and "report intact" in res.output and "emgate gate verify: accepts it" in res.output
+    res = CliRunner().invoke(app, ["gate", "explain", name, *uri, "--public-key", key], env={"COLUMNS": "200"})
+    assert "refuses it" in res.output and "of the platform's floor" in res.output  # the paper floor by default
+    res = CliRunner().invoke(app, ["gate", "explain", name, *uri, "--public-key", "/no/such.pem"])
+    assert res.exit_code == 2 and "/no/such.pem" in res.output and "Traceback" not in res.output
 
 
 def test_the_version_shows_its_own_figures_beside_the_pooled_ones(gated) -> None:

@@ -47,6 +47,8 @@ app.add_typer(judge_app, name="judge")
 recipe_app = typer.Typer(help="Document the recipe format: its JSON Schema and what each field means.",
                          no_args_is_help=True)
 app.add_typer(recipe_app, name="recipe")
+# MLflow's per-file download bars (a decision's few small JSON files) would break up the one-line answers on stderr.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 # Logs and CI are no terminal: keep tables wide enough to read instead of Rich's 80 columns.
 _WIDTH = None if sys.stdout.isatty() else 160
 console = Console(width=_WIDTH)
@@ -60,6 +62,10 @@ TrackingOpt = Annotated[str | None, typer.Option(
          "sqlite:///emgate-runs/mlflow.db. A store that is not there is refused, never created. Credentials: "
          "MLFLOW_TRACKING_USERNAME/PASSWORD or MLFLOW_TRACKING_TOKEN.")]
 ModelRefArg = Annotated[str, typer.Argument(help="NAME@ALIAS or NAME/VERSION, e.g. smoke-base-insecure@champion")]
+PolicyOpt = Annotated[Path | None, typer.Option(help=(
+    "The platform's floor the decision must hold; default: $EMGATE_POLICY_FILE, else the package's paper floor"))]
+PublicKeyOpt = Annotated[str | None, typer.Option(help=(
+    "The gate's public key(s): a .pem file or a folder of them; default: $EMGATE_GATE_PUBLIC_KEY"))]
 
 
 @contextlib.contextmanager
@@ -594,12 +600,15 @@ def run(recipe: RecipeArg, set_: SetOpt = None,
     from emgate.floor import DEV_FLOOR, POLICY_FILE_ENV
     from emgate.interrupt import Interrupted, stop_everything_on_signal
 
-    if _use_local_floor():  # the development floor, recorded with every decision
+    local_floor = _use_local_floor()
+    if local_floor:  # the development floor, recorded with every decision
         err.print(f"[yellow]note:[/yellow] local run: the gate's floor is the development one ({DEV_FLOOR}; set "
                   f"{POLICY_FILE_ENV} for another); its decisions fail `emgate gate verify` against the paper floor",
                   highlight=False)
     r = _absolute_tracking(_load(recipe, set_))
-    _use_dev_keys(workdir.resolve() / "keys")
+    # what a later shell must pass to check this run's decisions: the key and floor chosen here live in this process
+    later = f" --public-key {dev_key}" if (dev_key := _use_dev_keys(workdir.resolve() / "keys")) else ""
+    later += f" --policy {os.environ[POLICY_FILE_ENV]}" if local_floor else ""
     started = time.monotonic()
     started_at = time.time()
     try:
@@ -611,19 +620,20 @@ def run(recipe: RecipeArg, set_: SetOpt = None,
     workdir = workdir.resolve()
     try:
         with stop_everything_on_signal():
-            _run_pipeline(r, workdir, cache, verbose, started, started_at, runner)
+            _run_pipeline(r, workdir, cache, verbose, started, started_at, runner, later)
     except Interrupted as stop:
         _record_interruption(r, workdir, started_at, stop)
         raise typer.Exit(stop.exit_code) from None
 
 
-def _use_dev_keys(folder: Path) -> None:
-    """A local run without the gate's key gets the workdir's development key pair, for gating and for overrides."""
+def _use_dev_keys(folder: Path) -> Path | None:
+    """A local run without the gate's key gets the workdir's development key pair, for gating and for overrides.
+    Its public key file when a development pair is used."""
     from emgate.decisions import OVERRIDE_PUBLIC_KEY_ENV, OVERRIDE_SIGNING_KEY_ENV
     from emgate.signing import PUBLIC_KEY_ENV, SIGNING_KEY_ENV, SigningKeyError, dev_keypair
 
     if os.environ.get(SIGNING_KEY_ENV):
-        return
+        return None
     with _exit_on(SigningKeyError):
         keys = dev_keypair(folder)
     os.environ[SIGNING_KEY_ENV] = str(keys.private)
@@ -633,6 +643,7 @@ def _use_dev_keys(folder: Path) -> None:
     err.print(f"[yellow]note:[/yellow] local run: decisions are signed with the development key {keys.private} "
               f"(key id {keys.key_id}); verify them with `emgate gate verify NAME@ALIAS --public-key {keys.public}` or "
               f"{PUBLIC_KEY_ENV}={keys.public}", highlight=False)
+    return keys.public if os.environ[PUBLIC_KEY_ENV] == str(keys.public) else None
 
 
 def _container_plan(r: Recipe, workdir: Path) -> Any:
@@ -689,7 +700,7 @@ def _init_local_runner(r: Recipe, workdir: Path, cache: bool, runner: Runner) ->
 
 
 def _run_pipeline(r: Recipe, workdir: Path, cache: bool, verbose: bool, started: float, started_at: float,
-                  runner: Runner = Runner.subprocess) -> None:
+                  runner: Runner = Runner.subprocess, verify_options: str = "") -> None:
     from emgate.kfp.runtime import RUN_PID_ENV, TIMINGS_ENV
     from emgate.vllm_server import ServerError
     from emgate_pipelines.graph import build_pipeline
@@ -735,10 +746,10 @@ def _run_pipeline(r: Recipe, workdir: Path, cache: bool, verbose: bool, started:
             remove_run_containers(containers.run_id)
             shutil.rmtree(workdir / f".secrets-{containers.run_id}", ignore_errors=True)
     _print_timings(timings)
-    _print_outcome(workdir, started, started_at)
+    _print_outcome(workdir, started, started_at, verify_options)
 
 
-def _print_outcome(workdir: Path, started: float, started_at: float) -> None:
+def _print_outcome(workdir: Path, started: float, started_at: float, verify_options: str = "") -> None:
     """The decisions table of the run that just finished; exit 3 when a candidate did not pass."""
     outputs = [p for p in (workdir / "kfp").glob("*/**/register-and-gate*/decisions/decisions.json")
                if p.stat().st_mtime >= started_at]
@@ -750,7 +761,7 @@ def _print_outcome(workdir: Path, started: float, started_at: float) -> None:
     promoted = [p for p in (workdir / "kfp").glob("*/**/promote-passed/promotions/promotions.json")
                 if p.stat().st_mtime >= started_at]  # none when no candidate passed: the step ran under dsl.If
     promotions = json.loads(max(promoted, key=lambda p: p.stat().st_mtime).read_text()) if promoted else []
-    _print_decisions(decisions, time.monotonic() - started, promotions)
+    _print_decisions(decisions, time.monotonic() - started, promotions, verify_options)
     if any(c["decision"] != "passed" for c in decisions["candidates"].values()):
         raise typer.Exit(3)
 
@@ -816,7 +827,8 @@ def _print_timings(path: Path) -> None:
     console.print(table)
 
 
-def _print_decisions(decisions: dict[str, object], elapsed: float, promotions: list[dict[str, str]]) -> None:
+def _print_decisions(decisions: dict[str, object], elapsed: float, promotions: list[dict[str, str]],
+                     verify_options: str = "") -> None:
     table = Table(title="gate decisions")
     for col in ("candidate", "decision", "registered model", "version", "champion", "reasons"):
         table.add_column(col, overflow="fold")
@@ -834,8 +846,8 @@ def _print_decisions(decisions: dict[str, object], elapsed: float, promotions: l
     console.print("Open the MLflow UI:", soft_wrap=True)
     console.print(f"  mlflow ui --backend-store-uri {uri} --port 5000", soft_wrap=True, highlight=False)
     console.print("  then http://127.0.0.1:5000", soft_wrap=True)
-    console.print("Check or explain a decision: emgate gate explain MODEL@candidate --tracking-uri " + uri, soft_wrap=True,
-                  highlight=False)
+    console.print("Check or explain a decision: emgate gate explain MODEL@candidate --tracking-uri " + uri
+                  + verify_options, soft_wrap=True, highlight=False)
 
 
 @contextlib.contextmanager
@@ -882,15 +894,24 @@ def promote(
                   f"by {escape(done['by'])} at {done['at']})", highlight=False)
 
 
+def _floor_and_keys(policy: Path | None, public_key: str | None) -> tuple[Any, Any]:
+    """The floor and the gate's public keys a verification trusts (--policy / --public-key, else the environment's)."""
+    from emgate.floor import load_floor
+    from emgate.signing import SigningKeyError, load_public_keys
+
+    with _exit_on(RecipeError):
+        floor = load_floor(policy, read_private=False)
+    with _exit_on(SigningKeyError):
+        keys = load_public_keys(public_key)
+    return floor, keys
+
+
 @gate_app.command("verify")
 def gate_verify(ref: ModelRefArg,  # noqa: PLR0913  one per option
                 allow_override: Annotated[bool, typer.Option(help=(
                     "Accept a version promoted by a signed override (approvers' keys: $EMGATE_OVERRIDE_PUBLIC_KEY)"))] = False,
-                policy: Annotated[Path | None, typer.Option(help=(
-                    "The platform's floor the decision must hold; default: $EMGATE_POLICY_FILE, else the package's "
-                    "paper floor"))] = None,
-                public_key: Annotated[str | None, typer.Option(help=(
-                    "The gate's public key(s): a .pem file or a folder of them; default: $EMGATE_GATE_PUBLIC_KEY"))] = None,
+                policy: PolicyOpt = None,
+                public_key: PublicKeyOpt = None,
                 model_dir: Annotated[Path | None, typer.Option(help=(
                     "Hash the files here, where serving reads them (default: download the version's registered files)"))] = None,
                 allow_legacy: Annotated[bool, typer.Option(help=(
@@ -903,14 +924,9 @@ def gate_verify(ref: ModelRefArg,  # noqa: PLR0913  one per option
 
     Exit codes: 0 verified; 1 NOT verified (each reason listed); 2 no such model, version or alias, a key that
     cannot be read, or the store is missing or does not answer."""
-    from emgate.floor import load_floor
     from emgate.registry import RegistryError, verify_version
-    from emgate.signing import SigningKeyError, load_public_keys
 
-    with _exit_on(RecipeError):
-        floor = load_floor(policy, read_private=False)
-    with _exit_on(SigningKeyError):
-        keys = load_public_keys(public_key)
+    floor, keys = _floor_and_keys(policy, public_key)
     if model_dir is not None and not model_dir.is_dir():
         err.print(f"[red]error:[/red] --model-dir {model_dir} is not a folder", highlight=False)
         raise typer.Exit(2)
@@ -1023,16 +1039,18 @@ def gate_guard_register(url: Annotated[str, typer.Option(help="The guard's URL a
 @gate_app.command("explain")
 def gate_explain(ref: Annotated[str, typer.Argument(help="NAME@ALIAS, NAME/VERSION, or NAME (= NAME@candidate)")],
                  as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables")] = False,
-                 tracking_uri: TrackingOpt = None) -> None:
+                 policy: PolicyOpt = None, public_key: PublicKeyOpt = None, tracking_uri: TrackingOpt = None) -> None:
     """Print a version's decision: every rule's value and verdict, the evidence and where to look in MLflow.
+    Only a decision signed by a trusted gate key is shown as decided (--public-key or $EMGATE_GATE_PUBLIC_KEY).
 
-    Exit codes: 0 printed (whatever the decision); 2 no such model, version or alias, or the store is missing or
-    does not answer."""
+    Exit codes: 0 printed (whatever the decision); 2 no such model, version or alias, a key that cannot be read,
+    or the store is missing or does not answer."""
     from emgate.registry import RegistryError, explain
 
+    floor, keys = _floor_and_keys(policy, public_key)
     model_ref = _ref(ref, default_alias="candidate")
     with _registry(tracking_uri) as client, _exit_on(RegistryError):
-        info = explain(client, model_ref)
+        info = explain(client, model_ref, floor=floor, public_keys=keys)
     if as_json:
         console.print_json(json.dumps(info, default=str))
         return

@@ -700,13 +700,14 @@ def promote(client: Any, name: str, version: str, *, override: bool = False, rea
             "at": now.isoformat(timespec="seconds"), "override": not check.ok}
 
 
-def explain(client: Any, ref: ModelRef) -> dict[str, Any]:
+def explain(client: Any, ref: ModelRef, *, floor: Any = None, public_keys: Any = None) -> dict[str, Any]:
     """Everything a reviewer needs about one version's decision: verdicts, tags, evidence links. Three separate
     answers: `decision` (what the gate decided), `report_integrity` (whether the decision is signed and its report
     the one the decision recorded, a REPORT_INTEGRITY key) and `verified` (whether `gate verify --allow-override`
-    accepts it)."""
+    accepts it, under `floor` and `public_keys` as verify_version defaults them)."""
     mv = resolve_version(client, ref)
-    check = verify_version(client, ModelRef(ref.name, version=str(mv.version)), allow_override=True)
+    check = verify_version(client, ModelRef(ref.name, version=str(mv.version)), allow_override=True, floor=floor,
+                           public_keys=public_keys)
     tags = dict(mv.tags or {})
     aliases = [a for a in (getattr(mv, "aliases", None) or [])]
     links = evidence_links(client.tracking_uri, tags, ref.name, str(mv.version))
