@@ -87,11 +87,11 @@ def _load(path: Path, overrides: list[str] | None, *, gated: bool = True) -> Rec
 
     with _exit_on(RecipeError, PolicyBelowFloor):
         r = load_recipe(path, overrides)
-        try:
-            if gated:
+        if gated:
+            try:
                 recipe_policy(load_floor(read_private=False), r)  # a gate below the platform floor stops here
-        except PolicyBelowFloor as exc:
-            raise PolicyBelowFloor(f"{exc}{_floor_hint(path)}") from None
+            except PolicyBelowFloor as exc:
+                raise PolicyBelowFloor(f"{exc}{_floor_hint(path)}") from None
         for note in r.notes():
             err.print(f"[yellow]note:[/yellow] {escape(note)}", highlight=False)
         return r
